@@ -1,0 +1,25 @@
+"""Attention kernels of dam-compile: the block-sparse plan, its PyTorch reference and the custom ops.
+
+Importing this package registers ``torch.ops.dam.*``.
+"""
+
+from .dispatch import reset_runtime_stats, runtime_stats
+from .ops import sparse_attention
+from .plan import BlockSparsePlan, PlanError, num_blocks
+from .reference import block_sparse_attention_reference, plan_density, token_mask
+from .structured_plans import causal_block_tables, dense_plan, streaming_plan
+
+__all__ = [
+    "BlockSparsePlan",
+    "PlanError",
+    "block_sparse_attention_reference",
+    "causal_block_tables",
+    "dense_plan",
+    "num_blocks",
+    "plan_density",
+    "reset_runtime_stats",
+    "runtime_stats",
+    "sparse_attention",
+    "streaming_plan",
+    "token_mask",
+]

@@ -1,0 +1,60 @@
+"""Run-time choice between the sparse and the dense path of ``dam::sparse_attention``.
+
+The choice is made on every call from the actual tensors, so one compiled graph serves short and long prompts,
+prefill and decode, without a recompile. Each distinct choice is logged once and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Literal
+
+from torch import Tensor
+
+log = logging.getLogger("dam_compile")
+
+Path = Literal["dense", "reference"]
+KERNELS = ("auto", "reference")
+
+_counts: Counter[tuple[str, str]] = Counter()
+_logged: set[tuple[str, str]] = set()
+
+
+def choose_path(query: Tensor, min_seq_len: int, kernel: str) -> tuple[Path, str]:
+    """Pick the path for a ``[B, H, Lq, E]`` query and say why.
+
+    ``kernel='auto'`` takes the fastest exact path this build has for the device; ``'reference'`` runs the
+    PyTorch block-sparse reference on any device (slow: for tests and fidelity checks).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    q_len = query.shape[-2]
+    if q_len == 1:
+        return "dense", "single query row (decode step)"
+    if q_len < min_seq_len:
+        return "dense", f"sequence shorter than min_seq_len={min_seq_len}"
+    if kernel == "reference":
+        return "reference", "kernel='reference'"
+    if not query.is_cuda:
+        return "dense", "CPU tensors: the fused sparse kernel needs CUDA (kernel='reference' runs the PyTorch one)"
+    return "dense", "this build has no fused block-sparse CUDA kernel yet"
+
+
+def record(path: str, reason: str) -> None:
+    """Count a run-time choice; log it the first time it is seen."""
+    key = (path, reason)
+    _counts[key] += 1
+    if key not in _logged:
+        _logged.add(key)
+        log.info("dam: sparse_attention runs %s: %s", path, reason)
+
+
+def runtime_stats() -> dict[str, int]:
+    """How often each path ran since the last reset, keyed ``"<path>: <reason>"``. Calls replayed inside a
+    CUDA graph are not counted (no Python runs then)."""
+    return {f"{path}: {reason}": n for (path, reason), n in _counts.items()}
+
+
+def reset_runtime_stats() -> None:
+    _counts.clear()

@@ -1,0 +1,125 @@
+"""The ``torch.library`` custom ops that the graph pass inserts.
+
+- ``dam::sparse_attention``: attention over a block-sparse plan; a drop-in for
+  ``scaled_dot_product_attention`` (same argument meaning, no dropout) that picks its path at run time.
+- ``dam::dense_plan`` / ``dam::streaming_plan``: the mask-generation ops, producing the plan tensors.
+
+Each has a fake implementation so Dynamo, AOTAutograd and Inductor can trace it with symbolic shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import choose_path, record
+from .plan import BlockSparsePlan
+from .reference import block_sparse_attention_reference
+from .structured_plans import dense_plan, streaming_plan
+
+PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("dam::sparse_attention", mutates_args=())
+def sparse_attention_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    full_kv_num_blocks: Optional[Tensor],
+    full_kv_indices: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    scale: Optional[float],
+    is_causal: bool,
+    enable_gqa: bool,
+    block_size: int,
+    min_seq_len: int,
+    kernel: str,
+) -> Tensor:
+    """Shapes: query ``[B, H, Lq, E]``, key ``[B, KVH, Lk, E]``, value ``[B, KVH, Lk, Ev]`` -> ``[B, H, Lq, Ev]``
+    (contiguous). The plan tensors follow :class:`BlockSparsePlan`."""
+    path, reason = choose_path(query, min_seq_len, kernel)
+    record(path, reason)
+    if path == "dense":
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    else:
+        plan = BlockSparsePlan(kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices)
+        out = block_sparse_attention_reference(
+            query, key, value, plan, attn_mask=attn_mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa
+        )
+    return out.contiguous()
+
+
+@sparse_attention_op.register_fake
+def _(query, key, value, *args) -> Tensor:
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+@torch.library.custom_op("dam::dense_plan", mutates_args=())
+def dense_plan_op(query: Tensor, key: Tensor, block_size: int, is_causal: bool) -> PlanTensors:
+    """Every visible block of a ``[B, H, Lq, E]`` query against ``[B, KVH, Lk, E]`` keys (density 1.0)."""
+    plan = dense_plan(query.shape[-2], key.shape[-2], block_size, is_causal, query.device)
+    return plan.as_op_args()
+
+
+@torch.library.custom_op("dam::streaming_plan", mutates_args=())
+def streaming_plan_op(
+    query: Tensor, key: Tensor, block_size: int, is_causal: bool, sink_blocks: int, local_blocks: int
+) -> PlanTensors:
+    """Sink + local-window blocks (see :func:`streaming_plan`)."""
+    plan = streaming_plan(
+        query.shape[-2], key.shape[-2], block_size, is_causal, sink_blocks, local_blocks, query.device
+    )
+    return plan.as_op_args()
+
+
+def _broadcast_plan_fake(query: Tensor, key: Tensor, block_size: int, *args) -> PlanTensors:
+    mq = (query.shape[-2] + block_size - 1) // block_size
+    nk = (key.shape[-2] + block_size - 1) // block_size
+    return (
+        query.new_empty((1, 1, mq), dtype=torch.int32),
+        query.new_empty((1, 1, mq, nk), dtype=torch.int32),
+        query.new_empty((1, 1, mq), dtype=torch.int32),
+        query.new_empty((1, 1, mq, nk), dtype=torch.int32),
+    )
+
+
+dense_plan_op.register_fake(_broadcast_plan_fake)
+streaming_plan_op.register_fake(_broadcast_plan_fake)
+
+
+def sparse_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    plan: BlockSparsePlan,
+    *,
+    attn_mask: Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+    min_seq_len: int = 0,
+    kernel: str = "auto",
+) -> Tensor:
+    """Block-sparse attention through ``torch.ops.dam.sparse_attention``.
+
+    Args:
+        query: ``[B, H, Lq, E]``; key ``[B, KVH, Lk, E]``; value ``[B, KVH, Lk, Ev]``.
+        plan: the kept key blocks (:class:`BlockSparsePlan`).
+        attn_mask, scale, is_causal, enable_gqa: as in ``scaled_dot_product_attention``.
+        min_seq_len: query lengths below this run dense attention.
+        kernel: ``'auto'`` or ``'reference'`` (see :func:`choose_path`).
+
+    Returns:
+        ``[B, H, Lq, Ev]``.
+    """
+    return torch.ops.dam.sparse_attention(
+        query, key, value, *plan.as_op_args(), attn_mask, scale, is_causal, enable_gqa,
+        plan.block_size, min_seq_len, kernel,
+    )

@@ -1,0 +1,171 @@
+"""The block-sparse plan: which key blocks each query block attends to.
+
+One format, shared by the mask generators (producers), the PyTorch reference and the Triton kernel (consumers)
+and the benchmarks. It has FlexAttention ``BlockMask`` semantics, so the same tensors can be handed to
+``BlockMask.from_kv_blocks``:
+
+- ``kv_num_blocks[b, h, m]`` / ``kv_indices[b, h, m, :]``: the *partial* key blocks of query block ``m``,
+  those that need the in-block mask (the causal diagonal, token-exact patterns). Only the first
+  ``kv_num_blocks`` indices count; they are sorted ascending and unique.
+- ``full_kv_num_blocks`` / ``full_kv_indices`` (optional): key blocks every query of the block sees entirely,
+  which need no in-block masking. Without them every kept block is treated as partial.
+
+A key block is kept when it is in either list; the two lists are disjoint. The leading dims are the batch
+(``1`` to broadcast) and the query head (``1`` to broadcast). Query block ``m`` covers query positions
+``[m * block_size, (m + 1) * block_size)`` and key block ``n`` covers key positions likewise; the last blocks
+may be ragged. Causal masking follows ``scaled_dot_product_attention``: key ``j`` is visible to query ``i``
+when ``j <= i`` (top-left aligned, also when ``q_len != kv_len``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class PlanError(ValueError):
+    """A block-sparse plan that does not fit its inputs or breaks the format's rules."""
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` covering ``length`` positions (the last one may be ragged)."""
+    return (length + block_size - 1) // block_size
+
+
+@dataclass(frozen=True)
+class BlockSparsePlan:
+    """Per (batch-or-broadcast, head-or-broadcast, query block) lists of kept key blocks.
+
+    Shapes: ``kv_num_blocks`` int32 ``[Bp, Hp, Mq]``; ``kv_indices`` int32 ``[Bp, Hp, Mq, K]`` with any
+    ``K >= 0``; the optional ``full_*`` pair has the same layout. ``Bp`` is 1 or the batch, ``Hp`` is 1 or the
+    number of query heads, ``Mq = ceil(q_len / block_size)``.
+    """
+
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    block_size: int
+    full_kv_num_blocks: Tensor | None = None
+    full_kv_indices: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise PlanError(f"block_size must be a positive int, got {self.block_size!r}")
+        if (self.full_kv_num_blocks is None) != (self.full_kv_indices is None):
+            raise PlanError("full_kv_num_blocks and full_kv_indices must be given together")
+
+    @property
+    def has_full_blocks(self) -> bool:
+        return self.full_kv_num_blocks is not None
+
+    def validate(
+        self, *, batch: int, heads: int, q_len: int, kv_len: int, check_values: bool = True
+    ) -> None:
+        """Raise :class:`PlanError` unless the plan fits a ``[batch, heads, q_len, *]`` query against
+        ``kv_len`` keys. ``check_values`` also checks counts, index range, order and disjointness (this reads
+        the tensors, so on CUDA it synchronises)."""
+        mq, nk = num_blocks(q_len, self.block_size), num_blocks(kv_len, self.block_size)
+        pairs = [("kv", self.kv_num_blocks, self.kv_indices)]
+        if self.has_full_blocks:
+            pairs.append(("full_kv", self.full_kv_num_blocks, self.full_kv_indices))
+        for name, counts, indices in pairs:
+            _check_layout(name, counts, indices, batch=batch, heads=heads, mq=mq)
+            if check_values:
+                _check_values(name, counts, indices, nk)
+        if check_values and self.has_full_blocks:
+            partial, full = self.block_tables(kv_len)
+            if bool((partial & full).any()):
+                raise PlanError("a key block is listed both in kv_indices and in full_kv_indices")
+
+    def block_tables(self, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Boolean ``(partial, full)`` tables, each ``[Bp, Hp, Mq, Nk]`` with ``Nk = ceil(kv_len / block_size)``."""
+        nk = num_blocks(kv_len, self.block_size)
+        partial = _table_from_lists(self.kv_num_blocks, self.kv_indices, nk)
+        if self.has_full_blocks:
+            full = _table_from_lists(self.full_kv_num_blocks, self.full_kv_indices, nk)
+        else:
+            full = torch.zeros_like(partial)
+        return partial, full
+
+    def kept_blocks(self) -> Tensor:
+        """Number of kept key blocks (partial + full) per ``[Bp, Hp, Mq]``."""
+        kept = self.kv_num_blocks.to(torch.int64)
+        if self.has_full_blocks:
+            kept = kept + self.full_kv_num_blocks.to(torch.int64)
+        return kept
+
+    def as_op_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The four plan tensors in the order ``torch.ops.dam.sparse_attention`` takes them."""
+        return self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices
+
+    @classmethod
+    def from_block_tables(
+        cls, partial: Tensor, block_size: int, full: Tensor | None = None
+    ) -> "BlockSparsePlan":
+        """Build a plan from boolean tables ``[Bp, Hp, Mq, Nk]`` (``True`` = kept). Indices come out sorted."""
+        if partial.dtype != torch.bool or partial.dim() != 4:
+            raise PlanError(f"partial must be a 4-D bool table, got {partial.dtype} {tuple(partial.shape)}")
+        counts, indices = _lists_from_table(partial)
+        if full is None:
+            return cls(counts, indices, block_size)
+        if full.shape != partial.shape or full.dtype != torch.bool:
+            raise PlanError(f"full must be a bool table shaped like partial {tuple(partial.shape)}")
+        full_counts, full_indices = _lists_from_table(full)
+        return cls(counts, indices, block_size, full_counts, full_indices)
+
+
+def _lists_from_table(table: Tensor) -> tuple[Tensor, Tensor]:
+    counts = table.sum(-1, dtype=torch.int32)
+    # A stable sort on "not kept" puts the kept block indices first, in ascending order.
+    indices = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts, indices
+
+
+def _table_from_lists(counts: Tensor, indices: Tensor, nk: int) -> Tensor:
+    width = indices.shape[-1]
+    listed = torch.arange(width, device=indices.device) < counts.unsqueeze(-1)
+    # Unlisted slots scatter into a spare column nk, dropped afterwards.
+    target = torch.where(listed, indices.to(torch.int64), nk).clamp(0, nk)
+    table = torch.zeros((*indices.shape[:-1], nk + 1), dtype=torch.bool, device=indices.device)
+    table.scatter_(-1, target, True)
+    return table[..., :nk]
+
+
+def _check_layout(name: str, counts: Tensor, indices: Tensor, *, batch: int, heads: int, mq: int) -> None:
+    for label, t in ((f"{name}_num_blocks", counts), (f"{name}_indices", indices)):
+        if not isinstance(t, Tensor):
+            raise PlanError(f"{label} must be a tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise PlanError(f"{label} must be int32, got {t.dtype}")
+    if counts.dim() != 3 or indices.dim() != 4:
+        raise PlanError(
+            f"{name}_num_blocks must be [B, H, Mq] and {name}_indices [B, H, Mq, K]; got "
+            f"{tuple(counts.shape)} and {tuple(indices.shape)}"
+        )
+    if tuple(indices.shape[:3]) != tuple(counts.shape):
+        raise PlanError(
+            f"{name}_indices leading dims {tuple(indices.shape[:3])} differ from {name}_num_blocks "
+            f"{tuple(counts.shape)}"
+        )
+    b, h, m = counts.shape
+    if b not in (1, batch) or h not in (1, heads) or m != mq:
+        raise PlanError(
+            f"{name}_num_blocks is {tuple(counts.shape)}; expected [1 or {batch}, 1 or {heads}, {mq}] "
+            f"for batch={batch}, query heads={heads} and {mq} query blocks"
+        )
+    if counts.device != indices.device:
+        raise PlanError(f"{name}_num_blocks and {name}_indices are on different devices")
+
+
+def _check_values(name: str, counts: Tensor, indices: Tensor, nk: int) -> None:
+    width = indices.shape[-1]
+    if bool(((counts < 0) | (counts > min(width, nk))).any()):
+        raise PlanError(f"{name}_num_blocks must lie in [0, min(K={width}, Nk={nk})]")
+    listed = torch.arange(width, device=indices.device) < counts.unsqueeze(-1)
+    if bool((listed & ((indices < 0) | (indices >= nk))).any()):
+        raise PlanError(f"{name}_indices out of range: listed key blocks must lie in [0, {nk})")
+    if width > 1:
+        both_listed = listed[..., 1:]
+        if bool((both_listed & (indices[..., 1:] <= indices[..., :-1])).any()):
+            raise PlanError(f"{name}_indices must be strictly increasing within each listed row")

@@ -1,0 +1,30 @@
+"""FX graph passes of dam-compile, one step per module: find SDPA, decide, insert mask generation,
+rewrite, verify; ``pipeline`` chains them."""
+
+from .decide import Decision, decide
+from .find_sdpa import SDPASite, find_sdpa_sites, is_sdpa, module_path, normalize_module_path
+from .insert_mask import MASK_GENERATORS, insert_mask_generation
+from .pipeline import RewriteResult, SiteReport, copy_graph_module, rewrite_attention
+from .rewrite import SPARSE_ATTENTION, replace_with_sparse_attention
+from .verify import RewriteCheckError, check_rewrite, fx_to_digraph
+
+__all__ = [
+    "MASK_GENERATORS",
+    "SPARSE_ATTENTION",
+    "Decision",
+    "RewriteCheckError",
+    "RewriteResult",
+    "SDPASite",
+    "SiteReport",
+    "check_rewrite",
+    "copy_graph_module",
+    "decide",
+    "find_sdpa_sites",
+    "fx_to_digraph",
+    "insert_mask_generation",
+    "is_sdpa",
+    "module_path",
+    "normalize_module_path",
+    "replace_with_sparse_attention",
+    "rewrite_attention",
+]

@@ -1,0 +1,115 @@
+"""The whole rewrite: find -> decide -> insert mask generation -> replace, on a copy of the graph, checked
+structurally before it is handed on. The caller's graph module is never modified."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from ..config import DAMConfig
+from .decide import decide, example_value
+from .find_sdpa import SDPASite, find_sdpa_sites
+from .insert_mask import MASK_GENERATORS, insert_mask_generation
+from .rewrite import replace_with_sparse_attention
+from .verify import RewrittenSite, check_rewrite
+
+
+@dataclass
+class SiteReport:
+    """One attention site as the dumps and logs show it."""
+
+    node: str
+    module_path: str
+    source: str
+    query: str
+    key: str
+    value: str
+    dtype: str
+    attn_mask: str
+    is_causal: Any
+    dropout_p: Any
+    scale: Any
+    enable_gqa: Any
+    decision: str  # "sparse" or "dense"
+    reason: str
+    mask_source: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RewriteResult:
+    graph_module: GraphModule
+    sites: list[SiteReport] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.decision == "sparse" for s in self.sites)
+
+    @property
+    def dense(self) -> int:
+        return sum(s.decision == "dense" for s in self.sites)
+
+
+def copy_graph_module(gm: GraphModule) -> tuple[GraphModule, dict[Node, Node]]:
+    """A new GraphModule over a copy of ``gm``'s graph, sharing its submodules and parameters (nothing is
+    duplicated in memory); the map takes original nodes to their copies."""
+    graph = Graph()
+    val_map: dict[Node, Node] = {}
+    output = graph.graph_copy(gm.graph, val_map)
+    val_map[gm.graph.output_node()] = graph.output(output)
+    graph._codegen = gm.graph._codegen
+    return GraphModule(gm, graph, class_name=type(gm).__name__), val_map
+
+
+def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
+    """Rewrite every eligible SDPA node of ``gm`` into ``dam::sparse_attention``; ``gm`` is left as it was."""
+    new_gm, val_map = copy_graph_module(gm)
+    graph = new_gm.graph
+    reports, done = [], []
+    for site in find_sdpa_sites(graph):
+        decision = decide(site)
+        reports.append(_report(site, decision.rewrite, decision.reason, config))
+        if not decision.rewrite:
+            continue
+        name = site.node.name
+        mask = insert_mask_generation(graph, site, config)
+        op = replace_with_sparse_attention(graph, site, mask, config)
+        done.append(RewrittenSite(name, MASK_GENERATORS[config.mask_source], mask.plan, mask.outputs, op))
+    graph.lint()
+    new_gm.recompile()
+    check_rewrite(gm.graph, graph, val_map, done)
+    return RewriteResult(new_gm, reports)
+
+
+def _describe(arg: Any) -> str:
+    value = example_value(arg)
+    if isinstance(value, torch.Tensor):
+        dims = ", ".join(str(d) for d in value.shape)
+        return f"{str(value.dtype).removeprefix('torch.')}[{dims}]"
+    return "None" if arg is None else repr(value)
+
+
+def _report(site: SDPASite, rewrite: bool, reason: str, config: DAMConfig) -> SiteReport:
+    q = example_value(site.query)
+    return SiteReport(
+        node=site.node.name,
+        module_path=site.module_path,
+        source=site.source,
+        query=_describe(site.query),
+        key=_describe(site.key),
+        value=_describe(site.value),
+        dtype=str(getattr(q, "dtype", "?")).removeprefix("torch."),
+        attn_mask=_describe(site.attn_mask),
+        is_causal=site.is_causal if isinstance(site.is_causal, bool) else repr(site.is_causal),
+        dropout_p=site.dropout_p if isinstance(site.dropout_p, (int, float)) else repr(site.dropout_p),
+        scale=site.scale if site.scale is None or isinstance(site.scale, (int, float)) else repr(site.scale),
+        enable_gqa=site.enable_gqa if isinstance(site.enable_gqa, bool) else repr(site.enable_gqa),
+        decision="sparse" if rewrite else "dense",
+        reason=reason,
+        mask_source=config.mask_source if rewrite else None,
+    )

@@ -1,0 +1,34 @@
+"""Step (d): replace an SDPA node with ``torch.ops.dam.sparse_attention`` fed by its mask subgraph."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+from ..config import DAMConfig
+from .find_sdpa import SDPASite
+from .insert_mask import MaskSubgraph
+
+SPARSE_ATTENTION = torch.ops.dam.sparse_attention.default
+
+# Metadata that describes where the node came from; shapes/strides of the new op are its own.
+_KEPT_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+def replace_with_sparse_attention(graph: Graph, site: SDPASite, mask: MaskSubgraph, config: DAMConfig) -> Node:
+    """Swap ``site.node`` for the sparse op; every user of the old node now reads the new one."""
+    scale = None if site.scale is None else float(site.scale)
+    with graph.inserting_before(site.node):
+        new = graph.call_function(
+            SPARSE_ATTENTION,
+            (
+                site.query, site.key, site.value, *mask.outputs, site.attn_mask, scale,
+                site.is_causal, site.enable_gqa, config.block_size, config.min_seq_len, config.kernel,
+            ),
+        )
+    for key in _KEPT_META:
+        if key in site.node.meta:
+            new.meta[key] = site.node.meta[key]
+    site.node.replace_all_uses_with(new)
+    graph.erase_node(site.node)
+    return new

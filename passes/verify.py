@@ -1,0 +1,161 @@
+"""Structural check of a rewrite: the rewritten graph must equal the original with each rewritten SDPA node
+replaced by exactly its mask subgraph plus the sparse op, and every other node and edge untouched.
+
+Graphs become ``networkx`` DiGraphs: nodes carry ``op``, ``target`` and ``consts`` (the non-node arguments),
+edges carry ``pos`` (the argument positions through which one node feeds another).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import networkx as nx
+from torch.fx import Graph, Node
+from torch.fx.node import _get_qualified_name
+
+from .find_sdpa import _read_site
+from .rewrite import SPARSE_ATTENTION
+
+
+class RewriteCheckError(AssertionError):
+    """The rewritten graph is not the expected rewrite of the original."""
+
+
+@dataclass(frozen=True)
+class RewrittenSite:
+    """What the pass did for one site: the original node's name and the nodes it put in its place."""
+
+    name: str
+    plan_target: Any
+    plan: Node
+    plan_outputs: tuple[Node, ...]
+    op: Node
+
+    def roles(self) -> dict[Node, str]:
+        roles = {self.plan: f"{self.name}/plan", self.op: f"{self.name}/attn"}
+        roles.update({out: f"{self.name}/plan.{i}" for i, out in enumerate(self.plan_outputs)})
+        return roles
+
+
+def target_name(node: Node) -> str:
+    return target_name_of(node.target) if node.op == "call_function" else str(node.target)
+
+
+def _inputs(value: Any, pos: str) -> Iterator[tuple[str, Node]]:
+    if isinstance(value, Node):
+        yield pos, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _inputs(item, f"{pos}.{i}")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            yield from _inputs(item, f"{pos}.{k}")
+
+
+def _consts(node: Node) -> str:
+    def strip(value: Any) -> Any:
+        if isinstance(value, Node):
+            return "%"
+        if isinstance(value, (list, tuple)):
+            return type(value)(strip(v) for v in value)
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        return value
+
+    return repr((strip(node.args), strip(node.kwargs)))
+
+
+def fx_to_digraph(graph: Graph, key: Callable[[Node], str] = lambda n: n.name) -> nx.DiGraph:
+    """The FX graph as a DiGraph keyed by ``key(node)``."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(key(node), op=node.op, target=target_name(node), consts=_consts(node))
+    for node in graph.nodes:
+        edges: dict[str, list[str]] = {}
+        for pos, arg in [*_inputs(node.args, "args"), *_inputs(node.kwargs, "kwargs")]:
+            edges.setdefault(key(arg), []).append(pos)
+        for src, positions in edges.items():
+            g.add_edge(src, key(node), pos=tuple(sorted(positions)))
+    return g
+
+
+def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGraph:
+    """The original graph with each rewritten SDPA node replaced by the expected subgraph. The inserted
+    nodes' constant arguments come from the config, so they are not compared (``consts=None``)."""
+    g = fx_to_digraph(original)
+    by_name = {node.name: node for node in original.nodes}
+    for site in rewritten:
+        sdpa = _read_site(by_name[site.name])
+        plan, attn = f"{site.name}/plan", f"{site.name}/attn"
+        users = [(dst, g.edges[site.name, dst]["pos"]) for dst in g.successors(site.name)]
+        g.remove_node(site.name)
+        g.add_node(plan, op="call_function", target=target_name_of(site.plan_target), consts=None)
+        _add_input(g, sdpa.query.name, plan, "args.0")
+        _add_input(g, sdpa.key.name, plan, "args.1")
+        g.add_node(attn, op="call_function", target=target_name_of(SPARSE_ATTENTION), consts=None)
+        for i, src in enumerate((sdpa.query, sdpa.key, sdpa.value)):
+            _add_input(g, src.name, attn, f"args.{i}")
+        for i in range(len(site.plan_outputs)):
+            out = f"{site.name}/plan.{i}"
+            g.add_node(out, op="call_function", target=target_name_of(operator.getitem), consts=None)
+            _add_input(g, plan, out, "args.0")
+            _add_input(g, out, attn, f"args.{3 + i}")
+        if isinstance(sdpa.attn_mask, Node):
+            _add_input(g, sdpa.attn_mask.name, attn, f"args.{3 + len(site.plan_outputs)}")
+        for dst, pos in users:
+            g.add_edge(attn, dst, pos=pos)
+    return g
+
+
+def actual_digraph(rewritten_graph: Graph, val_map: dict[Node, Node], sites: list[RewrittenSite]) -> nx.DiGraph:
+    """The rewritten graph keyed like :func:`expected_digraph`: copied nodes by their original name, inserted
+    nodes by role; any other node is keyed ``unexpected:<name>`` so it can never match."""
+    names = {copy: orig.name for orig, copy in val_map.items()}
+    roles: dict[Node, str] = {}
+    for site in sites:
+        roles.update(site.roles())
+    g = fx_to_digraph(rewritten_graph, key=lambda n: roles.get(n) or names.get(n) or f"unexpected:{n.name}")
+    for node, role in roles.items():
+        g.nodes[role]["consts"] = None
+    return g
+
+
+def graph_differences(expected: nx.DiGraph, actual: nx.DiGraph) -> list[str]:
+    """Human-readable differences between two keyed DiGraphs (empty when equal)."""
+    diffs = [f"missing node {n}" for n in expected.nodes if n not in actual.nodes]
+    diffs += [f"unexpected node {n}" for n in actual.nodes if n not in expected.nodes]
+    for n in expected.nodes:
+        if n in actual.nodes and expected.nodes[n] != actual.nodes[n]:
+            diffs.append(f"node {n} changed: {expected.nodes[n]} -> {actual.nodes[n]}")
+    for u, v, data in expected.edges(data=True):
+        if not actual.has_edge(u, v):
+            diffs.append(f"missing edge {u} -> {v} {data['pos']}")
+        elif actual.edges[u, v] != data:
+            diffs.append(f"edge {u} -> {v} changed: {data['pos']} -> {actual.edges[u, v]['pos']}")
+    diffs += [f"unexpected edge {u} -> {v}" for u, v in actual.edges if not expected.has_edge(u, v)]
+    return diffs
+
+
+def check_rewrite(original: Graph, rewritten: Graph, val_map: dict[Node, Node], sites: list[RewrittenSite]) -> None:
+    """Raise :class:`RewriteCheckError` listing every difference from the expected rewrite."""
+    diffs = graph_differences(expected_digraph(original, sites), actual_digraph(rewritten, val_map, sites))
+    if diffs:
+        shown = "\n  ".join(diffs[:20])
+        more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
+        raise RewriteCheckError(f"rewritten graph differs from the expected rewrite:\n  {shown}{more}")
+
+
+def target_name_of(target: Any) -> str:
+    try:
+        return _get_qualified_name(target)
+    except Exception:
+        return str(target)
+
+
+def _add_input(g: nx.DiGraph, src: str, dst: str, pos: str) -> None:
+    if g.has_edge(src, dst):
+        g.edges[src, dst]["pos"] = tuple(sorted((*g.edges[src, dst]["pos"], pos)))
+    else:
+        g.add_edge(src, dst, pos=(pos,))

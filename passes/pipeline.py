@@ -43,16 +43,12 @@ class SiteReport:
 
 @dataclass
 class RewriteResult:
+    """The rewritten copy, a report per site, and what the structural check compared."""
+
     graph_module: GraphModule
     sites: list[SiteReport] = field(default_factory=list)
-
-    @property
-    def rewritten(self) -> int:
-        return sum(s.decision == "sparse" for s in self.sites)
-
-    @property
-    def dense(self) -> int:
-        return sum(s.decision == "dense" for s in self.sites)
+    replaced: list[RewrittenSite] = field(default_factory=list)
+    val_map: dict[Node, Node] = field(default_factory=dict)
 
 
 def copy_graph_module(gm: GraphModule) -> tuple[GraphModule, dict[Node, Node]]:
@@ -83,7 +79,7 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
     graph.lint()
     new_gm.recompile()
     check_rewrite(gm.graph, graph, val_map, done)
-    return RewriteResult(new_gm, reports)
+    return RewriteResult(new_gm, reports, done, val_map)
 
 
 def _describe(arg: Any) -> str:

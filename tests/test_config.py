@@ -1,0 +1,111 @@
+import dataclasses
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dam_compile
+from dam_compile import DAMConfig
+from dam_compile.kernels import streaming_plan, block_sparse_attention_reference
+
+from dam_testing import CPU_SPARSE, rel_err, sdpa
+
+
+def test_defaults_are_documented_values():
+    cfg = DAMConfig()
+    assert (cfg.block_size, cfg.min_seq_len, cfg.mask_source, cfg.kernel, cfg.inner_backend) == (
+        128, 4096, "dense", "auto", "inductor"
+    )
+    assert (cfg.tau, cfg.box_cox_lambda, cfg.sink_blocks, cfg.local_blocks, cfg.strict) == (0.3, 0.5, 1, 2, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.block_size = 64
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"'block_sise'.*valid options: block_size, box_cox_lambda"):
+        DAMConfig.from_options({"block_sise": 64})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("block_size", 100), ("block_size", 512), ("block_size", 8), ("block_size", True), ("min_seq_len", -1),
+        ("mask_source", "magic"), ("kernel", "cuda"), ("inner_backend", "tvm"), ("strict", "yes"),
+        ("tau", "high"), ("sink_blocks", -1), ("local_blocks", 0), ("dump_dir", 3),
+    ],
+)
+def test_bad_values_name_the_option(name, value):
+    with pytest.raises(ValueError, match=name):
+        DAMConfig.from_options({name: value})
+    with pytest.raises(ValueError, match=name):
+        dam_compile.backend(**{name: value})
+
+
+def test_dump_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DAM_DUMP_DIR", str(tmp_path))
+    assert DAMConfig.from_options().dump_dir == str(tmp_path)
+    assert DAMConfig.from_options({"dump_dir": "elsewhere"}).dump_dir == "elsewhere"
+    monkeypatch.delenv("DAM_DUMP_DIR")
+    assert DAMConfig.from_options().dump_dir is None
+
+
+def test_bad_option_through_torch_compile_raises_naming_it():
+    f = torch.compile(lambda x: x * 2, backend="dam", options={"block_sise": 64})
+    with pytest.raises(Exception, match="block_sise"):
+        f(torch.randn(4))
+
+
+def _qkv(n=40, heads=4, kv_heads=2, dim=16):
+    return torch.randn(1, heads, n, dim), torch.randn(1, kv_heads, n, dim), torch.randn(1, kv_heads, n, dim)
+
+
+def test_options_reach_the_backend():
+    q, k, v = _qkv()
+    opts = {**CPU_SPARSE, "mask_source": "streaming", "sink_blocks": 1, "local_blocks": 1}
+    out = torch.compile(sdpa, backend="dam", options=opts)(q, k, v, is_causal=True, enable_gqa=True)
+    plan = streaming_plan(40, 40, 16, True, 1, 1)
+    expected = block_sparse_attention_reference(q, k, v, plan, is_causal=True, enable_gqa=True)
+    assert rel_err(out, expected) < 1e-6
+    assert rel_err(out, sdpa(q, k, v, is_causal=True, enable_gqa=True)) > 1e-2  # really sparse, not dense
+    (report,) = dam_compile.graph_reports()
+    assert report.sites[0].mask_source == "streaming"
+    assert dam_compile.runtime_stats() == {"reference: kernel='reference'": 1}
+
+
+def test_explicit_backend_callable_and_torch_compile_options_merge():
+    q, k, v = _qkv()
+    bound = dam_compile.backend(**CPU_SPARSE)
+    out = torch.compile(sdpa, backend=bound, options={"mask_source": "streaming", "local_blocks": 1})(
+        q, k, v, is_causal=True, enable_gqa=True
+    )
+    expected = block_sparse_attention_reference(q, k, v, streaming_plan(40, 40, 16, True, 1, 1), is_causal=True, enable_gqa=True)
+    assert rel_err(out, expected) < 1e-6
+
+
+def test_entry_point_is_declared():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert {ep.name: ep.value for ep in eps}["dam"] == "dam_compile.backend:dam_backend"
+
+
+@pytest.mark.slow
+def test_backend_dam_resolves_without_import():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        import torch.nn.functional as F
+        f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          backend="dam", options={"inner_backend": "eager"})
+        q = torch.randn(1, 2, 8, 16)
+        assert torch.allclose(f(q, q, q), F.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-6)
+        assert "dam_compile" in sys.modules and "dam" in torch._dynamo.list_backends()
+        import dam_compile
+        assert dam_compile.graph_reports()[0].rewritten == 1
+        print("resolved")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resolved" in run.stdout

@@ -4,7 +4,7 @@
 ``backend(**options)``, :class:`DAMConfig`, the reports and the kernels' public API.
 """
 
-from .backend import backend, clear_graph_reports, dam_backend, graph_reports
+from .compile_backend import backend, clear_graph_reports, dam_backend, graph_reports
 from .config import DAMConfig
 from .kernels import BlockSparsePlan, reset_runtime_stats, runtime_stats, sparse_attention
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import graph_reports
+from .compile_backend import graph_reports
 from .dump import sites_markdown
 from .kernels.dispatch import reset_runtime_stats, runtime_stats
 from .reference_mode import SparseReferenceMode

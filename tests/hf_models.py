@@ -56,3 +56,8 @@ def build(name: str):
 
 def main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def ids_for(name: str, batch: int = 1, n: int = 70) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    return torch.randint(1, VOCAB, (batch, n), generator=g)

@@ -87,7 +87,7 @@ def test_explicit_backend_callable_and_torch_compile_options_merge():
 
 def test_entry_point_is_declared():
     eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
-    assert {ep.name: ep.value for ep in eps}["dam"] == "dam_compile.backend:dam_backend"
+    assert {ep.name: ep.value for ep in eps}["dam"] == "dam_compile.compile_backend:dam_backend"
 
 
 @pytest.mark.slow

@@ -4,6 +4,31 @@
 ``backend(**options)``, :class:`DAMConfig`, the reports and the kernels' public API.
 """
 
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _map_checkout_subpackages() -> None:
+    """In a source checkout, ``passes/`` and ``kernels/`` sit beside this folder (installed, they sit inside
+    it). Load them as ``dam_compile.passes`` / ``dam_compile.kernels`` so that code run from the checkout root,
+    where Python finds this folder before the installed package, imports the same modules."""
+    here = _Path(__file__).parent
+    for sub in ("kernels", "passes"):  # kernels first: passes imports it
+        init = here.parent / sub / "__init__.py"
+        if (here / sub).is_dir() or not init.is_file() or f"{__name__}.{sub}" in _sys.modules:
+            continue
+        spec = _importlib_util.spec_from_file_location(
+            f"{__name__}.{sub}", init, submodule_search_locations=[str(init.parent)]
+        )
+        module = _importlib_util.module_from_spec(spec)
+        _sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        globals()[sub] = module
+
+
+_map_checkout_subpackages()
+
 from .compile_backend import backend, clear_graph_reports, dam_backend, graph_reports
 from .config import DAMConfig
 from .kernels import BlockSparsePlan, reset_runtime_stats, runtime_stats, sparse_attention

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--min-seq-len", type=int, help="default: the backend's on CUDA, 0 on CPU")
     demo.add_argument("--dump-dir", default="dam_dump", help="where the dump goes ('' for none)")
     demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--no-compare-inductor", dest="compare_inductor", action="store_false",
+                      help="skip timing plain torch.compile (inductor) as the baseline")
     demo.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     return parser
 
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_demo(
             seq_len=args.seq_len, batch=args.batch, mask_source=args.mask_source, kernel=args.kernel,
             inner_backend=args.inner_backend, block_size=args.block_size, min_seq_len=args.min_seq_len,
-            dump_dir=args.dump_dir or None, repeats=args.repeats, device=args.device,
+            dump_dir=args.dump_dir or None, repeats=args.repeats, compare_inductor=args.compare_inductor,
+            device=args.device,
         )
         return 0 if result.ok else 1
     return 2

@@ -22,6 +22,7 @@ class DemoResult:
     tolerance: float
     eager_ms: float
     compiled_ms: float
+    inductor_ms: float | None
     compile_s: float
     rewritten: int
     dense: int
@@ -55,11 +56,13 @@ def run_demo(
     min_seq_len: int | None = None,
     dump_dir: str | None = "dam_dump",
     repeats: int = 5,
+    compare_inductor: bool = True,
     device: str | None = None,
     seed: int = 0,
     print_fn: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Build :class:`TinyLlama` with random weights, compile it with ``backend="dam"``, compare with eager.
+    """Build :class:`TinyLlama` with random weights, compile it with ``backend="dam"``, compare with eager,
+    and time eager, dam and (``compare_inductor``) plain ``torch.compile``.
 
     On CUDA it runs bf16 at 8K tokens with the default options. On a CPU it runs float32 at 1K tokens with
     ``kernel="reference"`` and ``min_seq_len=0``, so the rewritten graph really runs the block-sparse
@@ -97,6 +100,11 @@ def run_demo(
                 expected = model(ids)
         eager_ms = _median_ms(lambda: model(ids), repeats, dev)
         compiled_ms = _median_ms(lambda: compiled(ids), repeats, dev)
+        inductor_ms = None
+        if compare_inductor:
+            baseline = torch.compile(model, backend="inductor")
+            baseline(ids)
+            inductor_ms = _median_ms(lambda: baseline(ids), repeats, dev)
 
     rel_err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
     reports = graph_reports()[before:]
@@ -107,13 +115,14 @@ def run_demo(
         print_fn(f"  {count:4d} x {path}")
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     result = DemoResult(
-        rel_err, tolerance, eager_ms, compiled_ms, compile_s,
+        rel_err, tolerance, eager_ms, compiled_ms, inductor_ms, compile_s,
         sum(r.rewritten for r in reports), sum(r.dense for r in reports),
     )
     print_fn(f"\nrelative error vs {'eager' if mask_source == 'dense' else 'eager with the same plan'}: "
              f"{rel_err:.2e} (tolerance {tolerance:.0e})")
     print_fn(f"first call (compile + run): {compile_s:.1f} s")
-    print_fn(f"median of {repeats}: eager {eager_ms:.1f} ms, dam {compiled_ms:.1f} ms")
+    inductor = "" if inductor_ms is None else f", torch.compile(inductor) {inductor_ms:.2f} ms"
+    print_fn(f"median of {repeats}: eager {eager_ms:.2f} ms, dam {compiled_ms:.2f} ms{inductor}")
     if not on_cuda:
         print_fn("(on a CPU the sparse path is the PyTorch reference: a correctness check, not a speedup)")
     for r in reports:

@@ -9,7 +9,7 @@ Each has a fake implementation so Dynamo, AOTAutograd and Inductor can trace it 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,21 +62,40 @@ def _(query, key, value, *args) -> Tensor:
 
 
 @torch.library.custom_op("dam::dense_plan", mutates_args=())
-def dense_plan_op(query: Tensor, key: Tensor, block_size: int, is_causal: bool) -> PlanTensors:
+def dense_plan_op(
+    query: Tensor, key: Tensor, block_size: int, is_causal: bool, min_seq_len: int, kernel: str
+) -> PlanTensors:
     """Every visible block of a ``[B, H, Lq, E]`` query against ``[B, KVH, Lk, E]`` keys (density 1.0)."""
-    plan = dense_plan(query.shape[-2], key.shape[-2], block_size, is_causal, query.device)
-    return plan.as_op_args()
+    return _plan_unless_dense(
+        query, key, block_size, min_seq_len, kernel,
+        lambda: dense_plan(query.shape[-2], key.shape[-2], block_size, is_causal, query.device),
+    )
 
 
 @torch.library.custom_op("dam::streaming_plan", mutates_args=())
 def streaming_plan_op(
-    query: Tensor, key: Tensor, block_size: int, is_causal: bool, sink_blocks: int, local_blocks: int
+    query: Tensor, key: Tensor, block_size: int, is_causal: bool, min_seq_len: int, kernel: str,
+    sink_blocks: int, local_blocks: int,
 ) -> PlanTensors:
     """Sink + local-window blocks (see :func:`streaming_plan`)."""
-    plan = streaming_plan(
-        query.shape[-2], key.shape[-2], block_size, is_causal, sink_blocks, local_blocks, query.device
+    return _plan_unless_dense(
+        query, key, block_size, min_seq_len, kernel,
+        lambda: streaming_plan(
+            query.shape[-2], key.shape[-2], block_size, is_causal, sink_blocks, local_blocks, query.device
+        ),
     )
-    return plan.as_op_args()
+
+
+def _plan_unless_dense(
+    query: Tensor, key: Tensor, block_size: int, min_seq_len: int, kernel: str, build: Callable[[], BlockSparsePlan]
+) -> PlanTensors:
+    """The plan, or, when ``dam::sparse_attention`` will take its dense path for this query (the same
+    :func:`choose_path` rule), a valid plan that keeps nothing, built without launching a kernel per index."""
+    path, _ = choose_path(query, min_seq_len, kernel)
+    if path != "dense":
+        return build().as_op_args()
+    counts, indices, full_counts, full_indices = _broadcast_plan_fake(query, key, block_size)
+    return counts.zero_(), indices, full_counts.zero_(), full_indices
 
 
 def _broadcast_plan_fake(query: Tensor, key: Tensor, block_size: int, *args) -> PlanTensors:

@@ -36,7 +36,7 @@ class MaskSubgraph:
 
 
 def mask_generator_args(site: SDPASite, config: DAMConfig) -> tuple[Any, ...]:
-    common = (site.query, site.key, config.block_size, site.is_causal)
+    common = (site.query, site.key, config.block_size, site.is_causal, config.min_seq_len, config.kernel)
     if config.mask_source == "streaming":
         return (*common, config.sink_blocks, config.local_blocks)
     return common

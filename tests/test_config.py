@@ -3,6 +3,7 @@ import importlib.metadata
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,8 @@ def test_entry_point_is_declared():
 
 @pytest.mark.slow
 def test_backend_dam_resolves_without_import():
+    """In a fresh interpreter, started in the source checkout when there is one (where Python sees the
+    checkout's dam_compile/ folder before the installed package), as a user's script would be."""
     code = textwrap.dedent(
         """
         import sys, torch
@@ -106,6 +109,8 @@ def test_backend_dam_resolves_without_import():
         print("resolved")
         """
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    root = Path(__file__).resolve().parents[1]
+    cwd = root if (root / "pyproject.toml").exists() else None
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resolved" in run.stdout

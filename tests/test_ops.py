@@ -28,9 +28,22 @@ def test_opcheck_sparse_attention(with_mask):
 @pytest.mark.parametrize("op, extra", [("dense_plan", ()), ("streaming_plan", (1, 2))])
 def test_opcheck_plan_ops(op, extra):
     q, k, _ = qkv(q_len=40, kv_len=56)
-    torch.library.opcheck(getattr(torch.ops.dam, op).default, (q, k, BLOCK, True, *extra))
-    counts, indices, full_counts, full_indices = getattr(torch.ops.dam, op)(q, k, BLOCK, True, *extra)
-    BlockSparsePlan(counts, indices, BLOCK, full_counts, full_indices).validate(batch=1, heads=4, q_len=40, kv_len=56)
+    torch.library.opcheck(getattr(torch.ops.dam, op).default, (q, k, BLOCK, True, 0, "reference", *extra))
+    counts, indices, full_counts, full_indices = getattr(torch.ops.dam, op)(q, k, BLOCK, True, 0, "reference", *extra)
+    plan = BlockSparsePlan(counts, indices, BLOCK, full_counts, full_indices)
+    plan.validate(batch=1, heads=4, q_len=40, kv_len=56)
+    assert plan.kept_blocks().min() >= 1
+
+
+@pytest.mark.parametrize("min_seq_len, kernel", [(64, "reference"), (0, "auto")])
+def test_plan_ops_skip_work_when_attention_will_be_dense(min_seq_len, kernel):
+    """Short inputs and devices without a sparse kernel get a valid plan that keeps nothing: the op's dense
+    path never reads it, so nothing is computed for it."""
+    q, k, _ = qkv(q_len=40, kv_len=56)
+    counts, indices, full_counts, full_indices = torch.ops.dam.dense_plan(q, k, BLOCK, True, min_seq_len, kernel)
+    plan = BlockSparsePlan(counts, indices, BLOCK, full_counts, full_indices)
+    plan.validate(batch=1, heads=4, q_len=40, kv_len=56)
+    assert plan.kept_blocks().max() == 0
 
 
 def run(q, k, v, plan, **kw):

@@ -3,23 +3,27 @@
 Importing this package registers ``torch.ops.dam.*``.
 """
 
-from .dispatch import reset_runtime_stats, runtime_stats
-from .ops import sparse_attention
-from .plan import BlockSparsePlan, PlanError, num_blocks
-from .reference import block_sparse_attention_reference, plan_density, token_mask
-from .structured_plans import causal_block_tables, dense_plan, streaming_plan
+# This folder installs as dam_compile.kernels. From a source checkout's root, Python also sees it as a top-level
+# `kernels`, the name of HF's hub-kernels package, which transformers imports to probe for it. Under any name but
+# ours, stay an empty module: importing the ops twice would register torch.ops.dam.* twice.
+if __name__ == "dam_compile.kernels":
+    from .dispatch import reset_runtime_stats, runtime_stats
+    from .ops import sparse_attention
+    from .plan import BlockSparsePlan, PlanError, num_blocks
+    from .reference import block_sparse_attention_reference, plan_density, token_mask
+    from .structured_plans import causal_block_tables, dense_plan, streaming_plan
 
-__all__ = [
-    "BlockSparsePlan",
-    "PlanError",
-    "block_sparse_attention_reference",
-    "causal_block_tables",
-    "dense_plan",
-    "num_blocks",
-    "plan_density",
-    "reset_runtime_stats",
-    "runtime_stats",
-    "sparse_attention",
-    "streaming_plan",
-    "token_mask",
-]
+    __all__ = [
+        "BlockSparsePlan",
+        "PlanError",
+        "block_sparse_attention_reference",
+        "causal_block_tables",
+        "dense_plan",
+        "num_blocks",
+        "plan_density",
+        "reset_runtime_stats",
+        "runtime_stats",
+        "sparse_attention",
+        "streaming_plan",
+        "token_mask",
+    ]

@@ -103,6 +103,8 @@ def inner_compile(gm: GraphModule, example_inputs: Sequence[Any], inner_backend:
 
         patches = list_mode_options(mode) if mode else None
         return compile_fx(gm, list(example_inputs), config_patches=patches)
+    if mode:
+        log.warning("dam: mode=%r only applies with inner_backend='inductor'; %s ignores it", mode, inner_backend)
     return torch._dynamo.lookup_backend(inner_backend)(gm, example_inputs)
 
 

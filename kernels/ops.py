@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import choose_path, record
-from .plan import BlockSparsePlan
+from .plan import BlockSparsePlan, num_blocks
 from .reference import block_sparse_attention_reference
 from .structured_plans import dense_plan, streaming_plan
 
@@ -99,8 +99,7 @@ def _plan_unless_dense(
 
 
 def _broadcast_plan_fake(query: Tensor, key: Tensor, block_size: int, *args) -> PlanTensors:
-    mq = (query.shape[-2] + block_size - 1) // block_size
-    nk = (key.shape[-2] + block_size - 1) // block_size
+    mq, nk = num_blocks(query.shape[-2], block_size), num_blocks(key.shape[-2], block_size)
     return (
         query.new_empty((1, 1, mq), dtype=torch.int32),
         query.new_empty((1, 1, mq, nk), dtype=torch.int32),

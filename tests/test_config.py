@@ -114,3 +114,19 @@ def test_backend_dam_resolves_without_import():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resolved" in run.stdout
+
+
+def test_compile_mode_reaches_inductor(monkeypatch):
+    import torch._inductor.compile_fx as inductor_compile
+
+    seen = []
+
+    def spy(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(inductor_compile, "compile_fx", spy)
+    q, k, v = _qkv()
+    torch.compile(sdpa, backend="dam", mode="max-autotune-no-cudagraphs")(q, k, v, is_causal=True, enable_gqa=True)
+    assert seen == [torch._inductor.list_mode_options("max-autotune-no-cudagraphs")]
+    assert seen[0]["max_autotune"] is True

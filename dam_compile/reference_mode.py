@@ -18,25 +18,24 @@ from .config import DAMConfig
 from .kernels.dispatch import choose_path
 from .kernels.plan import BlockSparsePlan
 from .kernels.reference import block_sparse_attention_reference
-from .kernels.structured_plans import dense_plan, streaming_plan
 from .passes.find_sdpa import bind_sdpa_args
+from .passes.insert_mask import MASK_GENERATORS, mask_generator_constants
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-def plan_for(config: DAMConfig, q_len: int, kv_len: int, is_causal: bool, device: torch.device) -> BlockSparsePlan:
-    """The plan ``config.mask_source`` gives an attention of these lengths."""
-    if config.mask_source == "streaming":
-        return streaming_plan(
-            q_len, kv_len, config.block_size, is_causal, config.sink_blocks, config.local_blocks, device
-        )
-    return dense_plan(q_len, kv_len, config.block_size, is_causal, device)
+def plan_for(config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool) -> BlockSparsePlan:
+    """The plan that the mask-generation op the pass inserts for ``config`` computes for these inputs."""
+    op = MASK_GENERATORS[config.mask_source]
+    counts, indices, full_counts, full_indices = op(query, key, *mask_generator_constants(config, is_causal))
+    return BlockSparsePlan(counts, indices, config.block_size, full_counts, full_indices)
 
 
 class SparseReferenceMode(TorchFunctionMode):
-    """``with SparseReferenceMode({"mask_source": "streaming"}): model(x)`` runs attention block-sparse.
-
-    Calls the rewrite would leave dense (dropout) run unchanged.
+    """``with SparseReferenceMode({"mask_source": "streaming", "kernel": "reference"}): model(x)`` runs
+    attention block-sparse, choosing sparse or dense per call exactly as the op does under those options (so
+    ``kernel="auto"`` on a device without a sparse kernel stays dense). Calls the rewrite would leave dense
+    (dropout) run unchanged.
     """
 
     def __init__(self, options: DAMConfig | Mapping[str, Any] | None = None) -> None:
@@ -49,10 +48,10 @@ class SparseReferenceMode(TorchFunctionMode):
             return func(*args, **kwargs)
         a = bind_sdpa_args(args, kwargs)
         query = a["query"]
-        path, _ = choose_path(query, self.config.min_seq_len, "reference")
+        path, _ = choose_path(query, self.config.min_seq_len, self.config.kernel)
         if a["dropout_p"] != 0 or path == "dense":
             return func(*args, **kwargs)
-        plan = plan_for(self.config, query.shape[-2], a["key"].shape[-2], a["is_causal"], query.device)
+        plan = plan_for(self.config, query, a["key"], a["is_causal"])
         return block_sparse_attention_reference(
             query, a["key"], a["value"], plan, attn_mask=a["attn_mask"], scale=a["scale"],
             is_causal=a["is_causal"], enable_gqa=a["enable_gqa"],

@@ -35,8 +35,9 @@ class MaskSubgraph:
         return [self.plan, *self.outputs]
 
 
-def mask_generator_args(site: SDPASite, config: DAMConfig) -> tuple[Any, ...]:
-    common = (site.query, site.key, config.block_size, site.is_causal, config.min_seq_len, config.kernel)
+def mask_generator_constants(config: DAMConfig, is_causal: bool) -> tuple[Any, ...]:
+    """The arguments after ``(query, key)`` of the ``config.mask_source`` plan op."""
+    common = (config.block_size, is_causal, config.min_seq_len, config.kernel)
     if config.mask_source == "streaming":
         return (*common, config.sink_blocks, config.local_blocks)
     return common
@@ -45,7 +46,8 @@ def mask_generator_args(site: SDPASite, config: DAMConfig) -> tuple[Any, ...]:
 def insert_mask_generation(graph: Graph, site: SDPASite, config: DAMConfig) -> MaskSubgraph:
     """Insert the plan computation for ``site`` just before it; returns the new nodes."""
     with graph.inserting_before(site.node):
-        plan = graph.call_function(MASK_GENERATORS[config.mask_source], mask_generator_args(site, config))
+        args = (site.query, site.key, *mask_generator_constants(config, site.is_causal))
+        plan = graph.call_function(MASK_GENERATORS[config.mask_source], args)
         outputs = tuple(graph.call_function(operator.getitem, (plan, i)) for i in range(PLAN_TENSORS))
     for node in (plan, *outputs):
         node.meta["stack_trace"] = site.node.meta.get("stack_trace")

@@ -94,11 +94,13 @@ def _plan_unless_dense(
     path, _ = choose_path(query, min_seq_len, kernel)
     if path != "dense":
         return build().as_op_args()
-    counts, indices, full_counts, full_indices = _broadcast_plan_fake(query, key, block_size)
+    counts, indices, full_counts, full_indices = _uninitialized_broadcast_plan(query, key, block_size)
     return counts.zero_(), indices, full_counts.zero_(), full_indices
 
 
-def _broadcast_plan_fake(query: Tensor, key: Tensor, block_size: int, *args) -> PlanTensors:
+def _uninitialized_broadcast_plan(query: Tensor, key: Tensor, block_size: int, *args) -> PlanTensors:
+    """Plan tensors of the right shapes (``[1, 1, Mq]``, ``[1, 1, Mq, Nk]``), contents unset: the plan ops'
+    fake implementation, and the buffers of the keep-nothing plan."""
     mq, nk = num_blocks(query.shape[-2], block_size), num_blocks(key.shape[-2], block_size)
     return (
         query.new_empty((1, 1, mq), dtype=torch.int32),
@@ -108,8 +110,8 @@ def _broadcast_plan_fake(query: Tensor, key: Tensor, block_size: int, *args) -> 
     )
 
 
-dense_plan_op.register_fake(_broadcast_plan_fake)
-streaming_plan_op.register_fake(_broadcast_plan_fake)
+dense_plan_op.register_fake(_uninitialized_broadcast_plan)
+streaming_plan_op.register_fake(_uninitialized_broadcast_plan)
 
 
 def sparse_attention(

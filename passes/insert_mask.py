@@ -30,10 +30,6 @@ class MaskSubgraph:
     plan: Node
     outputs: tuple[Node, ...]
 
-    @property
-    def nodes(self) -> list[Node]:
-        return [self.plan, *self.outputs]
-
 
 def mask_generator_constants(config: DAMConfig, is_causal: bool) -> tuple[Any, ...]:
     """The arguments after ``(query, key)`` of the ``config.mask_source`` plan op."""

@@ -10,12 +10,16 @@ import logging
 from collections import Counter
 from typing import Literal
 
+import torch
 from torch import Tensor
+
+from .block_sparse_launch import interpreting
 
 log = logging.getLogger("dam_compile")
 
-Path = Literal["dense", "reference"]
-KERNELS = ("auto", "reference")
+Path = Literal["dense", "triton", "reference"]
+KERNELS = ("auto", "triton", "reference")
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 _counts: Counter[tuple[str, str]] = Counter()
 _logged: set[tuple[str, str]] = set()
@@ -24,8 +28,10 @@ _logged: set[tuple[str, str]] = set()
 def choose_path(query: Tensor, min_seq_len: int, kernel: str) -> tuple[Path, str]:
     """Pick the path for a ``[B, H, Lq, E]`` query and say why.
 
-    ``kernel='auto'`` takes the fastest exact path this build has for the device; ``'reference'`` runs the
-    PyTorch block-sparse reference on any device (slow: for tests and fidelity checks).
+    ``kernel='auto'`` takes the fused Triton kernel for float16/bfloat16 CUDA tensors and dense attention
+    elsewhere; ``'triton'`` forces the fused kernel (any float dtype; on the CPU only under
+    ``TRITON_INTERPRET=1``, for tests); ``'reference'`` runs the PyTorch block-sparse reference on any device
+    (slow: for tests and fidelity checks).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -36,9 +42,15 @@ def choose_path(query: Tensor, min_seq_len: int, kernel: str) -> tuple[Path, str
         return "dense", f"sequence shorter than min_seq_len={min_seq_len}"
     if kernel == "reference":
         return "reference", "kernel='reference'"
+    if kernel == "triton":
+        if query.is_cuda or interpreting():
+            return "triton", "kernel='triton'"
+        return "dense", "kernel='triton' on CPU tensors needs TRITON_INTERPRET=1"
     if not query.is_cuda:
         return "dense", "CPU tensors: the fused sparse kernel needs CUDA (kernel='reference' runs the PyTorch one)"
-    return "dense", "this build has no fused block-sparse CUDA kernel yet"
+    if query.dtype not in FUSED_DTYPES:
+        return "dense", f"{query.dtype} inputs: the fused kernel runs float16 and bfloat16"
+    return "triton", "fused block-sparse Triton kernel"
 
 
 def record(path: str, reason: str) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .block_sparse_launch import triton_block_sparse_attention
 from .dispatch import choose_path, record
 from .plan import BlockSparsePlan, num_blocks
 from .reference import block_sparse_attention_reference
@@ -32,6 +33,8 @@ def sparse_attention_op(
     kv_indices: Tensor,
     full_kv_num_blocks: Optional[Tensor],
     full_kv_indices: Optional[Tensor],
+    token_diagonals: Optional[Tensor],
+    token_columns: Optional[Tensor],
     attn_mask: Optional[Tensor],
     scale: Optional[float],
     is_causal: bool,
@@ -39,25 +42,34 @@ def sparse_attention_op(
     block_size: int,
     min_seq_len: int,
     kernel: str,
+    kv_range: Optional[Tensor] = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """Shapes: query ``[B, H, Lq, E]``, key ``[B, KVH, Lk, E]``, value ``[B, KVH, Lk, Ev]`` -> ``[B, H, Lq, Ev]``
-    (contiguous). The plan tensors follow :class:`BlockSparsePlan`."""
+    (contiguous). The plan tensors follow :class:`BlockSparsePlan`; ``kv_range`` and ``q_offset`` are those of
+    :func:`triton_block_sparse_attention`. The dense path (decode, short inputs, no fused kernel) is SDPA and
+    supports neither (``kv_range=None``, ``q_offset=0``), so callers that set them use ``min_seq_len=0``."""
     path, reason = choose_path(query, min_seq_len, kernel)
     record(path, reason)
     if path == "dense":
-        out = F.scaled_dot_product_attention(
+        if kv_range is not None or q_offset != 0:
+            raise ValueError("kv_range and q_offset need the sparse path; this call runs dense: " + reason)
+        return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        )
-    else:
-        plan = BlockSparsePlan(kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices)
-        out = block_sparse_attention_reference(
-            query, key, value, plan, attn_mask=attn_mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa
-        )
-    return out.contiguous()
+        ).contiguous()
+    plan = BlockSparsePlan(
+        kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices, token_diagonals, token_columns
+    )
+    options = dict(attn_mask=attn_mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa,
+                   kv_range=kv_range, q_offset=q_offset)
+    if path == "triton":
+        # The graph's own plan ops produced the plan: shapes are checked, index values trusted (no sync).
+        return triton_block_sparse_attention(query, key, value, plan, check_plan=False, **options)
+    return block_sparse_attention_reference(query, key, value, plan, **options).contiguous()
 
 
 @sparse_attention_op.register_fake
-def _(query, key, value, *args) -> Tensor:
+def _(query, key, value, *args, **kwargs) -> Tensor:
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
@@ -93,7 +105,8 @@ def _plan_unless_dense(
     :func:`choose_path` rule), a valid plan that keeps nothing, built without launching a kernel per index."""
     path, _ = choose_path(query, min_seq_len, kernel)
     if path != "dense":
-        return build().as_op_args()
+        plan = build()  # block-level sources: dense/streaming plans always carry full blocks, no pattern
+        return plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices
     counts, indices, full_counts, full_indices = _uninitialized_broadcast_plan(query, key, block_size)
     return counts.zero_(), indices, full_counts.zero_(), full_indices
 
@@ -124,6 +137,8 @@ def sparse_attention(
     scale: float | None = None,
     is_causal: bool = False,
     enable_gqa: bool = False,
+    kv_range: Tensor | None = None,
+    q_offset: int = 0,
     min_seq_len: int = 0,
     kernel: str = "auto",
 ) -> Tensor:
@@ -133,13 +148,16 @@ def sparse_attention(
         query: ``[B, H, Lq, E]``; key ``[B, KVH, Lk, E]``; value ``[B, KVH, Lk, Ev]``.
         plan: the kept key blocks (:class:`BlockSparsePlan`).
         attn_mask, scale, is_causal, enable_gqa: as in ``scaled_dot_product_attention``.
+        kv_range: int32 ``[B, 2]``: per sequence the valid keys ``[start, end)`` (padding without a mask).
+        q_offset: key position of query row 0 (``0``: SDPA's top-left alignment; ``Lk - Lq``: queries aligned
+            to the end of the keys).
         min_seq_len: query lengths below this run dense attention.
-        kernel: ``'auto'`` or ``'reference'`` (see :func:`choose_path`).
+        kernel: ``'auto'``, ``'triton'`` or ``'reference'`` (see :func:`choose_path`).
 
     Returns:
         ``[B, H, Lq, Ev]``.
     """
     return torch.ops.dam.sparse_attention(
         query, key, value, *plan.as_op_args(), attn_mask, scale, is_causal, enable_gqa,
-        plan.block_size, min_seq_len, kernel,
+        plan.block_size, min_seq_len, kernel, kv_range, q_offset,
     )

@@ -10,11 +10,19 @@ and the benchmarks. It has FlexAttention ``BlockMask`` semantics, so the same te
 - ``full_kv_num_blocks`` / ``full_kv_indices`` (optional): key blocks every query of the block sees entirely,
   which need no in-block masking. Without them every kept block is treated as partial.
 
+- ``token_diagonals`` / ``token_columns`` (optional, the token-exact DAM mode): per query head, int32
+  ``[Hp, R]`` / ``[Hp, C]``, sorted ascending, unused slots at the end set to :data:`PATTERN_PAD`. Inside a
+  *partial* block, query ``i`` then sees key ``j`` only if ``i - j`` is one of the head's diagonal offsets or
+  ``j`` one of its columns (on top of the causal test). Full blocks are still seen entirely, so a generator
+  lists a block as full when the pattern covers it: only blocks the pattern cuts pay the per-token test.
+
 A key block is kept when it is in either list; the two lists are disjoint. The leading dims are the batch
-(``1`` to broadcast) and the query head (``1`` to broadcast). Query block ``m`` covers query positions
+(``1`` to broadcast) and the query head (``1`` to broadcast). Query block ``m`` covers query rows
 ``[m * block_size, (m + 1) * block_size)`` and key block ``n`` covers key positions likewise; the last blocks
-may be ragged. Causal masking follows ``scaled_dot_product_attention``: key ``j`` is visible to query ``i``
-when ``j <= i`` (top-left aligned, also when ``q_len != kv_len``).
+may be ragged. Query row ``i`` sits at key position ``i + q_offset`` (an argument of the consumers): ``0`` is
+``scaled_dot_product_attention``'s top-left alignment, ``kv_len - q_len`` aligns the queries to the end of the
+keys (a suffix of queries, as with a KV cache). Causal masking lets query ``i`` see key ``j <= i + q_offset``;
+diagonal offsets count from the same position.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ class PlanError(ValueError):
     """A block-sparse plan that does not fit its inputs or breaks the format's rules."""
 
 
+PATTERN_PAD = -(2**31)  # fills the unused slots of token_diagonals / token_columns
+
+
 def num_blocks(length: int, block_size: int) -> int:
     """Number of blocks of ``block_size`` covering ``length`` positions (the last one may be ragged)."""
     return (length + block_size - 1) // block_size
@@ -40,7 +51,8 @@ class BlockSparsePlan:
 
     Shapes: ``kv_num_blocks`` int32 ``[Bp, Hp, Mq]``; ``kv_indices`` int32 ``[Bp, Hp, Mq, K]`` with any
     ``K >= 0``; the optional ``full_*`` pair has the same layout. ``Bp`` is 1 or the batch, ``Hp`` is 1 or the
-    number of query heads, ``Mq = ceil(q_len / block_size)``.
+    number of query heads, ``Mq = ceil(q_len / block_size)``. ``token_diagonals`` ``[Hp, R]`` and
+    ``token_columns`` ``[Hp, C]`` (int32, sorted, padded with :data:`PATTERN_PAD`) come together or not at all.
     """
 
     kv_num_blocks: Tensor
@@ -48,16 +60,24 @@ class BlockSparsePlan:
     block_size: int
     full_kv_num_blocks: Tensor | None = None
     full_kv_indices: Tensor | None = None
+    token_diagonals: Tensor | None = None
+    token_columns: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise PlanError(f"block_size must be a positive int, got {self.block_size!r}")
         if (self.full_kv_num_blocks is None) != (self.full_kv_indices is None):
             raise PlanError("full_kv_num_blocks and full_kv_indices must be given together")
+        if (self.token_diagonals is None) != (self.token_columns is None):
+            raise PlanError("token_diagonals and token_columns must be given together")
 
     @property
     def has_full_blocks(self) -> bool:
         return self.full_kv_num_blocks is not None
+
+    @property
+    def has_token_pattern(self) -> bool:
+        return self.token_diagonals is not None
 
     def validate(
         self, *, batch: int, heads: int, q_len: int, kv_len: int, check_values: bool = True
@@ -77,6 +97,9 @@ class BlockSparsePlan:
             partial, full = self.block_tables(kv_len)
             if bool((partial & full).any()):
                 raise PlanError("a key block is listed both in kv_indices and in full_kv_indices")
+        if self.has_token_pattern:
+            for name, t in (("token_diagonals", self.token_diagonals), ("token_columns", self.token_columns)):
+                _check_pattern(name, t, heads, self.kv_num_blocks.device, check_values)
 
     def block_tables(self, kv_len: int) -> tuple[Tensor, Tensor]:
         """Boolean ``(partial, full)`` tables, each ``[Bp, Hp, Mq, Nk]`` with ``Nk = ceil(kv_len / block_size)``."""
@@ -95,9 +118,12 @@ class BlockSparsePlan:
             kept = kept + self.full_kv_num_blocks.to(torch.int64)
         return kept
 
-    def as_op_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The four plan tensors in the order ``torch.ops.dam.sparse_attention`` takes them."""
-        return self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices
+    def as_op_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """The six plan tensors in the order ``torch.ops.dam.sparse_attention`` takes them."""
+        return (
+            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+            self.token_diagonals, self.token_columns,
+        )
 
     @classmethod
     def from_block_tables(
@@ -156,6 +182,22 @@ def _check_layout(name: str, counts: Tensor, indices: Tensor, *, batch: int, hea
         )
     if counts.device != indices.device:
         raise PlanError(f"{name}_num_blocks and {name}_indices are on different devices")
+
+
+def _check_pattern(name: str, t: Tensor, heads: int, device: torch.device, check_values: bool) -> None:
+    if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 2:
+        raise PlanError(f"{name} must be an int32 [Hp, R] tensor, got {getattr(t, 'dtype', type(t).__name__)} "
+                        f"{tuple(getattr(t, 'shape', ()))}")
+    if t.shape[0] not in (1, heads):
+        raise PlanError(f"{name} has {t.shape[0]} heads; expected 1 or {heads}")
+    if t.device != device:
+        raise PlanError(f"{name} is on {t.device}, the block lists on {device}")
+    if check_values and t.shape[1] > 1:
+        used = t != PATTERN_PAD
+        if bool((used[:, 1:] & ~used[:, :-1]).any()):
+            raise PlanError(f"{name}: padding ({PATTERN_PAD}) must come after every used slot")
+        if bool((used[:, 1:] & (t[:, 1:] <= t[:, :-1])).any()):
+            raise PlanError(f"{name} must be strictly increasing within each head")
 
 
 def _check_values(name: str, counts: Tensor, indices: Tensor, nk: int) -> None:

@@ -1,8 +1,9 @@
 """Plain-PyTorch block-sparse attention: the CPU path and the oracle for the Triton kernel.
 
 It computes exactly what ``torch.ops.dam.sparse_attention`` computes on its sparse path: softmax attention
-restricted to the plan's kept key blocks, with in-block causal masking on partial blocks only, any
-``attn_mask`` of ``scaled_dot_product_attention``, GQA and a custom scale. Query rows are processed in chunks
+restricted to the plan's kept key blocks, with in-block causal masking and the token-exact pattern on partial
+blocks only, per-sequence valid key ranges, any ``attn_mask`` of ``scaled_dot_product_attention``, GQA and a
+custom scale. Query rows are processed in chunks
 so no tensor grows with ``q_len * kv_len``: memory stays ``O(max_chunk_elements + inputs)``.
 
 A query row that keeps no key at all returns zeros (as ``scaled_dot_product_attention``'s math path does for
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from .plan import BlockSparsePlan, num_blocks
 from .structured_plans import causal_block_tables
+from .token_pattern import pattern_bitmaps
 
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 24
 
@@ -40,6 +42,8 @@ def block_sparse_attention_reference(
     scale: float | None = None,
     is_causal: bool = False,
     enable_gqa: bool = False,
+    kv_range: Tensor | None = None,
+    q_offset: int = 0,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
 ) -> Tensor:
     """Block-sparse attention in PyTorch.
@@ -51,7 +55,10 @@ def block_sparse_attention_reference(
         plan: kept key blocks per query block (see :class:`BlockSparsePlan`), validated here.
         attn_mask: bool (``True`` = attend) or float (added to scores), broadcastable to ``[B, H, Lq, Lk]``.
         scale: score scale, ``1 / sqrt(E)`` when ``None``.
-        is_causal: top-left aligned causal masking inside partial blocks, as SDPA's ``is_causal``.
+        is_causal: causal masking inside partial blocks: query row ``i`` sees keys ``j <= i + q_offset``.
+        kv_range: int32 ``[B, 2]``, per sequence the valid keys ``[start, end)`` (padding outside), or ``None``.
+        q_offset: key position of query row 0 (``0``: SDPA's top-left alignment; ``Lk - Lq``: queries aligned
+            to the end of the keys).
         max_chunk_elements: bound on the scores held at once.
 
     Returns:
@@ -62,13 +69,14 @@ def block_sparse_attention_reference(
     if heads % kv_heads != 0 or (heads != kv_heads and not enable_gqa):
         raise ValueError(f"query heads ({heads}) and key heads ({kv_heads}) need enable_gqa and H % KVH == 0")
     plan.validate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len)
+    check_kv_range(kv_range, batch, query.device)
     group = heads // kv_heads
     block = plan.block_size
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
     out = torch.full((batch, heads, q_len, value.shape[-1]), float("nan"), dtype=query.dtype, device=query.device)
-    partial, full = plan.block_tables(kv_len)
+    tables = _TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
     k = key.to(compute)
     v = value.to(compute)
     mask = None if attn_mask is None else attn_mask.expand(batch, heads, q_len, kv_len)
@@ -78,7 +86,7 @@ def block_sparse_attention_reference(
     for start in range(0, q_len, rows):
         stop = min(start + rows, q_len)
         q_pos = torch.arange(start, stop, device=query.device)
-        allowed = _allowed(partial, full, q_pos, k_pos, block, is_causal).expand(batch, heads, -1, -1)
+        allowed = tables.allowed(q_pos, k_pos).expand(batch, heads, -1, -1)
 
         q = query[:, :, start:stop].to(compute).unflatten(1, (kv_heads, group))
         scores = torch.einsum("bkgre,bkne->bkgrn", q, k).flatten(1, 2) * scale
@@ -93,16 +101,55 @@ def block_sparse_attention_reference(
     return out
 
 
-def _allowed(
-    partial: Tensor, full: Tensor, q_pos: Tensor, k_pos: Tensor, block_size: int, is_causal: bool
-) -> Tensor:
-    """Token-level view of the block tables for query rows ``q_pos``: bool ``[Bp, Hp, R, Lk]``. Partial
-    blocks get the causal test; full blocks are visible as a whole."""
-    q_block, k_block = q_pos // block_size, k_pos // block_size
-    allowed = partial[:, :, q_block][..., k_block]
-    if is_causal:
-        allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
-    return allowed | full[:, :, q_block][..., k_block]
+def check_kv_range(kv_range: Tensor | None, batch: int, device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``kv_range`` is ``None`` or an int32 ``[batch, 2]`` tensor on ``device``."""
+    if kv_range is None:
+        return
+    if not isinstance(kv_range, Tensor) or kv_range.dtype != torch.int32 or tuple(kv_range.shape) != (batch, 2):
+        raise ValueError(
+            f"kv_range must be an int32 [batch={batch}, 2] tensor of [start, end) key positions, got "
+            f"{getattr(kv_range, 'dtype', type(kv_range).__name__)} {tuple(getattr(kv_range, 'shape', ()))}"
+        )
+    if kv_range.device != device:
+        raise ValueError(f"kv_range is on {kv_range.device}, the query on {device}")
+
+
+class _TokenTables:
+    """The plan and its token-level rules, ready to expand to ``[Bp, Hp, R, Lk]`` for any rows."""
+
+    def __init__(self, partial, full, block_size, is_causal, q_offset, bits, kv_range):
+        self.partial, self.full, self.block_size = partial, full, block_size
+        self.is_causal, self.q_offset, self.bits, self.kv_range = is_causal, q_offset, bits, kv_range
+
+    @classmethod
+    def build(cls, plan, q_len, kv_len, is_causal, q_offset, kv_range) -> "_TokenTables":
+        partial, full = plan.block_tables(kv_len)
+        bits = None
+        if plan.has_token_pattern:
+            bits = pattern_bitmaps(plan.token_diagonals, plan.token_columns, q_len, kv_len, q_offset)
+        return cls(partial, full, plan.block_size, is_causal, q_offset, bits, kv_range)
+
+    def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """bool ``[Bp', Hp', R, Lk]`` for query rows ``q_pos``. Partial blocks get the causal and pattern
+        tests; full blocks are visible as a whole; keys outside a sequence's ``kv_range`` never are."""
+        q_block, k_block = q_pos // self.block_size, k_pos // self.block_size
+        allowed = self.partial[:, :, q_block][..., k_block]
+        absolute = q_pos[:, None] + self.q_offset
+        if self.is_causal:
+            allowed = allowed & (k_pos[None, :] <= absolute)
+        if self.bits is not None:
+            diag_bits, col_bits = self.bits
+            diag_index = absolute - k_pos[None, :] + k_pos.numel() - 1
+            reachable = (diag_index >= 0) & (diag_index < diag_bits.shape[1])
+            on_diagonal = diag_bits[:, diag_index.clamp(0, diag_bits.shape[1] - 1)].bool() & reachable
+            on_pattern = on_diagonal | col_bits[:, None, :].bool()
+            allowed = allowed & on_pattern[None]
+        allowed = allowed | self.full[:, :, q_block][..., k_block]
+        if self.kv_range is not None:
+            start, end = self.kv_range[:, 0, None], self.kv_range[:, 1, None]
+            inside = (k_pos[None, :] >= start) & (k_pos[None, :] < end)
+            allowed = allowed & inside[:, None, None, :]
+        return allowed
 
 
 def _safe_softmax_matmul(scores: Tensor, value: Tensor, kv_heads: int, group: int) -> Tensor:
@@ -116,20 +163,27 @@ def _safe_softmax_matmul(scores: Tensor, value: Tensor, kv_heads: int, group: in
     return torch.einsum("bkgrn,bknd->bkgrd", weights, value).flatten(1, 2)
 
 
-def token_mask(plan: BlockSparsePlan, q_len: int, kv_len: int, is_causal: bool) -> Tensor:
-    """The plan expanded to a boolean ``[Bp, Hp, q_len, kv_len]`` token mask (``True`` = attend), with causal
-    masking applied inside partial blocks. Materialises ``q_len * kv_len``: for tests and small inputs."""
-    partial, full = plan.block_tables(kv_len)
-    device = partial.device
-    return _allowed(
-        partial, full, torch.arange(q_len, device=device), torch.arange(kv_len, device=device),
-        plan.block_size, is_causal,
-    )
+def token_mask(
+    plan: BlockSparsePlan,
+    q_len: int,
+    kv_len: int,
+    is_causal: bool,
+    *,
+    q_offset: int = 0,
+    kv_range: Tensor | None = None,
+) -> Tensor:
+    """The plan expanded to a boolean ``[Bp, Hp, q_len, kv_len]`` token mask (``True`` = attend), with the
+    causal and pattern tests inside partial blocks. Materialises ``q_len * kv_len``: for tests and small inputs."""
+    tables = _TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
+    device = plan.kv_num_blocks.device
+    return tables.allowed(torch.arange(q_len, device=device), torch.arange(kv_len, device=device))
 
 
-def plan_density(plan: BlockSparsePlan, q_len: int, kv_len: int, is_causal: bool) -> float:
+def plan_density(plan: BlockSparsePlan, q_len: int, kv_len: int, is_causal: bool, q_offset: int = 0) -> float:
     """Kept blocks over the blocks that dense attention would visit (all causal-visible blocks)."""
-    visible, _ = causal_block_tables(q_len, kv_len, plan.block_size, is_causal, plan.kv_num_blocks.device)
+    visible, _ = causal_block_tables(
+        q_len, kv_len, plan.block_size, is_causal, plan.kv_num_blocks.device, q_offset=q_offset
+    )
     kept = plan.kept_blocks().sum().item()
     heads_batches = plan.kv_num_blocks.shape[0] * plan.kv_num_blocks.shape[1]
     return kept / max(1, int(visible.sum().item()) * heads_batches)
@@ -137,6 +191,7 @@ def plan_density(plan: BlockSparsePlan, q_len: int, kv_len: int, is_causal: bool
 
 __all__ = [
     "block_sparse_attention_reference",
+    "check_kv_range",
     "num_blocks",
     "plan_density",
     "rows_per_chunk",

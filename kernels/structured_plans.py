@@ -13,16 +13,24 @@ from .plan import BlockSparsePlan, num_blocks
 
 
 def causal_block_tables(
-    q_len: int, kv_len: int, block_size: int, is_causal: bool, device: torch.device | str = "cpu"
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    is_causal: bool,
+    device: torch.device | str = "cpu",
+    *,
+    q_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Boolean ``(visible, full)`` tables ``[Mq, Nk]``: a key block is visible when some query of the query
-    block may see some key of it, full when every query sees every (existing) key of it."""
+    block may see some key of it, full when every query sees every (existing) key of it. Query row ``i`` sits
+    at key position ``i + q_offset``."""
     mq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
     if not is_causal:
         every = torch.ones((mq, nk), dtype=torch.bool, device=device)
         return every, every.clone()
     q_first = torch.arange(mq, device=device) * block_size
-    q_last = torch.clamp(q_first + block_size, max=q_len) - 1
+    q_last = torch.clamp(q_first + block_size, max=q_len) - 1 + q_offset
+    q_first = q_first + q_offset
     k_first = torch.arange(nk, device=device) * block_size
     k_last = torch.clamp(k_first + block_size, max=kv_len) - 1
     visible = k_first[None, :] <= q_last[:, None]
@@ -31,10 +39,16 @@ def causal_block_tables(
 
 
 def dense_plan(
-    q_len: int, kv_len: int, block_size: int, is_causal: bool, device: torch.device | str = "cpu"
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    is_causal: bool,
+    device: torch.device | str = "cpu",
+    *,
+    q_offset: int = 0,
 ) -> BlockSparsePlan:
     """Every block the attention can see (density 1.0): equal to dense attention."""
-    visible, full = causal_block_tables(q_len, kv_len, block_size, is_causal, device)
+    visible, full = causal_block_tables(q_len, kv_len, block_size, is_causal, device, q_offset=q_offset)
     return _broadcast_plan(visible & ~full, full, block_size)
 
 
@@ -64,3 +78,35 @@ def streaming_plan(
 
 def _broadcast_plan(partial: Tensor, full: Tensor, block_size: int) -> BlockSparsePlan:
     return BlockSparsePlan.from_block_tables(partial[None, None], block_size, full[None, None])
+
+
+def random_plan(
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    density: float,
+    heads: int,
+    is_causal: bool = True,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    *,
+    batch: int = 1,
+    q_offset: int = 0,
+) -> BlockSparsePlan:
+    """A random plan ``[batch, heads, Mq, ...]`` keeping ``density`` of the visible blocks (the same count in
+    every query-block row, so rows are balanced), always with the sink column and the diagonal block.
+    For tests and benchmarks: density is counted over the visible (causal) blocks."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density}")
+    visible, full = causal_block_tables(q_len, kv_len, block_size, is_causal, device, q_offset=q_offset)
+    mq, nk = visible.shape
+    q_last = (torch.arange(mq, device=device) * block_size + block_size).clamp(max=q_len) - 1 + q_offset
+    diagonal = torch.arange(nk, device=device)[None, :] == (q_last.clamp(max=kv_len - 1) // block_size)[:, None]
+    forced = visible & ((torch.arange(nk, device=device) == 0)[None, :] | diagonal)
+    scores = torch.rand((batch, heads, mq, nk), device=device, generator=generator)
+    scores = torch.where(forced, 2.0, torch.where(visible, scores, -1.0))
+    per_row = (visible.sum(-1) * density).round().clamp(min=1)
+    per_row = torch.maximum(per_row, forced.sum(-1)).to(torch.int64)
+    rank = scores.argsort(-1, descending=True).argsort(-1)
+    kept = (rank < per_row[:, None]) & visible
+    return BlockSparsePlan.from_block_tables(kept & ~full, block_size, kept & full)

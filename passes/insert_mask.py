@@ -18,6 +18,8 @@ from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.dam.*)
 from .find_sdpa import SDPASite
 
 PLAN_TENSORS = 4  # kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices
+# The op's plan arguments: those four, then token_diagonals and token_columns (None for block-level sources).
+PLAN_OP_ARGS = 6
 
 MASK_GENERATORS = {
     "dense": torch.ops.dam.dense_plan.default,

@@ -7,7 +7,7 @@ from torch.fx import Graph, Node
 
 from ..config import DAMConfig
 from .find_sdpa import SDPASite
-from .insert_mask import MaskSubgraph
+from .insert_mask import PLAN_OP_ARGS, MaskSubgraph
 
 SPARSE_ATTENTION = torch.ops.dam.sparse_attention.default
 
@@ -18,11 +18,12 @@ _KEPT_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 def replace_with_sparse_attention(graph: Graph, site: SDPASite, mask: MaskSubgraph, config: DAMConfig) -> Node:
     """Swap ``site.node`` for the sparse op; every user of the old node now reads the new one."""
     scale = None if site.scale is None else float(site.scale)
+    plan_args = (*mask.outputs, *(None,) * (PLAN_OP_ARGS - len(mask.outputs)))
     with graph.inserting_before(site.node):
         new = graph.call_function(
             SPARSE_ATTENTION,
             (
-                site.query, site.key, site.value, *mask.outputs, site.attn_mask, scale,
+                site.query, site.key, site.value, *plan_args, site.attn_mask, scale,
                 site.is_causal, site.enable_gqa, config.block_size, config.min_seq_len, config.kernel,
             ),
         )

@@ -16,6 +16,7 @@ from torch.fx import Graph, Node
 from torch.fx.node import _get_qualified_name
 
 from .find_sdpa import _read_site
+from .insert_mask import PLAN_OP_ARGS
 from .rewrite import SPARSE_ATTENTION
 
 
@@ -103,7 +104,7 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
             _add_input(g, plan, out, "args.0")
             _add_input(g, out, attn, f"args.{3 + i}")
         if isinstance(sdpa.attn_mask, Node):
-            _add_input(g, sdpa.attn_mask.name, attn, f"args.{3 + len(site.plan_outputs)}")
+            _add_input(g, sdpa.attn_mask.name, attn, f"args.{3 + PLAN_OP_ARGS}")
         for dst, pos in users:
             g.add_edge(attn, dst, pos=pos)
     return g

@@ -1,6 +1,8 @@
-"""CI must run exactly the README's quick-start commands."""
+"""CI must run exactly the README's quick-start commands; the README's benchmark tables match the results."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,3 +19,12 @@ def test_ci_runs_the_readme_commands():
     assert len(commands) == 2
     ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
     assert ci_lines == commands
+
+
+def test_readme_benchmark_tables_match_the_results_files():
+    """The README's benchmark tables are generated from benchmarks/results/*.json, never edited by hand."""
+    if not (ROOT / "benchmarks" / "readme_tables.py").exists():
+        pytest.skip("not run from a source checkout")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -1,0 +1,298 @@
+"""Host side of the fused kernel: checks the arguments, lays out the plan for it, picks a tile config, launches.
+
+On CUDA the tile config is autotuned per (head dim, plan block, masking mode, dtype, power-of-two length);
+under ``TRITON_INTERPRET=1`` (CPU tests) one fixed config runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+
+from .block_sparse_kernel import block_sparse_attention_fwd
+from .plan import BlockSparsePlan, PlanError
+from .reference import check_kv_range
+from .token_pattern import pattern_bitmaps
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class KernelConfig(NamedTuple):
+    """Tile shape and launch parameters of one kernel variant."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def as_triton(self) -> triton.Config:
+        return triton.Config(
+            {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps, num_stages=self.num_stages,
+            pre_hook=_set_tma_block_shapes,
+        )
+
+
+def _set_tma_block_shapes(nargs: dict) -> None:
+    """A K/V descriptor's box is one key tile, whose height the tile config picks."""
+    for name in ("DescK", "DescV"):
+        desc = nargs[name]
+        if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+
+# Candidates for Hopper (H100): 128-row tiles with 8 warps feed the wgmma units; 64-row ones keep occupancy
+# for short or very sparse rows. Small tiles only serve small plan blocks.
+_TUNE_CONFIGS = [
+    KernelConfig(128, 128, 8, 3),
+    KernelConfig(128, 128, 8, 2),
+    KernelConfig(128, 64, 8, 3),
+    KernelConfig(64, 64, 4, 3),
+    KernelConfig(64, 128, 4, 3),
+    KernelConfig(64, 32, 4, 3),
+    KernelConfig(32, 32, 4, 2),
+    KernelConfig(16, 16, 4, 2),
+]
+
+
+def _fits(config: KernelConfig, plan_block: int, block_d: int) -> bool:
+    if config.block_m > plan_block or config.block_n > plan_block:
+        return False
+    # 256-wide heads: a 128x128 fp32 score tile plus a 128x256 accumulator spill registers.
+    return not (block_d > 128 and config.block_m * config.block_n > 128 * 64)
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    plan_block, block_d = args["PLAN_BLOCK"], args["BLOCK_D"]
+    fitting = [c for c in configs if _fits(_as_kernel_config(c), plan_block, block_d)]
+    largest = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in fitting)
+    # Tiles far below what fits only lose; keep the larger ones to bound tuning time.
+    return [c for c in fitting if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * 4 >= largest]
+
+
+def _as_kernel_config(config: triton.Config) -> KernelConfig:
+    return KernelConfig(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+_tuned_kernel = triton.autotune(
+    configs=[c.as_triton() for c in _TUNE_CONFIGS],
+    key=["HEAD_DIM", "PLAN_BLOCK", "IS_CAUSAL", "HAS_FULL", "HAS_PATTERN", "HAS_MASK", "HAS_KV_RANGE", "EVEN_N",
+         "tune_len"],
+    prune_configs_by={"early_config_prune": _prune},
+)(block_sparse_attention_fwd)
+
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so reading it once here agrees with it.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreting() -> bool:
+    return _INTERPRETING
+
+
+# Host time per call matters (hundreds of attention calls per forward): plain-Python helpers instead of Triton's
+# jit-wrapped next_power_of_2 / cdiv, and the device's capability looked up once.
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def interpreter_config(plan_block: int) -> KernelConfig:
+    """The one config the CPU interpreter runs: whole plan blocks (fewest Python-level steps), at most 64."""
+    size = min(plan_block, 64)
+    return KernelConfig(size, size, 4, 1)
+
+
+def triton_block_sparse_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    plan: BlockSparsePlan,
+    *,
+    attn_mask: Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+    kv_range: Tensor | None = None,
+    q_offset: int = 0,
+    return_lse: bool = False,
+    out: Tensor | None = None,
+    check_plan: bool = True,
+    config: KernelConfig | None = None,
+    use_tma: bool | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Block-sparse attention through the fused Triton kernel.
+
+    Args:
+        query: ``[B, H, Lq, E]``, float16/bfloat16 (float32 runs with IEEE dots: for tests), any strides.
+        key, value: ``[B, KVH, Lk, E]``; ``H % KVH == 0`` (``KVH < H`` needs ``enable_gqa``), never repeated.
+        plan: kept key blocks (:class:`BlockSparsePlan`), optional full blocks and token pattern.
+        attn_mask: bool (``True`` = attend) or float (added to scores), broadcastable to ``[B, H, Lq, Lk]``.
+        scale: score scale, ``1 / sqrt(E)`` when ``None``.
+        is_causal: query row ``i`` sees keys ``j <= i + q_offset`` inside partial blocks.
+        kv_range: int32 ``[B, 2]``: per sequence the valid keys ``[start, end)``; padding needs no mask tensor.
+        q_offset: key position of query row 0 (``0``: SDPA's top-left; ``Lk - Lq``: aligned to the end).
+        return_lse: also return the log-sum-exp ``[B, H, Lq]`` (float32, natural log, ``-inf`` for empty rows).
+        out: ``[B, H, Lq, E]`` buffer to write into (tests poison it first); a new one when ``None``.
+        check_plan: also check the plan's index values (reads them: synchronises on CUDA). Shapes and dtypes
+            are always checked.
+        config: force one tile config instead of autotuning.
+        use_tma: load K/V tiles through Hopper's tensor-memory accelerator; ``None`` picks it where it applies.
+
+    Returns:
+        ``out`` ``[B, H, Lq, E]`` in ``query.dtype``; rows that keep no key are zeros. With ``return_lse``,
+        ``(out, lse)``.
+    """
+    batch, heads, q_len, head_dim, kv_heads, kv_len = _check_inputs(query, key, value, enable_gqa)
+    plan.validate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, check_values=check_plan)
+    if plan.kv_num_blocks.device != query.device:
+        raise PlanError(f"plan is on {plan.kv_num_blocks.device}, the query on {query.device}")
+    check_kv_range(kv_range, batch, query.device)
+    if plan.block_size < 16 or plan.block_size & (plan.block_size - 1):
+        raise PlanError(f"the fused kernel needs a power-of-two plan block_size >= 16, got {plan.block_size}")
+    if out is None:
+        out = query.new_empty((batch, heads, q_len, head_dim))
+    elif out.shape != (batch, heads, q_len, head_dim) or out.dtype != query.dtype or out.device != query.device:
+        raise ValueError(f"out must be a {query.dtype} [{batch}, {heads}, {q_len}, {head_dim}] tensor on {query.device}")
+    lse = query.new_empty((batch, heads, q_len), dtype=torch.float32) if return_lse else out
+
+    counts = _plan_view(plan.kv_num_blocks, plan.kv_indices, batch, heads)
+    full = plan.full_kv_num_blocks, plan.full_kv_indices
+    full_view = _plan_view(*full, batch, heads) if plan.has_full_blocks else counts
+    mask, mask_strides, mask_is_bool = _mask_view(attn_mask, query, batch, heads, q_len, kv_len)
+    diag_bits, col_bits, pattern_strides, diag_len = _pattern_view(plan, q_len, kv_len, q_offset, query)
+
+    upcast = interpreting() and query.dtype == torch.bfloat16
+    tma = _tma_applies(key, value) if use_tma is None else use_tma
+    if tma and not _tma_applies(key, value):
+        raise ValueError("use_tma=True needs a CUDA GPU of compute capability >= 9, head dim 64 or 128 and K/V "
+                         "with a contiguous last dim and 16-byte aligned strides")
+    desc_k, desc_v = (_descriptor(key), _descriptor(value)) if tma else (key, value)
+    constants = dict(
+        HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), PLAN_BLOCK=plan.block_size,
+        IS_CAUSAL=is_causal, HAS_FULL=plan.has_full_blocks, HAS_PATTERN=plan.has_token_pattern,
+        HAS_MASK=mask is not None, MASK_IS_BOOL=mask_is_bool, HAS_KV_RANGE=kv_range is not None,
+        EVEN_N=kv_len % plan.block_size == 0, WRITE_LSE=return_lse,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32",
+        UPCAST=upcast, USE_TMA=tma,
+    )
+    args = (
+        query, key, value, out, lse,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        counts[0], counts[1], *counts[0].stride(), *counts[1].stride()[:3],
+        full_view[0], full_view[1], *full_view[0].stride(), *full_view[1].stride()[:3],
+        query if mask is None else mask, *mask_strides,
+        diag_bits, col_bits, *pattern_strides, diag_len,
+        query if kv_range is None else kv_range, desc_k, desc_v,
+        heads, heads // kv_heads, q_len, kv_len, q_offset,
+        1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+        _next_power_of_2(max(q_len, kv_len, 1024)),
+    )
+    if config is None and interpreting():
+        config = interpreter_config(plan.block_size)
+    if config is None:
+        grid = lambda meta: (batch * heads, _cdiv(q_len, meta["BLOCK_M"]))  # noqa: E731
+        _tuned_kernel[grid](*args, **constants)
+    else:
+        if plan.block_size % config.block_m or plan.block_size % config.block_n:
+            raise ValueError(f"config tiles {config[:2]} must divide the plan block_size {plan.block_size}")
+        grid = (batch * heads, _cdiv(q_len, config.block_m))
+        _set_tma_block_shapes({"DescK": desc_k, "DescV": desc_v, "BLOCK_N": config.block_n, **constants})
+        block_sparse_attention_fwd[grid](
+            *args, **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return (out, lse) if return_lse else out
+
+
+def _tma_applies(key: Tensor, value: Tensor) -> bool:
+    if TensorDescriptor is None or interpreting() or not key.is_cuda or key.shape[-1] not in (64, 128):
+        return False
+    if _capability(key.device)[0] < 9:
+        return False
+    for t in (key, value):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: Tensor) -> "TensorDescriptor":
+    # The box is set per tile config (see _set_tma_block_shapes); this one is a placeholder.
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[-1]])
+
+
+def _check_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[int, ...]:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D [B, heads, L, E] tensor, got {getattr(t, 'shape', type(t))}")
+        if t.dtype != query.dtype or t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} is {t.dtype}; query, key and value must share one of {SUPPORTED_DTYPES}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device}, the query on {query.device}")
+    batch, heads, q_len, head_dim = query.shape
+    kv_batch, kv_heads, kv_len, _ = key.shape
+    if key.shape[-1] != head_dim or value.shape[-1] != head_dim or tuple(value.shape[:3]) != tuple(key.shape[:3]):
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match query head dim {head_dim}")
+    if kv_batch != batch:
+        raise ValueError(f"key batch {kv_batch} differs from query batch {batch}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is over {MAX_HEAD_DIM}")
+    if heads % kv_heads != 0 or (heads != kv_heads and not enable_gqa):
+        raise ValueError(f"query heads ({heads}) and key heads ({kv_heads}) need enable_gqa and H % KVH == 0")
+    return batch, heads, q_len, head_dim, kv_heads, kv_len
+
+
+def _plan_view(counts: Tensor, indices: Tensor, batch: int, heads: int) -> tuple[Tensor, Tensor]:
+    """Counts ``[B, H, Mq]`` and indices ``[B, H, Mq, K]`` as strided views (stride 0 on broadcast dims)."""
+    mq = counts.shape[-1]
+    return counts.expand(batch, heads, mq), indices.expand(batch, heads, mq, indices.shape[-1])
+
+
+def _mask_view(
+    attn_mask: Tensor | None, query: Tensor, batch: int, heads: int, q_len: int, kv_len: int
+) -> tuple[Tensor | None, tuple[int, int, int, int], bool]:
+    if attn_mask is None:
+        return None, (0, 0, 0, 0), False
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise ValueError(f"attn_mask must be bool or {query.dtype} (the query's dtype), got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, the query on {query.device}")
+    try:
+        view = attn_mask.expand(batch, heads, q_len, kv_len)
+    except RuntimeError as err:
+        raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to "
+                         f"[{batch}, {heads}, {q_len}, {kv_len}]") from err
+    return view, view.stride(), attn_mask.dtype == torch.bool
+
+
+def _pattern_view(
+    plan: BlockSparsePlan, q_len: int, kv_len: int, q_offset: int, query: Tensor
+) -> tuple[Tensor, Tensor, tuple[int, int], int]:
+    if not plan.has_token_pattern:
+        return query, query, (0, 0), 0
+    diag_bits, col_bits = pattern_bitmaps(plan.token_diagonals, plan.token_columns, q_len, kv_len, q_offset)
+    strides = (diag_bits.stride(0) if diag_bits.shape[0] > 1 else 0, col_bits.stride(0) if col_bits.shape[0] > 1 else 0)
+    return diag_bits, col_bits, strides, diag_bits.shape[1]
+
+
+__all__ = ["KernelConfig", "interpreting", "triton_block_sparse_attention"]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .block_sparse_kernel import block_sparse_attention_fwd
 from .plan import BlockSparsePlan, PlanError
-from .reference import check_kv_range
+from .reference import check_heads, check_kv_range
 from .token_pattern import pattern_bitmaps
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -184,7 +184,7 @@ def triton_block_sparse_attention(
 
     upcast = interpreting() and query.dtype == torch.bfloat16
     tma = _tma_applies(key, value) if use_tma is None else use_tma
-    if tma and not _tma_applies(key, value):
+    if use_tma and not _tma_applies(key, value):
         raise ValueError("use_tma=True needs a CUDA GPU of compute capability >= 9, head dim 64 or 128 and K/V "
                          "with a contiguous last dim and 16-byte aligned strides")
     desc_k, desc_v = (_descriptor(key), _descriptor(value)) if tma else (key, value)
@@ -257,8 +257,7 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -
         raise ValueError(f"key batch {kv_batch} differs from query batch {batch}")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is over {MAX_HEAD_DIM}")
-    if heads % kv_heads != 0 or (heads != kv_heads and not enable_gqa):
-        raise ValueError(f"query heads ({heads}) and key heads ({kv_heads}) need enable_gqa and H % KVH == 0")
+    check_heads(heads, kv_heads, enable_gqa)
     return batch, heads, q_len, head_dim, kv_heads, kv_len
 
 

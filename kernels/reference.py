@@ -66,8 +66,7 @@ def block_sparse_attention_reference(
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    if heads % kv_heads != 0 or (heads != kv_heads and not enable_gqa):
-        raise ValueError(f"query heads ({heads}) and key heads ({kv_heads}) need enable_gqa and H % KVH == 0")
+    check_heads(heads, kv_heads, enable_gqa)
     plan.validate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len)
     check_kv_range(kv_range, batch, query.device)
     group = heads // kv_heads
@@ -99,6 +98,12 @@ def block_sparse_attention_reference(
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[:, :, start:stop] = _safe_softmax_matmul(scores, v, kv_heads, group).to(query.dtype)
     return out
+
+
+def check_heads(heads: int, kv_heads: int, enable_gqa: bool) -> None:
+    """Raise ``ValueError`` unless ``kv_heads`` key heads can serve ``heads`` query heads."""
+    if heads % kv_heads != 0 or (heads != kv_heads and not enable_gqa):
+        raise ValueError(f"query heads ({heads}) and key heads ({kv_heads}) need enable_gqa and H % KVH == 0")
 
 
 def check_kv_range(kv_range: Tensor | None, batch: int, device: torch.device) -> None:

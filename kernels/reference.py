@@ -13,6 +13,7 @@ fully masked rows), never NaN.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -119,12 +120,17 @@ def check_kv_range(kv_range: Tensor | None, batch: int, device: torch.device) ->
         raise ValueError(f"kv_range is on {kv_range.device}, the query on {device}")
 
 
+@dataclass(frozen=True)
 class _TokenTables:
     """The plan and its token-level rules, ready to expand to ``[Bp, Hp, R, Lk]`` for any rows."""
 
-    def __init__(self, partial, full, block_size, is_causal, q_offset, bits, kv_range):
-        self.partial, self.full, self.block_size = partial, full, block_size
-        self.is_causal, self.q_offset, self.bits, self.kv_range = is_causal, q_offset, bits, kv_range
+    partial: Tensor
+    full: Tensor
+    block_size: int
+    is_causal: bool
+    q_offset: int
+    bits: tuple[Tensor, Tensor] | None  # (diag_bits, col_bits) of a token pattern
+    kv_range: Tensor | None
 
     @classmethod
     def build(cls, plan, q_len, kv_len, is_causal, q_offset, kv_range) -> "_TokenTables":

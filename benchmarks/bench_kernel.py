@@ -13,25 +13,19 @@ Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed betwee
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tqdm import tqdm
 
+from bench_common import bench_ms, run_metadata, write_result
 from dam_compile.kernels import dense_plan, plan_density, random_plan, triton_block_sparse_attention
 from dam_compile.kernels.block_sparse_launch import _tuned_kernel
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPARSE_DENSITIES = (0.3, 0.1, 0.03)
 
 
@@ -46,12 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="8K and 32K only")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/kernel_<gpu>.json")
     return p.parse_args(argv)
-
-
-def bench_ms(fn, expected_ms: float | None = None) -> float:
-    # Long runs get fewer repeats; at least ~8 timed runs everywhere.
-    rep = 400 if expected_ms is None else max(400, 8 * expected_ms)
-    return triton.testing.do_bench(fn, warmup=max(50, 2 * (expected_ms or 0)), rep=rep, return_mode="median")
 
 
 def kept_pairs(plan, n: int) -> float:
@@ -159,13 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
     bar.close()
     return {
-        "benchmark": "kernel",
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
+        **run_metadata("kernel"),
         "config": {"batch": 1, "heads": h, "kv_heads": kvh, "head_dim": d, "dtype": "bfloat16", "causal": True,
                    "block_size": block},
         "rows": rows,
@@ -201,15 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernel needs a CUDA GPU")
-    result = run(args)
-    model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", torch.cuda.get_device_name().replace("NVIDIA", ""))
-    gpu = model.group(1).lower() if model else "gpu"
-    path = args.out or RESULTS / f"kernel_{'quick_' if args.quick else ''}{gpu}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=2))
-    print(f"wrote {path}")
-
+    write_result(run(args), "kernel", args.quick, args.out)
 
 if __name__ == "__main__":
     main()

@@ -29,20 +29,27 @@ def _map_checkout_subpackages() -> None:
 
 _map_checkout_subpackages()
 
+from .calibration import calibrate
 from .compile_backend import backend, clear_graph_reports, dam_backend, graph_reports
 from .config import DAMConfig
 from .kernels import BlockSparsePlan, reset_runtime_stats, runtime_stats, sparse_attention
+from .profile import DAMProfile, ProfileMismatchError
+from . import metrics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockSparsePlan",
     "DAMConfig",
+    "DAMProfile",
+    "ProfileMismatchError",
     "__version__",
     "backend",
+    "calibrate",
     "clear_graph_reports",
     "dam_backend",
     "graph_reports",
+    "metrics",
     "reset_runtime_stats",
     "runtime_stats",
     "sparse_attention",

@@ -6,7 +6,6 @@ import; ``dam_compile.backend(**options)`` gives the same backend with options b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from collections import deque
@@ -18,6 +17,7 @@ from torch.fx import GraphModule
 
 from .config import DAMConfig
 from .dump import write_dump
+from .profile import ProfileMismatchError
 from .passes.pipeline import SiteReport, rewrite_attention
 
 log = logging.getLogger("dam_compile")
@@ -68,6 +68,8 @@ def compile_graph(
     try:
         result = rewrite_attention(gm, config)
         compiled_gm, report.sites = result.graph_module, result.sites
+    except ProfileMismatchError:
+        raise  # a wrong profile is the user's to fix, not a reason to run dense quietly
     except Exception as exc:
         if config.strict:
             raise
@@ -87,7 +89,7 @@ def compile_graph(
                     "rewritten": report.rewritten,
                     "dense": report.dense,
                     "fallback": report.fallback,
-                    "config": dataclasses.asdict(config),
+                    "config": config.describe(),
                 },
             )
         )

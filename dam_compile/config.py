@@ -8,8 +8,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .kernels.dispatch import KERNELS
+from .profile import as_profile
 
-MASK_SOURCES = ("dense", "streaming")
+MASK_SOURCES = ("dynamic", "calibrated", "dense", "streaming")
+ESTIMATORS = ("pooled", "last_block")
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
 DUMP_DIR_ENV = "DAM_DUMP_DIR"
 
@@ -22,13 +24,24 @@ class DAMConfig:
     Attributes:
         block_size: tokens per query and key block of the sparse plan (a power of two, 16 to 256).
         min_seq_len: query lengths below this run dense attention, chosen at run time without a recompile.
-        mask_source: where each attention's plan comes from: ``"dense"`` (every visible block: identical to
-            full attention) or ``"streaming"`` (``sink_blocks`` + a window of ``local_blocks``: the
-            StreamingLLM baseline).
-        tau: DAM threshold on the shifted Box-Cox map (read by the DAM mask sources).
-        box_cox_lambda: DAM's Box-Cox lambda (read by the DAM mask sources).
-        sink_blocks: leading key blocks every query keeps.
-        local_blocks: key blocks up to and including the diagonal that every query keeps.
+        mask_source: where each attention's plan comes from: ``"dynamic"`` (DAM computed per input from the
+            attention's own Q and K; the default without a profile), ``"calibrated"`` (the per-head DAM
+            patterns of ``profile``; the default with one), ``"dense"`` (every visible block: identical to full
+            attention) or ``"streaming"`` (``sink_blocks`` + a window of ``local_blocks``: the StreamingLLM
+            baseline).
+        profile: a :class:`DAMProfile` or the path of a saved one (from :func:`dam_compile.calibrate`).
+        tau: DAM threshold on the shifted Box-Cox map (dynamic mode; a profile carries its own).
+        box_cox_lambda: DAM's Box-Cox lambda (dynamic mode).
+        mu: DAM's pattern match ratio: a block diagonal or column is kept whole when this fraction of it passed
+            the threshold (dynamic mode).
+        density: dynamic mode's cap: at most this fraction of a query block's visible key blocks (top-k by
+            estimated mass), never fewer than the sink and local blocks.
+        mass_target: dynamic mode adds blocks by estimated mass until they hold this share of a row's
+            estimated attention (within ``density``); 0 keeps only DAM's thresholded blocks.
+        estimator: dynamic mode's block-map estimate: ``"pooled"`` (mean-pooled Q and K blocks) or
+            ``"last_block"`` (exact attention of the last query block, extended as columns and diagonals).
+        sink_blocks: leading key blocks every query keeps (streaming and dynamic).
+        local_blocks: key blocks up to and including the diagonal that every query keeps (streaming, dynamic).
         kernel: ``"auto"`` (the fastest exact path this build has for the device; dense SDPA where it has
             no sparse kernel) or ``"reference"`` (the PyTorch block-sparse reference on any device; slow).
         inner_backend: what compiles the rewritten graph: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
@@ -39,9 +52,14 @@ class DAMConfig:
 
     block_size: int = 128
     min_seq_len: int = 4096
-    mask_source: str = "dense"
+    mask_source: str | None = None
+    profile: Any = None
     tau: float = 0.3
     box_cox_lambda: float = 0.5
+    mu: float = 0.8
+    density: float = 0.15
+    mass_target: float = 0.95
+    estimator: str = "pooled"
     sink_blocks: int = 1
     local_blocks: int = 2
     kernel: str = "auto"
@@ -56,7 +74,21 @@ class DAMConfig:
         _require_int("min_seq_len", self.min_seq_len, minimum=0)
         _require_int("sink_blocks", self.sink_blocks, minimum=0)
         _require_int("local_blocks", self.local_blocks, minimum=1)
-        _require_choice("mask_source", self.mask_source, MASK_SOURCES)
+        if self.profile is not None:
+            try:
+                object.__setattr__(self, "profile", as_profile(self.profile))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"profile: {err}") from err
+        if self.mask_source is not None:
+            _require_choice("mask_source", self.mask_source, MASK_SOURCES)
+        if self.source == "calibrated" and self.profile is None:
+            raise ValueError("mask_source='calibrated' needs a profile (options={'profile': path_or_profile})")
+        _require_choice("estimator", self.estimator, ESTIMATORS)
+        _require_fraction("mu", self.mu)
+        _require_fraction("density", self.density)
+        _require_number("mass_target", self.mass_target)
+        if not 0.0 <= self.mass_target <= 1.0:
+            raise ValueError(f"mass_target must lie in [0, 1], got {self.mass_target!r}")
         _require_choice("kernel", self.kernel, KERNELS)
         _require_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         _require_number("tau", self.tau)
@@ -88,6 +120,25 @@ class DAMConfig:
         return merged
 
 
+    @property
+    def source(self) -> str:
+        """The mask source in effect: ``mask_source``, or when unset ``"calibrated"`` with a profile and
+        ``"dynamic"`` without."""
+        if self.mask_source is not None:
+            return self.mask_source
+        return "dynamic" if self.profile is None else "calibrated"
+
+    def describe(self) -> dict[str, Any]:
+        """The options as plain values (the profile by its summary), for dumps and logs."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["mask_source"] = self.source
+        if self.profile is not None:
+            p = self.profile
+            values["profile"] = {"modules": len(p.modules), "pcl": p.pcl, "tau": p.tau, "mu": p.mu,
+                                 "box_cox_lambda": p.box_cox_lambda, "model_fingerprint": p.model_fingerprint}
+        return values
+
+
 def option_names() -> set[str]:
     return {f.name for f in fields(DAMConfig)}
 
@@ -100,6 +151,12 @@ def _require_int(name: str, value: Any, minimum: int) -> None:
 def _require_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def _require_fraction(name: str, value: Any) -> None:
+    _require_number(name, value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
 
 
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

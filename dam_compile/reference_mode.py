@@ -19,15 +19,21 @@ from .kernels.dispatch import choose_path
 from .kernels.plan import BlockSparsePlan
 from .kernels.reference import block_sparse_attention_reference
 from .passes.find_sdpa import bind_sdpa_args
-from .passes.insert_mask import MASK_GENERATORS, mask_generator_constants
+from .passes.insert_mask import MASK_GENERATORS, mask_generator_args
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-def plan_for(config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool) -> BlockSparsePlan:
-    """The plan that the mask-generation op the pass inserts for ``config`` computes for these inputs."""
-    op = MASK_GENERATORS[config.mask_source]
-    counts, indices, full_counts, full_indices = op(query, key, *mask_generator_constants(config, is_causal))
+def plan_for(
+    config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool, scale: float | None = None
+) -> BlockSparsePlan:
+    """The plan that the mask generation the pass inserts for ``config`` computes for these inputs (every
+    source but ``calibrated``, whose plan depends on the module: see :func:`dam_compile.kernels.pattern_plan`)."""
+    if config.source == "calibrated":
+        raise ValueError("SparseReferenceMode runs the dynamic, dense and streaming sources; for a profile use "
+                         "dam_compile.kernels.pattern_plan with the module's patterns")
+    args, kwargs = mask_generator_args(config, is_causal, scale)
+    counts, indices, full_counts, full_indices = MASK_GENERATORS[config.source](query, key, *args, **kwargs)
     return BlockSparsePlan(counts, indices, config.block_size, full_counts, full_indices)
 
 
@@ -51,7 +57,7 @@ class SparseReferenceMode(TorchFunctionMode):
         path, _ = choose_path(query, self.config.min_seq_len, self.config.kernel)
         if a["dropout_p"] != 0 or path == "dense":
             return func(*args, **kwargs)
-        plan = plan_for(self.config, query, a["key"], a["is_causal"])
+        plan = plan_for(self.config, query, a["key"], a["is_causal"], a["scale"])
         return block_sparse_attention_reference(
             query, a["key"], a["value"], plan, attn_mask=a["attn_mask"], scale=a["scale"],
             is_causal=a["is_causal"], enable_gqa=a["enable_gqa"],

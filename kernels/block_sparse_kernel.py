@@ -35,7 +35,7 @@ def _attend_blocks(
     rows, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale,
     kv_lo, kv_hi,
     mask_base, stride_mask_m, stride_mask_n,
-    diag_base, col_base, diag_len,
+    diag_base, col_base, diag_len, corner_base, corner_len,
     PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PATTERN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_KV_RANGE: tl.constexpr,
@@ -88,7 +88,12 @@ def _attend_blocks(
                     diag = positions[:, None] - cols[None, :] + kv_len - 1
                     on_diag = tl.load(diag_base + diag, mask=(diag >= 0) & (diag < diag_len), other=0)
                     on_col = tl.load(col_base + cols, mask=kv_valid, other=0)
-                    keep = keep & ((on_diag != 0) | (on_col != 0)[None, :])
+                    on_pattern = (on_diag != 0) | (on_col != 0)[None, :]
+                    # Inside the PCL x PCL corner, the true mask decides (corner_len is 0 without one).
+                    in_corner = (positions[:, None] < corner_len) & (cols[None, :] < corner_len)
+                    corner_at = tl.where(in_corner, positions[:, None] * corner_len + cols[None, :], 0)
+                    on_corner = tl.load(corner_base + corner_at, mask=in_corner, other=0)
+                    keep = keep & tl.where(in_corner, on_corner != 0, on_pattern)
             if HAS_MASK:
                 tile = tl.load(
                     mask_base + rows[:, None] * stride_mask_m + cols[None, :] * stride_mask_n,
@@ -134,7 +139,7 @@ def block_sparse_attention_fwd(
     Counts, Indices, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     FullCounts, FullIndices, stride_fcb, stride_fch, stride_fcm, stride_fib, stride_fih, stride_fim,
     Mask, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    DiagBits, ColBits, stride_diag_h, stride_col_h, diag_len,
+    DiagBits, ColBits, stride_diag_h, stride_col_h, diag_len, Corner, stride_corner_h, corner_len,
     KvRange, DescK, DescV,
     heads, group, q_len, kv_len, q_offset, sm_scale, tune_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PLAN_BLOCK: tl.constexpr,
@@ -178,9 +183,11 @@ def block_sparse_attention_fwd(
         mask_base = Mask + b64 * stride_mask_b + h.to(tl.int64) * stride_mask_h
     diag_base = DiagBits
     col_base = ColBits
+    corner_base = Corner
     if HAS_PATTERN:
         diag_base = DiagBits + h * stride_diag_h
         col_base = ColBits + h * stride_col_h
+        corner_base = Corner + h * stride_corner_h
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -200,7 +207,7 @@ def block_sparse_attention_fwd(
         acc, l_i, m_i = _attend_blocks(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, DescK, DescV, b, kvh,
             full_idx, 0, n_fast, offs_m, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale, kv_lo, kv_hi,
-            mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len,
+            mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len, corner_base, corner_len,
             PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, False, IS_CAUSAL, HAS_PATTERN,
             HAS_MASK, MASK_IS_BOOL, HAS_KV_RANGE, DOT_PRECISION, UPCAST, USE_TMA,
         )
@@ -208,7 +215,7 @@ def block_sparse_attention_fwd(
             acc, l_i, m_i = _attend_blocks(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, DescK, DescV, b, kvh,
                 full_idx, n_fast, n_full, offs_m, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale, kv_lo, kv_hi,
-                mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len,
+                mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len, corner_base, corner_len,
                 PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, True, IS_CAUSAL, HAS_PATTERN,
                 HAS_MASK, MASK_IS_BOOL, HAS_KV_RANGE, DOT_PRECISION, UPCAST, USE_TMA,
             )
@@ -218,7 +225,7 @@ def block_sparse_attention_fwd(
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, DescK, DescV, b, kvh,
         partial_idx, 0, n_partial, offs_m, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale, kv_lo, kv_hi,
-        mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len,
+        mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len, corner_base, corner_len,
         PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, not EVEN_N, IS_CAUSAL, HAS_PATTERN,
         HAS_MASK, MASK_IS_BOOL, HAS_KV_RANGE, DOT_PRECISION, UPCAST, USE_TMA,
     )

@@ -181,6 +181,7 @@ def triton_block_sparse_attention(
     full_view = _plan_view(*full, batch, heads) if plan.has_full_blocks else counts
     mask, mask_strides, mask_is_bool = _mask_view(attn_mask, query, batch, heads, q_len, kv_len)
     diag_bits, col_bits, pattern_strides, diag_len = _pattern_view(plan, q_len, kv_len, q_offset, query)
+    corner, corner_stride, corner_len = _corner_view(plan, query)
 
     upcast = interpreting() and query.dtype == torch.bfloat16
     tma = _tma_applies(key, value) if use_tma is None else use_tma
@@ -202,7 +203,7 @@ def triton_block_sparse_attention(
         counts[0], counts[1], *counts[0].stride(), *counts[1].stride()[:3],
         full_view[0], full_view[1], *full_view[0].stride(), *full_view[1].stride()[:3],
         query if mask is None else mask, *mask_strides,
-        diag_bits, col_bits, *pattern_strides, diag_len,
+        diag_bits, col_bits, *pattern_strides, diag_len, corner, corner_stride, corner_len,
         query if kv_range is None else kv_range, desc_k, desc_v,
         heads, heads // kv_heads, q_len, kv_len, q_offset,
         1.0 / math.sqrt(head_dim) if scale is None else float(scale),
@@ -292,6 +293,16 @@ def _pattern_view(
     diag_bits, col_bits = pattern_bitmaps(plan.token_diagonals, plan.token_columns, q_len, kv_len, q_offset)
     strides = (diag_bits.stride(0) if diag_bits.shape[0] > 1 else 0, col_bits.stride(0) if col_bits.shape[0] > 1 else 0)
     return diag_bits, col_bits, strides, diag_bits.shape[1]
+
+
+def _corner_view(plan: BlockSparsePlan, query: Tensor) -> tuple[Tensor, int, int]:
+    corner = plan.token_corner
+    if corner is None:
+        return query, 0, 0
+    corner = corner.contiguous()
+    if corner.dtype == torch.bool:
+        corner = corner.view(torch.int8)
+    return corner, corner.stride(0) if corner.shape[0] > 1 else 0, corner.shape[-1]
 
 
 __all__ = ["KernelConfig", "interpreting", "triton_block_sparse_attention"]

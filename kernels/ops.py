@@ -2,7 +2,9 @@
 
 - ``dam::sparse_attention``: attention over a block-sparse plan; a drop-in for
   ``scaled_dot_product_attention`` (same argument meaning, no dropout) that picks its path at run time.
-- ``dam::dense_plan`` / ``dam::streaming_plan``: the mask-generation ops, producing the plan tensors.
+- ``dam::dense_plan`` / ``dam::streaming_plan`` / ``dam::pattern_plan`` (calibrated DAM): the
+  mask-generation ops, producing the plan tensors. The dynamic DAM plan is plain PyTorch
+  (:func:`dynamic_block_plan`) that Inductor compiles with the rest of the graph.
 
 Each has a fake implementation so Dynamo, AOTAutograd and Inductor can trace it with symbolic shapes.
 """
@@ -19,6 +21,7 @@ from .block_sparse_launch import triton_block_sparse_attention
 from .dispatch import choose_path, record
 from .plan import BlockSparsePlan, num_blocks
 from .reference import block_sparse_attention_reference
+from .pattern_plan import cached_pattern_plan
 from .structured_plans import dense_plan, streaming_plan
 
 PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -35,6 +38,7 @@ def sparse_attention_op(
     full_kv_indices: Optional[Tensor],
     token_diagonals: Optional[Tensor],
     token_columns: Optional[Tensor],
+    token_corner: Optional[Tensor],
     attn_mask: Optional[Tensor],
     scale: Optional[float],
     is_causal: bool,
@@ -58,7 +62,8 @@ def sparse_attention_op(
             query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         ).contiguous()
     plan = BlockSparsePlan(
-        kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices, token_diagonals, token_columns
+        kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices, token_diagonals, token_columns,
+        token_corner,
     )
     options = dict(attn_mask=attn_mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa,
                    kv_range=kv_range, q_offset=q_offset)
@@ -125,6 +130,41 @@ def _uninitialized_broadcast_plan(query: Tensor, key: Tensor, block_size: int, *
 
 dense_plan_op.register_fake(_uninitialized_broadcast_plan)
 streaming_plan_op.register_fake(_uninitialized_broadcast_plan)
+
+
+@torch.library.custom_op("dam::pattern_plan", mutates_args=())
+def pattern_plan_op(
+    query: Tensor, key: Tensor, diagonals: Tensor, columns: Tensor, corner: Tensor,
+    block_size: int, is_causal: bool, min_seq_len: int, kernel: str,
+) -> PlanTensors:
+    """The calibrated DAM plan: the blocks of the extended mask of per-head patterns (``diagonals [H, R]``,
+    ``columns [H, C]``, ``corner [H, P, P]``) for this query/key length, built once per length bucket. The
+    block lists come out ``[1, H, Mq, Nk]`` wide (only the first ``counts`` entries are meaningful)."""
+    path, _ = choose_path(query, min_seq_len, kernel)
+    lists = _pattern_plan_buffers(query, key, diagonals, block_size)
+    if path == "dense":
+        lists[0].zero_()
+        lists[2].zero_()
+        return lists
+    plan = cached_pattern_plan(
+        diagonals, columns, corner, query.shape[-2], key.shape[-2], block_size, is_causal
+    )
+    for buffer, compact in zip(lists, (plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices)):
+        buffer[..., : compact.shape[-1]].copy_(compact)
+    return lists
+
+
+def _pattern_plan_buffers(query: Tensor, key: Tensor, diagonals: Tensor, block_size: int, *args) -> PlanTensors:
+    heads = diagonals.shape[0]
+    mq, nk = num_blocks(query.shape[-2], block_size), num_blocks(key.shape[-2], block_size)
+    counts = query.new_empty((1, heads, mq), dtype=torch.int32)
+    indices = query.new_empty((1, heads, mq, nk), dtype=torch.int32)
+    return counts, indices, torch.empty_like(counts), torch.empty_like(indices)
+
+
+@pattern_plan_op.register_fake
+def _(query, key, diagonals, columns, corner, block_size, *args) -> PlanTensors:
+    return _pattern_plan_buffers(query, key, diagonals, block_size)
 
 
 def sparse_attention(

@@ -15,6 +15,9 @@ and the benchmarks. It has FlexAttention ``BlockMask`` semantics, so the same te
   *partial* block, query ``i`` then sees key ``j`` only if ``i - j`` is one of the head's diagonal offsets or
   ``j`` one of its columns (on top of the causal test). Full blocks are still seen entirely, so a generator
   lists a block as full when the pattern covers it: only blocks the pattern cuts pay the per-token test.
+- ``token_corner`` (optional, with the pattern): bool or int8 ``[Hp, P, P]``, DAM's true mask at the pattern
+  capture length. Inside partial blocks a pair with query position ``< P`` and key ``< P`` is decided by it
+  instead of by the diagonals and columns.
 
 A key block is kept when it is in either list; the two lists are disjoint. The leading dims are the batch
 (``1`` to broadcast) and the query head (``1`` to broadcast). Query block ``m`` covers query rows
@@ -27,6 +30,7 @@ diagonal offsets count from the same position.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +66,7 @@ class BlockSparsePlan:
     full_kv_indices: Tensor | None = None
     token_diagonals: Tensor | None = None
     token_columns: Tensor | None = None
+    token_corner: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -70,6 +75,8 @@ class BlockSparsePlan:
             raise PlanError("full_kv_num_blocks and full_kv_indices must be given together")
         if (self.token_diagonals is None) != (self.token_columns is None):
             raise PlanError("token_diagonals and token_columns must be given together")
+        if self.token_corner is not None and self.token_diagonals is None:
+            raise PlanError("token_corner needs token_diagonals and token_columns")
 
     @property
     def has_full_blocks(self) -> bool:
@@ -100,6 +107,8 @@ class BlockSparsePlan:
         if self.has_token_pattern:
             for name, t in (("token_diagonals", self.token_diagonals), ("token_columns", self.token_columns)):
                 _check_pattern(name, t, heads, self.kv_num_blocks.device, check_values)
+            if self.token_corner is not None:
+                _check_corner(self.token_corner, heads, self.kv_num_blocks.device)
 
     def block_tables(self, kv_len: int) -> tuple[Tensor, Tensor]:
         """Boolean ``(partial, full)`` tables, each ``[Bp, Hp, Mq, Nk]`` with ``Nk = ceil(kv_len / block_size)``."""
@@ -118,33 +127,42 @@ class BlockSparsePlan:
             kept = kept + self.full_kv_num_blocks.to(torch.int64)
         return kept
 
-    def as_op_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """The six plan tensors in the order ``torch.ops.dam.sparse_attention`` takes them."""
+    def as_op_args(self) -> tuple[Tensor | None, ...]:
+        """The seven plan tensors in the order ``torch.ops.dam.sparse_attention`` takes them."""
         return (
             self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
-            self.token_diagonals, self.token_columns,
+            self.token_diagonals, self.token_columns, self.token_corner,
         )
 
     @classmethod
     def from_block_tables(
-        cls, partial: Tensor, block_size: int, full: Tensor | None = None
+        cls, partial: Tensor, block_size: int, full: Tensor | None = None, *, compact: bool = False
     ) -> "BlockSparsePlan":
-        """Build a plan from boolean tables ``[Bp, Hp, Mq, Nk]`` (``True`` = kept). Indices come out sorted."""
+        """Build a plan from boolean tables ``[Bp, Hp, Mq, Nk]`` (``True`` = kept). Indices come out sorted.
+        ``compact`` trims the index lists to the longest row (reads the counts: a device sync), which is what
+        makes a cached sparse plan small; otherwise they are ``Nk`` wide."""
         if partial.dtype != torch.bool or partial.dim() != 4:
             raise PlanError(f"partial must be a 4-D bool table, got {partial.dtype} {tuple(partial.shape)}")
-        counts, indices = _lists_from_table(partial)
+        counts, indices = _lists_from_table(partial, compact)
         if full is None:
             return cls(counts, indices, block_size)
         if full.shape != partial.shape or full.dtype != torch.bool:
             raise PlanError(f"full must be a bool table shaped like partial {tuple(partial.shape)}")
-        full_counts, full_indices = _lists_from_table(full)
+        full_counts, full_indices = _lists_from_table(full, compact)
         return cls(counts, indices, block_size, full_counts, full_indices)
 
+    def with_token_pattern(self, diagonals: Tensor, columns: Tensor, corner: Tensor | None = None) -> "BlockSparsePlan":
+        """This plan with a token-exact pattern attached (see the module docstring)."""
+        return dataclasses.replace(self, token_diagonals=diagonals, token_columns=columns, token_corner=corner)
 
-def _lists_from_table(table: Tensor) -> tuple[Tensor, Tensor]:
+
+def _lists_from_table(table: Tensor, compact: bool = False) -> tuple[Tensor, Tensor]:
     counts = table.sum(-1, dtype=torch.int32)
     # A stable sort on "not kept" puts the kept block indices first, in ascending order.
     indices = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    if compact:
+        width = int(counts.max().item()) if counts.numel() else 0
+        indices = indices[..., :width].contiguous()
     return counts, indices
 
 
@@ -198,6 +216,16 @@ def _check_pattern(name: str, t: Tensor, heads: int, device: torch.device, check
             raise PlanError(f"{name}: padding ({PATTERN_PAD}) must come after every used slot")
         if bool((used[:, 1:] & (t[:, 1:] <= t[:, :-1])).any()):
             raise PlanError(f"{name} must be strictly increasing within each head")
+
+
+def _check_corner(corner: Tensor, heads: int, device: torch.device) -> None:
+    if not isinstance(corner, Tensor) or corner.dtype not in (torch.bool, torch.int8) or corner.dim() != 3:
+        raise PlanError(f"token_corner must be a bool or int8 [Hp, P, P] tensor, got "
+                        f"{getattr(corner, 'dtype', type(corner).__name__)} {tuple(getattr(corner, 'shape', ()))}")
+    if corner.shape[0] not in (1, heads) or corner.shape[1] != corner.shape[2]:
+        raise PlanError(f"token_corner is {tuple(corner.shape)}; expected [1 or {heads}, P, P]")
+    if corner.device != device:
+        raise PlanError(f"token_corner is on {corner.device}, the block lists on {device}")
 
 
 def _check_values(name: str, counts: Tensor, indices: Tensor, nk: int) -> None:

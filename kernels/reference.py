@@ -76,7 +76,7 @@ def block_sparse_attention_reference(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
     out = torch.full((batch, heads, q_len, value.shape[-1]), float("nan"), dtype=query.dtype, device=query.device)
-    tables = _TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
+    tables = TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
     k = key.to(compute)
     v = value.to(compute)
     mask = None if attn_mask is None else attn_mask.expand(batch, heads, q_len, kv_len)
@@ -121,7 +121,7 @@ def check_kv_range(kv_range: Tensor | None, batch: int, device: torch.device) ->
 
 
 @dataclass(frozen=True)
-class _TokenTables:
+class TokenTables:
     """The plan and its token-level rules, ready to expand to ``[Bp, Hp, R, Lk]`` for any rows."""
 
     partial: Tensor
@@ -130,15 +130,16 @@ class _TokenTables:
     is_causal: bool
     q_offset: int
     bits: tuple[Tensor, Tensor] | None  # (diag_bits, col_bits) of a token pattern
+    corner: Tensor | None  # [Hp, P, P] the pattern's true-mask corner
     kv_range: Tensor | None
 
     @classmethod
-    def build(cls, plan, q_len, kv_len, is_causal, q_offset, kv_range) -> "_TokenTables":
+    def build(cls, plan, q_len, kv_len, is_causal, q_offset, kv_range) -> "TokenTables":
         partial, full = plan.block_tables(kv_len)
         bits = None
         if plan.has_token_pattern:
             bits = pattern_bitmaps(plan.token_diagonals, plan.token_columns, q_len, kv_len, q_offset)
-        return cls(partial, full, plan.block_size, is_causal, q_offset, bits, kv_range)
+        return cls(partial, full, plan.block_size, is_causal, q_offset, bits, plan.token_corner, kv_range)
 
     def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """bool ``[Bp', Hp', R, Lk]`` for query rows ``q_pos``. Partial blocks get the causal and pattern
@@ -154,6 +155,11 @@ class _TokenTables:
             reachable = (diag_index >= 0) & (diag_index < diag_bits.shape[1])
             on_diagonal = diag_bits[:, diag_index.clamp(0, diag_bits.shape[1] - 1)].bool() & reachable
             on_pattern = on_diagonal | col_bits[:, None, :].bool()
+            if self.corner is not None:
+                pcl = self.corner.shape[-1]
+                in_corner = (absolute < pcl) & (k_pos[None, :] < pcl)
+                corner = self.corner[:, absolute.clamp(0, pcl - 1), k_pos.clamp(max=pcl - 1)[None, :]].bool()
+                on_pattern = torch.where(in_corner[None], corner, on_pattern)
             allowed = allowed & on_pattern[None]
         allowed = allowed | self.full[:, :, q_block][..., k_block]
         if self.kv_range is not None:
@@ -185,7 +191,7 @@ def token_mask(
 ) -> Tensor:
     """The plan expanded to a boolean ``[Bp, Hp, q_len, kv_len]`` token mask (``True`` = attend), with the
     causal and pattern tests inside partial blocks. Materialises ``q_len * kv_len``: for tests and small inputs."""
-    tables = _TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
+    tables = TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
     device = plan.kv_num_blocks.device
     return tables.allowed(torch.arange(q_len, device=device), torch.arange(kv_len, device=device))
 

@@ -10,11 +10,15 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import DAMConfig
-from .decide import decide, example_value
+from ..profile import ProfileMismatchError
+from .decide import Decision, decide, example_value
 from .find_sdpa import SDPASite, find_sdpa_sites
-from .insert_mask import MASK_GENERATORS, insert_mask_generation
+from .insert_mask import MASK_GENERATORS, insert_mask_generation, profile_entry
 from .rewrite import replace_with_sparse_attention
 from .verify import RewrittenSite, check_rewrite
+
+
+NO_PROFILE_ENTRY = "the profile has no entry for module"
 
 
 @dataclass
@@ -69,13 +73,25 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
     reports, done = [], []
     for site in find_sdpa_sites(graph):
         decision = decide(site)
+        entry = None
+        if decision.rewrite and config.source == "calibrated":
+            entry = profile_entry(config.profile, site)
+            if entry is None:
+                decision = Decision(False, f"{NO_PROFILE_ENTRY} {site.module_path or '(top level)'!r}")
         reports.append(_report(site, decision.rewrite, decision.reason, config))
         if not decision.rewrite:
             continue
         name = site.node.name
-        mask = insert_mask_generation(graph, site, config)
+        mask = insert_mask_generation(new_gm, site, config, entry)
         op = replace_with_sparse_attention(graph, site, mask, config)
-        done.append(RewrittenSite(name, MASK_GENERATORS[config.mask_source], mask.plan, mask.outputs, op))
+        done.append(RewrittenSite(name, MASK_GENERATORS[config.source], mask.plan, mask.outputs, op, mask.patterns))
+    unmatched = [r for r in reports if r.reason.startswith(NO_PROFILE_ENTRY)]
+    if unmatched and len(unmatched) == len(reports):
+        raise ProfileMismatchError(
+            f"the profile's modules ({', '.join(list(config.profile.modules)[:3])}, ...) match none of this "
+            f"graph's attention modules ({', '.join(r.module_path or r.node for r in unmatched[:3])}): it was "
+            "calibrated for another model"
+        )
     graph.lint()
     new_gm.recompile()
     check_rewrite(gm.graph, graph, val_map, done)
@@ -107,5 +123,5 @@ def _report(site: SDPASite, rewrite: bool, reason: str, config: DAMConfig) -> Si
         enable_gqa=site.enable_gqa if isinstance(site.enable_gqa, bool) else repr(site.enable_gqa),
         decision="sparse" if rewrite else "dense",
         reason=reason,
-        mask_source=config.mask_source if rewrite else None,
+        mask_source=config.source if rewrite else None,
     )

@@ -33,10 +33,12 @@ class RewrittenSite:
     plan: Node
     plan_outputs: tuple[Node, ...]
     op: Node
+    patterns: tuple[Node, ...] = ()  # get_attr nodes of a calibrated site's token pattern
 
     def roles(self) -> dict[Node, str]:
         roles = {self.plan: f"{self.name}/plan", self.op: f"{self.name}/attn"}
         roles.update({out: f"{self.name}/plan.{i}" for i, out in enumerate(self.plan_outputs)})
+        roles.update({p: f"{self.name}/pattern.{i}" for i, p in enumerate(self.patterns)})
         return roles
 
 
@@ -103,6 +105,12 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
             g.add_node(out, op="call_function", target=target_name_of(operator.getitem), consts=None)
             _add_input(g, plan, out, "args.0")
             _add_input(g, out, attn, f"args.{3 + i}")
+        # A calibrated site's pattern buffers feed the plan call (after query, key) and the op's token pattern.
+        for i, node in enumerate(site.patterns):
+            role = f"{site.name}/pattern.{i}"
+            g.add_node(role, op="get_attr", target=str(node.target), consts=None)
+            _add_input(g, role, plan, f"args.{2 + i}")
+            _add_input(g, role, attn, f"args.{3 + len(site.plan_outputs) + i}")
         if isinstance(sdpa.attn_mask, Node):
             _add_input(g, sdpa.attn_mask.name, attn, f"args.{3 + PLAN_OP_ARGS}")
         for dst, pos in users:

@@ -17,10 +17,13 @@ from dam_testing import CPU_SPARSE, rel_err, sdpa
 
 def test_defaults_are_documented_values():
     cfg = DAMConfig()
-    assert (cfg.block_size, cfg.min_seq_len, cfg.mask_source, cfg.kernel, cfg.inner_backend) == (
-        128, 4096, "dense", "auto", "inductor"
+    assert (cfg.block_size, cfg.min_seq_len, cfg.source, cfg.kernel, cfg.inner_backend) == (
+        128, 4096, "dynamic", "auto", "inductor"
     )
-    assert (cfg.tau, cfg.box_cox_lambda, cfg.sink_blocks, cfg.local_blocks, cfg.strict) == (0.3, 0.5, 1, 2, False)
+    assert (cfg.tau, cfg.box_cox_lambda, cfg.mu, cfg.sink_blocks, cfg.local_blocks, cfg.strict) == (
+        0.3, 0.5, 0.8, 1, 2, False
+    )
+    assert (cfg.density, cfg.mass_target, cfg.estimator) == (0.15, 0.95, "pooled")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.block_size = 64
 
@@ -35,7 +38,9 @@ def test_unknown_option_lists_valid_ones():
     [
         ("block_size", 100), ("block_size", 512), ("block_size", 8), ("block_size", True), ("min_seq_len", -1),
         ("mask_source", "magic"), ("kernel", "cuda"), ("inner_backend", "tvm"), ("strict", "yes"),
-        ("tau", "high"), ("sink_blocks", -1), ("local_blocks", 0), ("dump_dir", 3),
+        ("tau", "high"), ("sink_blocks", -1), ("local_blocks", 0), ("dump_dir", 3), ("mu", 0.0),
+        ("density", 1.5), ("mass_target", -0.1), ("estimator", "exact"), ("profile", 3),
+        ("profile", "/no/such/profile.safetensors"), ("mask_source", "calibrated"),
     ],
 )
 def test_bad_values_name_the_option(name, value):

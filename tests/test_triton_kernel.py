@@ -23,6 +23,8 @@ from dam_compile.kernels import (
     triton_block_sparse_attention,
 )
 from dam_compile.kernels.block_sparse_launch import _TUNE_CONFIGS, _fits
+from dam_compile.kernels.dam_patterns import extended_mask, match_patterns, true_mask
+from dam_compile.kernels.pattern_plan import pattern_plan as extend_patterns
 
 from dam_testing import dense_oracle, rel_err, tolerance
 
@@ -208,6 +210,29 @@ def test_token_exact_pattern():
     assert rel_err(launch(q, k, v, plain, is_causal=True).cpu(), expected) > 0.1
 
 
+def dam_plan(heads, pcl, q_len, kv_len, block, device=DEVICE, seed=0):
+    """A calibrated-style DAM plan: random true mask at ``pcl``, matched patterns, extended (kernels.pattern_plan)."""
+    g = torch.Generator().manual_seed(seed)
+    attention = (torch.rand(heads, pcl, pcl, generator=g) ** 4).tril()
+    patterns = match_patterns(true_mask(attention, 0.5, 0.3), 0.5).to(device)
+    plan = extend_patterns(patterns.diagonals, patterns.columns, patterns.corner, q_len, kv_len, block, True)
+    return plan, patterns
+
+
+@pytest.mark.parametrize("pcl", [8, 24])
+def test_calibrated_plan_with_true_mask_corner(pcl):
+    """Inside the PCL corner the true mask decides, outside the pattern lists: the kernel equals the oracle on
+    the extended DAM mask, which equals DAM's definition token by token."""
+    q, k, v = inputs(q_len=72)
+    plan, patterns = dam_plan(4, pcl, 72, 72, BLOCK)
+    assert torch.equal(token_mask(plan, 72, 72, True)[0].cpu(), extended_mask(patterns, 72, 72, True).cpu())
+    out = launch(q, k, v, plan, is_causal=True)
+    check(out, oracle(q, k, v, plan, is_causal=True), q.dtype)
+    without_corner = BlockSparsePlan(*plan.as_op_args()[:2], BLOCK, *plan.as_op_args()[2:6])
+    if not torch.equal(token_mask(without_corner, 72, 72, True), token_mask(plan, 72, 72, True)):
+        assert rel_err(launch(q, k, v, without_corner, is_causal=True).cpu(), oracle(q, k, v, plan, is_causal=True)) > 1e-2
+
+
 def test_token_mask_follows_pattern_lists():
     """The token mask the oracle uses, checked by hand: i sees j (j <= i) iff i - j or j is listed."""
     plan = pattern_plan(2, 40, 40, "cpu")
@@ -267,6 +292,11 @@ class TestOnGPU:
         out = torch.full_like(q, float("nan"))
         triton_block_sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True, out=out, config=config)
         check(out, oracle(q, k, v, plan, is_causal=True), q.dtype)
+
+    def test_calibrated_plan_at_real_tiles(self):
+        q, k, v = inputs(h=8, kvh=2, q_len=1500, d=128)
+        plan, _ = dam_plan(8, 128, 1500, 1500, 128, "cuda")
+        check(launch(q, k, v, plan, is_causal=True), oracle(q, k, v, plan, is_causal=True), q.dtype)
 
     @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
     def test_autotuned_dense_matches_sdpa(self, head_dim):

@@ -1,0 +1,51 @@
+"""Shared pieces of the benchmark scripts: the timer, run metadata and where results go."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_ms(fn, expected_ms: float | None = None) -> float:
+    """Median milliseconds of ``fn`` (``triton.testing.do_bench``: CUDA events, L2 flushed between runs). Long
+    runs get fewer repeats; at least ~8 timed runs everywhere."""
+    rep = 400 if expected_ms is None else max(400, 8 * expected_ms)
+    return triton.testing.do_bench(fn, warmup=max(50, 2 * (expected_ms or 0)), rep=rep, return_mode="median")
+
+
+def run_metadata(benchmark: str) -> dict:
+    """Device, versions, date and the exact command, as every results file carries them."""
+    return {
+        "benchmark": benchmark,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+def gpu_tag() -> str:
+    """``h100`` for an NVIDIA H100 80GB HBM3, and so on."""
+    model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", torch.cuda.get_device_name().replace("NVIDIA", ""))
+    return model.group(1).lower() if model else "gpu"
+
+
+def write_result(result: dict, name: str, quick: bool, out: Path | None) -> Path:
+    """Write ``result`` to ``out`` or ``benchmarks/results/<name>[_quick]_<gpu>.json``; print its summary."""
+    path = out or RESULTS / f"{name}_{'quick_' if quick else ''}{gpu_tag()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {path}")
+    return path

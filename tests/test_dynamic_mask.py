@@ -1,0 +1,124 @@
+"""Dynamic (per-input) DAM plans, and the fidelity metrics they are judged by."""
+
+import math
+
+import pytest
+import torch
+
+import dam_compile
+from dam_compile.kernels import BlockSparsePlan, dense_plan, streaming_plan, token_mask
+from dam_compile.kernels.dynamic_mask import ESTIMATORS, dynamic_block_plan
+from dam_compile.metrics import attention_mass_recall, density_per_head, output_error
+from dam_compile.reference_mode import SparseReferenceMode
+
+from dam_testing import rel_err
+from hf_models import build, ids_for
+
+L, D, BLOCK = 2048, 32, 32
+COLUMN, OFFSET = 40, 100
+
+
+def planted(width=1, seed=0):
+    """Head 0 attends to the keys ``[40, 40 + width)`` (a vertical band), head 1 to the key 100 tokens back (a
+    diagonal); the rest of the scores are noise. Returns q [1, 2, L, D], k [1, 2, L, D]."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    strength = 20.0 * math.sqrt(D)  # 20 nats after the 1/sqrt(D) scale: the planted keys hold > 99% of the mass
+    k = unit(2, L, D)
+    q = 0.3 * unit(2, L, D)
+    direction = unit(D)
+    k[0, COLUMN:COLUMN + width] = direction
+    q[0] += strength * direction
+    q[1, OFFSET:] += strength * k[1, : L - OFFSET]
+    return q[None], k[None]
+
+
+def plan_of(q, k, **options):
+    counts, indices, full_counts, full_indices = dynamic_block_plan(q, k, block_size=BLOCK, is_causal=True, **options)
+    return BlockSparsePlan(counts, indices, BLOCK, full_counts, full_indices)
+
+
+# Mean pooling dilutes a single key by the block size, so the pooled estimate needs patterns a few tokens wide;
+# the last-block estimate reads exact scores and finds single-token ones (at a higher cost: bench_maskgen.py).
+@pytest.mark.parametrize("estimator, width", [("pooled", 8), ("last_block", 1), ("last_block", 8)])
+def test_recovers_planted_column_and_diagonal(estimator, width):
+    q, k = planted(width)
+    plan = plan_of(q, k, estimator=estimator, sink_blocks=1, local_blocks=1)
+    plan.validate(batch=1, heads=2, q_len=L, kv_len=L)
+    density = density_per_head(plan, L, L, True)[0]
+    assert (density <= 0.15).all(), density
+    # The per-row budget grows with the row's length, so the first rows keep little beyond sink and window;
+    # from row 1024 on every row has room for the planted blocks.
+    rows = slice(1024, L)
+    recall = attention_mass_recall(q[:, :, rows], k, plan_rows(plan, 1024), is_causal=True, q_offset=1024)[0]
+    heads = [0] if estimator == "pooled" else [0, 1]  # pooling misses the one-token diagonal (0.90 recall)
+    assert (recall[heads] >= 0.95).all(), recall
+    kept = token_mask(plan, L, L, True)[0]
+    rows = torch.arange(1024, L)
+    assert kept[0, rows, COLUMN].all()  # the vertical
+    if estimator == "last_block":
+        assert kept[1, rows, rows - OFFSET].all()  # the diagonal
+    streaming = streaming_plan(L, L, BLOCK, True, 1, 1)
+    assert (attention_mass_recall(q, k, streaming, is_causal=True)[0] < 0.5).all()  # a window misses both
+
+
+def plan_rows(plan: BlockSparsePlan, first_row: int) -> BlockSparsePlan:
+    """The plan of the query rows from ``first_row`` on (a whole number of blocks)."""
+    m = first_row // plan.block_size
+    return BlockSparsePlan(plan.kv_num_blocks[..., m:], plan.kv_indices[..., m:, :], plan.block_size,
+                           plan.full_kv_num_blocks[..., m:], plan.full_kv_indices[..., m:, :])
+
+
+def test_density_cap_bounds_every_head():
+    q, k = torch.randn(1, 4, L, D), torch.randn(1, 2, L, D)
+    for cap in (0.1, 0.15, 0.3):
+        plan = plan_of(q, k, density=cap, mass_target=1.0)
+        assert (density_per_head(plan, L, L, True) <= cap).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len, kv_len, heads, kv_heads", [(1000, 1000, 4, 2), (300, 700, 2, 2), (64, 64, 8, 1)])
+def test_plans_are_valid_for_the_kernel(causal, q_len, kv_len, heads, kv_heads):
+    q, k = torch.randn(2, heads, q_len, D), torch.randn(2, kv_heads, kv_len, D)
+    for estimator in ESTIMATORS:
+        counts, indices, full_counts, full_indices = dynamic_block_plan(
+            q, k, block_size=BLOCK, is_causal=causal, estimator=estimator)
+        plan = BlockSparsePlan(counts, indices, BLOCK, full_counts, full_indices)
+        plan.validate(batch=2, heads=heads, q_len=q_len, kv_len=kv_len)
+
+
+def test_kernel_runs_a_dynamic_plan_exactly():
+    q, k = planted()
+    v = torch.randn_like(k)
+    plan = plan_of(q, k)
+    out = dam_compile.sparse_attention(q, k, v, plan, is_causal=True, kernel="triton")
+    expected = dam_compile.kernels.block_sparse_attention_reference(q, k, v, plan, is_causal=True)
+    assert rel_err(out, expected) < 1e-5
+
+
+def test_compiled_dynamic_model_equals_eager_with_the_same_plans():
+    model = build("llama")
+    x = ids_for("llama", n=96)
+    options = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager",
+               "density": 0.5}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="dam", options=options)(x).logits
+        with SparseReferenceMode(options):
+            expected = model(x).logits
+    assert [s.mask_source for s in dam_compile.graph_reports()[-1].sites] == ["dynamic", "dynamic"]
+    assert rel_err(out, expected) < 1e-5
+
+
+def test_mass_recall_and_density_definitions():
+    q, k = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16)
+    dense = dense_plan(96, 96, 16, True)
+    assert torch.allclose(attention_mass_recall(q, k, dense, is_causal=True), torch.ones(1, 2, dtype=torch.float64))
+    assert torch.allclose(density_per_head(dense, 96, 96, True), torch.ones(1, 1, dtype=torch.float64))
+    window = streaming_plan(96, 96, 16, True, 1, 1)
+    probs = torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(torch.ones(96, 96).triu(1).bool(), -torch.inf), -1)
+    by_hand = (probs * token_mask(window, 96, 96, True)).sum(-1).mean(-1).double()
+    recall = attention_mass_recall(q, k, window, is_causal=True, max_chunk_elements=2 * 96 * 16)
+    assert torch.allclose(recall, by_hand, atol=1e-6)
+    assert density_per_head(window, 96, 96, True).item() == pytest.approx(11 / 21)  # 6 sink/diag + 5 neighbours
+    assert output_error(torch.ones(3), torch.ones(3)) == 0.0

@@ -34,11 +34,11 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
-from dam_compile.kernels import BlockSparsePlan, streaming_plan
+from dam_compile.kernels import BlockSparsePlan, causal_block_tables, plan_density, streaming_plan
 from dam_compile.kernels.dynamic_mask import ESTIMATORS, dynamic_block_plan
 from dam_compile.kernels.ops import pattern_plan_op
 from dam_compile.kernels.pattern_plan import _CACHE as PATTERN_PLAN_CACHE
-from dam_compile.metrics import attention_mass_recall, density_per_head
+from dam_compile.metrics import attention_mass_recall
 
 DENSITIES = (0.05, 0.1, 0.15, 0.3)
 HEADLINE_DENSITY = 0.15
@@ -194,9 +194,8 @@ def oracle_plan(query, key, block, budget_of) -> BlockSparsePlan:
         mass.index_add_(2, rows, per_key_block)
     rank = mass.argsort(-1, descending=True).argsort(-1)
     kept = rank < budget_of[..., None]
-    visible = torch.ones(nb, nb, dtype=torch.bool, device=query.device).tril()
+    visible, whole = causal_block_tables(n, n, block, True, query.device)
     kept = kept & visible
-    whole = torch.ones(nb, nb, dtype=torch.bool, device=query.device).tril(-1)
     return BlockSparsePlan.from_block_tables(kept & ~whole, block, kept & whole)
 
 
@@ -218,7 +217,7 @@ def fidelity_rows(args, log) -> tuple[list[dict], dict]:
                     q, k, block_size=block, is_causal=True, density=cap, estimator=estimator)
                 plans[f"dam_dynamic_{estimator}"] = BlockSparsePlan(counts, idx, block, fcounts, fidx)
             default = plans["dam_dynamic_pooled"]
-            measured = float(density_per_head(default, n, n, True).mean())
+            measured = plan_density(default, n, n, True)
             avg_visible = (n // block + 1) / 2
             window = max(1, round(measured * avg_visible) - 1)
             plans["streaming_llm"] = streaming_plan(n, n, block, True, 1, window, q.device)
@@ -227,7 +226,7 @@ def fidelity_rows(args, log) -> tuple[list[dict], dict]:
                 recall = attention_mass_recall(q, k, plan, is_causal=True, enable_gqa=True)
                 rows.append({
                     "layer": layer, "density_cap": cap, "variant": name,
-                    "density": float(density_per_head(plan, n, n, True).mean()),
+                    "density": plan_density(plan, n, n, True),
                     "mass_recall": float(recall.mean()), "mass_recall_min_head": float(recall.min()),
                 })
     for cap in DENSITIES:

@@ -34,10 +34,10 @@ def box_cox(x: Tensor, lam: float) -> Tensor:
     return (x.pow(lam) - 1.0) / lam
 
 
-def shifted_box_cox(attention: Tensor, lam: float) -> Tensor:
+def shifted_box_cox(attention: Tensor, lam: float, dtype: torch.dtype = torch.float64) -> Tensor:
     """Box-Cox of ``attention [..., L, L]`` shifted per map so its minimum is 0 (when the minimum is
-    negative; a non-negative map is left as it is)."""
-    amplified = box_cox(attention.to(torch.float64), lam)
+    negative; a non-negative map is left as it is), computed in ``dtype``."""
+    amplified = box_cox(attention.to(dtype), lam)
     low = amplified.amin(dim=(-2, -1), keepdim=True)
     return amplified - low.clamp(max=0.0)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dam_patterns import EPS
+from .dam_patterns import EPS, shifted_box_cox
 
 ESTIMATORS = ("pooled", "last_block")
 _ALWAYS, _DAM = 4.0, 2.0  # selection priorities above any mass estimate (which lies in [0, 1])
@@ -99,10 +99,8 @@ def last_block_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: 
 
 def _dam_threshold(estimate: Tensor, visible: Tensor, tau: float, box_cox_lambda: float) -> Tensor:
     """Box-Cox, shift to minimum 0 per head map, threshold: bool ``[B, H, Mq, Nk]``."""
-    x = estimate.clamp_min(EPS)
-    amplified = torch.log(x) if box_cox_lambda == 0 else (x.pow(box_cox_lambda) - 1.0) / box_cox_lambda
-    low = amplified.amin(dim=(-2, -1), keepdim=True).clamp(max=0.0)
-    return ((amplified - low) >= tau) & visible
+    # float32 like the estimate: this runs inside the compiled graph on every call.
+    return (shifted_box_cox(estimate, box_cox_lambda, torch.float32) >= tau) & visible
 
 
 def _block_patterns(mask: Tensor, visible: Tensor, offset: Tensor, mu: float) -> Tensor:

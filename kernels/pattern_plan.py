@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .plan import BlockSparsePlan, num_blocks
+from .structured_plans import block_token_ranges, causal_block_tables
 from .token_pattern import pattern_bitmaps
 
 
@@ -57,10 +58,7 @@ def pattern_block_tables(
     diag_prefix, col_prefix = _prefix(diag_bits), _prefix(col_bits)
 
     # Token ranges of each block pair: query positions [i_lo, i_hi], keys [j_lo, j_hi] (ragged ends clipped).
-    i_lo = torch.arange(mq, device=device) * block_size + q_offset
-    i_hi = torch.clamp(torch.arange(1, mq + 1, device=device) * block_size, max=q_len) - 1 + q_offset
-    j_lo = torch.arange(nk, device=device) * block_size
-    j_hi = torch.clamp(torch.arange(1, nk + 1, device=device) * block_size, max=kv_len) - 1
+    i_lo, i_hi, j_lo, j_hi = block_token_ranges(q_len, kv_len, block_size, device, q_offset=q_offset)
     i_lo, i_hi, j_lo, j_hi = i_lo[:, None], i_hi[:, None], j_lo[None, :], j_hi[None, :]
 
     # Offsets i - j of a block pair form the contiguous range [i_lo - j_hi, i_hi - j_lo]; the diagonal table
@@ -74,8 +72,7 @@ def pattern_block_tables(
     col_any = _range_count(col_prefix, j_lo.expand(mq, nk), seen_hi) > 0
     col_all = _range_count(col_prefix, j_lo.expand(mq, nk), j_hi.expand(mq, nk)) == (j_hi - j_lo + 1)
 
-    visible = (j_lo <= i_hi) if is_causal else torch.ones(mq, nk, dtype=torch.bool, device=device)
-    whole = (j_hi <= i_lo) if is_causal else visible
+    visible, whole = causal_block_tables(q_len, kv_len, block_size, is_causal, device, q_offset=q_offset)
     kept = diag_any | col_any
     full = diag_all | col_all
     if corner is not None:

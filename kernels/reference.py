@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -77,19 +78,14 @@ def block_sparse_attention_reference(
 
     out = torch.full((batch, heads, q_len, value.shape[-1]), float("nan"), dtype=query.dtype, device=query.device)
     tables = TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
-    k = key.to(compute)
     v = value.to(compute)
     mask = None if attn_mask is None else attn_mask.expand(batch, heads, q_len, kv_len)
     k_pos = torch.arange(kv_len, device=query.device)
     rows = rows_per_chunk(batch, heads, kv_len, block, max_chunk_elements)
 
-    for start in range(0, q_len, rows):
-        stop = min(start + rows, q_len)
+    for start, stop, scores in score_chunks(query, key, scale, rows, compute):
         q_pos = torch.arange(start, stop, device=query.device)
         allowed = tables.allowed(q_pos, k_pos).expand(batch, heads, -1, -1)
-
-        q = query[:, :, start:stop].to(compute).unflatten(1, (kv_heads, group))
-        scores = torch.einsum("bkgre,bkne->bkgrn", q, k).flatten(1, 2) * scale
         if mask is not None:
             rows_mask = mask[:, :, start:stop]
             if rows_mask.dtype == torch.bool:
@@ -99,6 +95,22 @@ def block_sparse_attention_reference(
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[:, :, start:stop] = _safe_softmax_matmul(scores, v, kv_heads, group).to(query.dtype)
     return out
+
+
+def score_chunks(
+    query: Tensor, key: Tensor, scale: float, rows: int, compute: torch.dtype
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Scaled scores of ``rows`` query rows at a time: ``(start, stop, scores [B, H, stop - start, Lk])`` in
+    ``compute``.
+    GQA reads each key head for its group of query heads (K is never repeated)."""
+    heads, q_len = query.shape[1], query.shape[2]
+    kv_heads = key.shape[1]
+    k = key.to(compute)
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        q = query[:, :, start:stop].to(compute).unflatten(1, (kv_heads, heads // kv_heads))
+        scores = torch.einsum("bkgre,bkne->bkgrn", q, k).flatten(1, 2) * scale
+        yield start, stop, scores
 
 
 def check_heads(heads: int, kv_heads: int, enable_gqa: bool) -> None:
@@ -196,19 +208,23 @@ def token_mask(
     return tables.allowed(torch.arange(q_len, device=device), torch.arange(kv_len, device=device))
 
 
-def plan_density(plan: BlockSparsePlan, q_len: int, kv_len: int, is_causal: bool, q_offset: int = 0) -> float:
-    """Kept blocks over the blocks that dense attention would visit (all causal-visible blocks)."""
+def density_per_head(plan: BlockSparsePlan, q_len: int, kv_len: int, is_causal: bool, q_offset: int = 0) -> Tensor:
+    """float64 ``[Bp, Hp]``: kept blocks over the blocks dense attention would visit (all causal-visible)."""
     visible, _ = causal_block_tables(
         q_len, kv_len, plan.block_size, is_causal, plan.kv_num_blocks.device, q_offset=q_offset
     )
-    kept = plan.kept_blocks().sum().item()
-    heads_batches = plan.kv_num_blocks.shape[0] * plan.kv_num_blocks.shape[1]
-    return kept / max(1, int(visible.sum().item()) * heads_batches)
+    return plan.kept_blocks().sum(-1).to(torch.float64) / max(1, int(visible.sum()))
+
+
+def plan_density(plan: BlockSparsePlan, q_len: int, kv_len: int, is_causal: bool, q_offset: int = 0) -> float:
+    """:func:`density_per_head` averaged over the plan's (batch, head) entries."""
+    return float(density_per_head(plan, q_len, kv_len, is_causal, q_offset).mean())
 
 
 __all__ = [
     "block_sparse_attention_reference",
     "check_kv_range",
+    "density_per_head",
     "num_blocks",
     "plan_density",
     "rows_per_chunk",

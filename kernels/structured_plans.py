@@ -24,18 +24,26 @@ def causal_block_tables(
     """Boolean ``(visible, full)`` tables ``[Mq, Nk]``: a key block is visible when some query of the query
     block may see some key of it, full when every query sees every (existing) key of it. Query row ``i`` sits
     at key position ``i + q_offset``."""
-    mq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
     if not is_causal:
+        mq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
         every = torch.ones((mq, nk), dtype=torch.bool, device=device)
         return every, every.clone()
-    q_first = torch.arange(mq, device=device) * block_size
-    q_last = torch.clamp(q_first + block_size, max=q_len) - 1 + q_offset
-    q_first = q_first + q_offset
-    k_first = torch.arange(nk, device=device) * block_size
-    k_last = torch.clamp(k_first + block_size, max=kv_len) - 1
+    q_first, q_last, k_first, k_last = block_token_ranges(q_len, kv_len, block_size, device, q_offset=q_offset)
     visible = k_first[None, :] <= q_last[:, None]
     full = k_last[None, :] <= q_first[:, None]
     return visible, full
+
+
+def block_token_ranges(
+    q_len: int, kv_len: int, block_size: int, device: torch.device | str = "cpu", *, q_offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(q_first, q_last [Mq], k_first, k_last [Nk])``: the first and last key position of each query block's
+    rows (row ``i`` at ``i + q_offset``) and the first and last key of each key block (the last ones ragged)."""
+    q_first = torch.arange(num_blocks(q_len, block_size), device=device) * block_size
+    q_last = torch.clamp(q_first + block_size, max=q_len) - 1 + q_offset
+    k_first = torch.arange(num_blocks(kv_len, block_size), device=device) * block_size
+    k_last = torch.clamp(k_first + block_size, max=kv_len) - 1
+    return q_first + q_offset, q_last, k_first, k_last
 
 
 def dense_plan(

@@ -101,7 +101,45 @@ def _portable(command: str) -> str:
     return re.sub(r" --out \S+", "", command)
 
 
-TABLES = {"kernel": ("kernel_*.json", kernel_table), "maskgen": ("maskgen_*.json", maskgen_table)}
+E2E_TARGETS = {
+    "prefill_speedup_32k": ">= 1.8",
+    "prefill_speedup_128k": ">= 3.0",
+    "prefill_ratio_4k": "<= 1.02",
+    "decode_ratio_128k": ">= 1.0",
+    "compile_time_ratio": "<= 1.3",
+    "peak_mem_ratio_128k": "<= 1.0",
+}
+
+
+def e2e_table(result: dict) -> str:
+    lines = [
+        f"{result['device']}, torch {result['torch']}, Triton {result['triton']}, transformers "
+        f"{result['transformers']}, {result['date'][:10]}; {result['config']['weights']}, bf16, batch 1, "
+        f"`use_cache=False`, `logits_to_keep=1`, sequence dim marked dynamic. Commands (one run, in parts): "
+        f"`{_portable(result['command'])}`, then `--merge` of the parts.",
+        "",
+        "| model | N | variant | prefill ms | peak GB | compile s | attention paths / error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["prefill"]:
+        what = r.get("error", "").split("\n")[0][:90] or ", ".join(f"{k} x{v}" for k, v in r.get("paths", {}).items())
+        ms = f"{r['ms']:.1f}" if "ms" in r else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-"
+        comp = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
+        lines.append(f"| {r['model']} | {r['length'] // 1024}K | {r['variant']} | {ms} | {mem} | {comp} | {what} |")
+    lines += ["", "| headline (`summary`) | measured | target |", "|---|---|---|"]
+    for field, target in E2E_TARGETS.items():
+        value = result["summary"].get(field)
+        shown = f"{value:.3f}" if value is not None else "not measured: " + result["summary"]["notes"].get(field, "")[:110]
+        lines.append(f"| `{field}` | {shown} | {target} |")
+    return "\n".join(lines)
+
+
+TABLES = {
+    "kernel": ("kernel_*.json", kernel_table),
+    "maskgen": ("maskgen_*.json", maskgen_table),
+    "e2e": ("e2e_h100.json", e2e_table),
+}
 
 
 def render(readme: str) -> str:

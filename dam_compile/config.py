@@ -23,7 +23,8 @@ class DAMConfig:
 
     Attributes:
         block_size: tokens per query and key block of the sparse plan (a power of two, 16 to 256).
-        min_seq_len: query lengths below this run dense attention, chosen at run time without a recompile.
+        min_seq_len: attention over fewer keys than this (a short prompt, a decode step on a short cache) runs
+            dense, and its mask is not computed; chosen at run time without a recompile.
         mask_source: where each attention's plan comes from: ``"dynamic"`` (DAM computed per input from the
             attention's own Q and K; the default without a profile), ``"calibrated"`` (the per-head DAM
             patterns of ``profile``; the default with one), ``"dense"`` (every visible block: identical to full
@@ -51,7 +52,7 @@ class DAMConfig:
     """
 
     block_size: int = 128
-    min_seq_len: int = 4096
+    min_seq_len: int = 8192
     mask_source: str | None = None
     profile: Any = None
     tau: float = 0.3

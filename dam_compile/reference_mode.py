@@ -19,19 +19,24 @@ from .kernels.dispatch import choose_path
 from .kernels.plan import BlockSparsePlan
 from .kernels.reference import block_sparse_attention_reference
 from .passes.find_sdpa import bind_sdpa_args
-from .passes.insert_mask import MASK_GENERATORS, mask_generator_args
+from .passes.insert_mask import DECODE_PLAN, MASK_GENERATORS, decode_generator_args, mask_generator_args
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
 def plan_for(
-    config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool, scale: float | None = None
+    config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool, scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> BlockSparsePlan:
     """The plan that the mask generation the pass inserts for ``config`` computes for these inputs (every
-    source but ``calibrated``, whose plan depends on the module: see :func:`dam_compile.kernels.pattern_plan`)."""
+    source but ``calibrated``, whose plan depends on the module: see :func:`dam_compile.kernels.pattern_plan`).
+    A one-row query gets the decode plan, which also reads ``attn_mask``."""
     if config.source == "calibrated":
         raise ValueError("SparseReferenceMode runs the dynamic, dense and streaming sources; for a profile use "
                          "dam_compile.kernels.pattern_plan with the module's patterns")
+    if query.shape[-2] == 1:
+        counts, indices = DECODE_PLAN(query, key, attn_mask, None, None, *decode_generator_args(config, scale))
+        return BlockSparsePlan(counts, indices, config.block_size)
     args, kwargs = mask_generator_args(config, is_causal, scale)
     counts, indices, full_counts, full_indices = MASK_GENERATORS[config.source](query, key, *args, **kwargs)
     return BlockSparsePlan(counts, indices, config.block_size, full_counts, full_indices)
@@ -54,10 +59,10 @@ class SparseReferenceMode(TorchFunctionMode):
             return func(*args, **kwargs)
         a = bind_sdpa_args(args, kwargs)
         query = a["query"]
-        path, _ = choose_path(query, self.config.min_seq_len, self.config.kernel)
-        if a["dropout_p"] != 0 or path == "dense":
+        path, _ = choose_path(query, a["key"], self.config.min_seq_len, self.config.kernel)
+        if a["dropout_p"] != 0 or path == "dense" or (query.shape[-2] == 1 and a["is_causal"]):
             return func(*args, **kwargs)
-        plan = plan_for(self.config, query, a["key"], a["is_causal"], a["scale"])
+        plan = plan_for(self.config, query, a["key"], a["is_causal"], a["scale"], a["attn_mask"])
         return block_sparse_attention_reference(
             query, a["key"], a["value"], plan, attn_mask=a["attn_mask"], scale=a["scale"],
             is_causal=a["is_causal"], enable_gqa=a["enable_gqa"],

@@ -96,7 +96,7 @@ def _attend_blocks(
                     keep = keep & tl.where(in_corner, on_corner != 0, on_pattern)
             if HAS_MASK:
                 tile = tl.load(
-                    mask_base + rows[:, None] * stride_mask_m + cols[None, :] * stride_mask_n,
+                    mask_base + rows[:, None].to(tl.int64) * stride_mask_m + cols[None, :] * stride_mask_n,  # N x N masks pass 2**31
                     mask=rows_valid[:, None] & kv_valid[None, :], other=0,
                 )
                 if MASK_IS_BOOL:

@@ -25,32 +25,33 @@ _counts: Counter[tuple[str, str]] = Counter()
 _logged: set[tuple[str, str]] = set()
 
 
-def choose_path(query: Tensor, min_seq_len: int, kernel: str) -> tuple[Path, str]:
-    """Pick the path for a ``[B, H, Lq, E]`` query and say why.
+def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str) -> tuple[Path, str]:
+    """Pick the path for a ``[B, H, Lq, E]`` query against ``[B, KVH, Lk, E]`` keys and say why.
 
-    ``kernel='auto'`` takes the fused Triton kernel for float16/bfloat16 CUDA tensors and dense attention
-    elsewhere; ``'triton'`` forces the fused kernel (any float dtype; on the CPU only under
-    ``TRITON_INTERPRET=1``, for tests); ``'reference'`` runs the PyTorch block-sparse reference on any device
-    (slow: for tests and fidelity checks).
+    Attention over fewer than ``min_seq_len`` keys runs dense (prefill of a short prompt, a decode step on a
+    short cache). ``kernel='auto'`` takes the fused Triton kernels (prefill, or one query row: decode) for
+    float16/bfloat16 CUDA tensors and dense attention elsewhere; ``'triton'`` forces them (any float dtype; on
+    the CPU only under ``TRITON_INTERPRET=1``, for tests); ``'reference'`` runs the PyTorch block-sparse
+    reference on any device (slow: for tests and fidelity checks).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    q_len = query.shape[-2]
-    if q_len == 1:
-        return "dense", "single query row (decode step)"
-    if q_len < min_seq_len:
-        return "dense", f"sequence shorter than min_seq_len={min_seq_len}"
+    decode = query.shape[-2] == 1
+    if key.shape[-2] < min_seq_len:
+        what = "decode step: KV cache" if decode else "sequence"
+        return "dense", f"{what} shorter than min_seq_len={min_seq_len}"
     if kernel == "reference":
         return "reference", "kernel='reference'"
+    fused = "fused block-sparse decode kernel" if decode else "fused block-sparse Triton kernel"
     if kernel == "triton":
         if query.is_cuda or interpreting():
-            return "triton", "kernel='triton'"
+            return "triton", f"kernel='triton' ({fused})"
         return "dense", "kernel='triton' on CPU tensors needs TRITON_INTERPRET=1"
     if not query.is_cuda:
         return "dense", "CPU tensors: the fused sparse kernel needs CUDA (kernel='reference' runs the PyTorch one)"
     if query.dtype not in FUSED_DTYPES:
         return "dense", f"{query.dtype} inputs: the fused kernel runs float16 and bfloat16"
-    return "triton", "fused block-sparse Triton kernel"
+    return "triton", fused
 
 
 def record(path: str, reason: str) -> None:

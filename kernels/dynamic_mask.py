@@ -155,7 +155,7 @@ def dynamic_block_plan(
     priority = torch.where(always, _ALWAYS, torch.where(dam, _DAM, 0.0)) + estimate
 
     budget = _row_budgets(visible, always, density)
-    width = min(nk, (nk * math.ceil(density * 1000) + 999) // 1000 + sink_blocks + local_blocks)
+    width = dynamic_plan_width(nk, density, sink_blocks, local_blocks)
     top_priority, top_index = priority.topk(width, dim=-1)
     top_mass = estimate.gather(-1, top_index)
     mass_before = top_mass.cumsum(-1) - top_mass
@@ -165,6 +165,11 @@ def dynamic_block_plan(
     whole = (offset > 0) if is_causal else visible
     is_whole = whole.expand_as(priority).gather(-1, top_index)
     return (*_sorted_list(chosen & ~is_whole, top_index), *_sorted_list(chosen & is_whole, top_index))
+
+
+def dynamic_plan_width(nk: int, density: float, sink_blocks: int, local_blocks: int) -> int:
+    """Width ``K`` of the dynamic plan's index lists for ``nk`` key blocks (works on symbolic sizes too)."""
+    return torch.sym_min(nk, (nk * math.ceil(density * 1000) + 999) // 1000 + sink_blocks + local_blocks)
 
 
 def _row_budgets(visible: Tensor, always: Tensor, density: float) -> Tensor:

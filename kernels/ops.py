@@ -2,9 +2,13 @@
 
 - ``dam::sparse_attention``: attention over a block-sparse plan; a drop-in for
   ``scaled_dot_product_attention`` (same argument meaning, no dropout) that picks its path at run time.
-- ``dam::dense_plan`` / ``dam::streaming_plan`` / ``dam::pattern_plan`` (calibrated DAM): the
-  mask-generation ops, producing the plan tensors. The dynamic DAM plan is plain PyTorch
-  (:func:`dynamic_block_plan`) that Inductor compiles with the rest of the graph.
+- ``dam::dynamic_plan`` (DAM per input), ``dam::pattern_plan`` (calibrated DAM), ``dam::dense_plan``,
+  ``dam::streaming_plan``: the prefill mask-generation ops, producing the plan tensors;
+- ``dam::decode_plan``: the kept blocks of a decode step (one query row), for every source.
+
+The plan ops build nothing when the attention will run dense (short inputs), so short prompts pay no mask
+cost. The dynamic and decode plans are plain PyTorch; on CUDA they run through ``torch.compile`` (compiled
+once for all lengths and layers, outside the model's graph, which keeps the model's compile time down).
 
 Each has a fake implementation so Dynamo, AOTAutograd and Inductor can trace it with symbolic shapes.
 """
@@ -18,7 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .block_sparse_launch import triton_block_sparse_attention
+from .decode_kernel import triton_sparse_decode
+from .decode_plan import decode_block_plan
 from .dispatch import choose_path, record
+from .dynamic_mask import dynamic_block_plan, dynamic_plan_width
 from .plan import BlockSparsePlan, num_blocks
 from .reference import block_sparse_attention_reference
 from .pattern_plan import cached_pattern_plan
@@ -51,16 +58,20 @@ def sparse_attention_op(
 ) -> Tensor:
     """Shapes: query ``[B, H, Lq, E]``, key ``[B, KVH, Lk, E]``, value ``[B, KVH, Lk, Ev]`` -> ``[B, H, Lq, Ev]``
     (contiguous). The plan tensors follow :class:`BlockSparsePlan`; ``kv_range`` and ``q_offset`` are those of
-    :func:`triton_block_sparse_attention`. The dense path (decode, short inputs, no fused kernel) is SDPA and
+    :func:`triton_block_sparse_attention`. The dense path (short inputs, no fused kernel) is SDPA and
     supports neither (``kv_range=None``, ``q_offset=0``), so callers that set them use ``min_seq_len=0``."""
-    path, reason = choose_path(query, min_seq_len, kernel)
+    path, reason = choose_path(query, key, min_seq_len, kernel)
     record(path, reason)
     if path == "dense":
         if kv_range is not None or q_offset != 0:
             raise ValueError("kv_range and q_offset need the sparse path; this call runs dense: " + reason)
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        ).contiguous()
+        return dense_attention(query, key, value, attn_mask, scale, is_causal, enable_gqa)
+    if path == "triton" and query.shape[-2] == 1 and kv_range is None:
+        # A decode plan keeps whole blocks of one row; the decode kernel reads only those.
+        return triton_sparse_decode(
+            query, key, value, kv_num_blocks, kv_indices, block_size, attn_mask=attn_mask, scale=scale,
+            enable_gqa=enable_gqa,
+        )
     plan = BlockSparsePlan(
         kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices, token_diagonals, token_columns,
         token_corner,
@@ -71,6 +82,21 @@ def sparse_attention_op(
         # The graph's own plan ops produced the plan: shapes are checked, index values trusted (no sync).
         return triton_block_sparse_attention(query, key, value, plan, check_plan=False, **options)
     return block_sparse_attention_reference(query, key, value, plan, **options).contiguous()
+
+
+def dense_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: Optional[float], is_causal: bool,
+    enable_gqa: bool,
+) -> Tensor:
+    """SDPA, contiguous. With a mask and grouped K/V heads the heads are repeated first, as the model would have
+    done before the pass read its K/V before ``repeat_kv``: SDPA's fast kernels take GQA only without a mask."""
+    if enable_gqa and attn_mask is not None and key.shape[1] != query.shape[1]:
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        enable_gqa = False
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    ).contiguous()
 
 
 @sparse_attention_op.register_fake
@@ -108,7 +134,7 @@ def _plan_unless_dense(
 ) -> PlanTensors:
     """The plan, or, when ``dam::sparse_attention`` will take its dense path for this query (the same
     :func:`choose_path` rule), a valid plan that keeps nothing, built without launching a kernel per index."""
-    path, _ = choose_path(query, min_seq_len, kernel)
+    path, _ = choose_path(query, key, min_seq_len, kernel)
     if path != "dense":
         plan = build()  # block-level sources: dense/streaming plans always carry full blocks, no pattern
         return plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices
@@ -140,7 +166,7 @@ def pattern_plan_op(
     """The calibrated DAM plan: the blocks of the extended mask of per-head patterns (``diagonals [H, R]``,
     ``columns [H, C]``, ``corner [H, P, P]``) for this query/key length, built once per length bucket. The
     block lists come out ``[1, H, Mq, Nk]`` wide (only the first ``counts`` entries are meaningful)."""
-    path, _ = choose_path(query, min_seq_len, kernel)
+    path, _ = choose_path(query, key, min_seq_len, kernel)
     lists = _pattern_plan_buffers(query, key, diagonals, block_size)
     if path == "dense":
         lists[0].zero_()
@@ -167,6 +193,82 @@ def _(query, key, diagonals, columns, corner, block_size, *args) -> PlanTensors:
     return _pattern_plan_buffers(query, key, diagonals, block_size)
 
 
+_compiled: dict[Callable, Callable] = {}
+
+
+def _planner(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` compiled once with dynamic shapes on CUDA (a handful of fused kernels instead of dozens of
+    launches); eager elsewhere (CPU tests)."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[fn]
+
+
+@torch.library.custom_op("dam::dynamic_plan", mutates_args=())
+def dynamic_plan_op(
+    query: Tensor, key: Tensor, block_size: int, is_causal: bool, min_seq_len: int, kernel: str,
+    scale: Optional[float], tau: float, box_cox_lambda: float, mu: float, density: float, mass_target: float,
+    sink_blocks: int, local_blocks: int, estimator: str,
+) -> PlanTensors:
+    """The dynamic DAM plan (:func:`dynamic_block_plan`) of a ``[B, H, Lq, E]`` query, lists ``[B, H, Mq, K]``;
+    when the attention will run dense, a plan that keeps nothing (nothing is computed)."""
+    lists = _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks)
+    if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
+        lists[0].zero_()
+        lists[2].zero_()
+        return lists
+    return _planner(dynamic_block_plan, query.device)(
+        query, key, block_size=block_size, is_causal=is_causal, scale=scale, tau=tau,
+        box_cox_lambda=box_cox_lambda, mu=mu, density=density, mass_target=mass_target, sink_blocks=sink_blocks,
+        local_blocks=local_blocks, estimator=estimator,
+    )
+
+
+def _dynamic_plan_buffers(query: Tensor, key: Tensor, block_size: int, density: float, sink_blocks: int,
+                          local_blocks: int) -> PlanTensors:
+    mq, nk = num_blocks(query.shape[-2], block_size), num_blocks(key.shape[-2], block_size)
+    width = dynamic_plan_width(nk, density, sink_blocks, local_blocks)
+    counts = query.new_empty((*query.shape[:2], mq), dtype=torch.int32)
+    indices = query.new_empty((*query.shape[:2], mq, width), dtype=torch.int32)
+    return counts, indices, torch.empty_like(counts), torch.empty_like(indices)
+
+
+@dynamic_plan_op.register_fake
+def _(query, key, block_size, is_causal, min_seq_len, kernel, scale, tau, box_cox_lambda, mu, density, mass_target,
+      sink_blocks, local_blocks, estimator) -> PlanTensors:
+    return _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks)
+
+
+@torch.library.custom_op("dam::decode_plan", mutates_args=())
+def decode_plan_op(
+    query: Tensor, key: Tensor, attn_mask: Optional[Tensor], diagonals: Optional[Tensor],
+    columns: Optional[Tensor], source: str, block_size: int, min_seq_len: int, kernel: str, sink_blocks: int,
+    local_blocks: int, density: float, scale: Optional[float], corner_len: int,
+) -> tuple[Tensor, Tensor]:
+    """Kept blocks of a decode step (:func:`decode_block_plan`): ``([B, H, 1], [B, H, 1, Nk])``; a plan that
+    keeps nothing when the step runs dense (a short cache)."""
+    if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
+        counts, indices = _decode_plan_buffers(query, key, block_size)
+        return counts.zero_(), indices
+    return _planner(decode_block_plan, query.device)(
+        query, key, attn_mask, diagonals, columns, source=source, block_size=block_size, sink_blocks=sink_blocks,
+        local_blocks=local_blocks, density=density, scale=scale, corner_len=corner_len,
+    )
+
+
+def _decode_plan_buffers(query: Tensor, key: Tensor, block_size: int, *args) -> tuple[Tensor, Tensor]:
+    nk = num_blocks(key.shape[-2], block_size)
+    return (query.new_empty((*query.shape[:2], 1), dtype=torch.int32),
+            query.new_empty((*query.shape[:2], 1, nk), dtype=torch.int32))
+
+
+@decode_plan_op.register_fake
+def _(query, key, attn_mask, diagonals, columns, source, block_size, *args) -> tuple[Tensor, Tensor]:
+    return _decode_plan_buffers(query, key, block_size)
+
+
 def sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -191,7 +293,7 @@ def sparse_attention(
         kv_range: int32 ``[B, 2]``: per sequence the valid keys ``[start, end)`` (padding without a mask).
         q_offset: key position of query row 0 (``0``: SDPA's top-left alignment; ``Lk - Lq``: queries aligned
             to the end of the keys).
-        min_seq_len: query lengths below this run dense attention.
+        min_seq_len: attention over fewer keys than this runs dense.
         kernel: ``'auto'``, ``'triton'`` or ``'reference'`` (see :func:`choose_path`).
 
     Returns:

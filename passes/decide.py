@@ -73,6 +73,8 @@ def _refusal(site: SDPASite) -> str | None:
         return f"batch sizes may differ (query {q.shape[0]}, key {k.shape[0]}, value {v.shape[0]})"
     if hq % hk != 0 or (hq != hk and not site.enable_gqa):
         return f"{hq} query heads with {hk} key heads and enable_gqa={site.enable_gqa}"
+    if site.is_causal and isinstance(q.shape[-2], int) and q.shape[-2] == 1:
+        return "one query row with is_causal=True (SDPA's top-left alignment: it sees only key 0)"
     return _mask_refusal(site, q)
 
 

@@ -13,12 +13,14 @@ from ..config import DAMConfig
 from ..profile import ProfileMismatchError
 from .decide import Decision, decide, example_value
 from .find_sdpa import SDPASite, find_sdpa_sites
-from .insert_mask import MASK_GENERATORS, insert_mask_generation, profile_entry
+from .gqa import read_before_repeat
+from .insert_mask import insert_mask_generation, profile_entry
 from .rewrite import replace_with_sparse_attention
 from .verify import RewrittenSite, check_rewrite
 
 
 NO_PROFILE_ENTRY = "the profile has no entry for module"
+_DYNAMO_ATTRIBUTES = ("_param_name_to_source", "_buffer_name_to_source")
 
 
 @dataclass
@@ -63,13 +65,24 @@ def copy_graph_module(gm: GraphModule) -> tuple[GraphModule, dict[Node, Node]]:
     output = graph.graph_copy(gm.graph, val_map)
     val_map[gm.graph.output_node()] = graph.output(output)
     graph._codegen = gm.graph._codegen
-    return GraphModule(gm, graph, class_name=type(gm).__name__), val_map
+    new_gm = GraphModule(gm, graph, class_name=type(gm).__name__)
+    # Dynamo's metadata (compile id, parameter sources) tells AOTAutograd which inputs are static (parameters,
+    # a static KV cache): without it CUDA graphs refuse the graph's in-place cache updates.
+    new_gm.meta.update(gm.meta)
+    for name in _DYNAMO_ATTRIBUTES:
+        if hasattr(gm, name):
+            setattr(new_gm, name, dict(getattr(gm, name)))  # a copy: the pass adds its own buffers
+    for orig, copy in val_map.items():
+        if hasattr(orig, "_dynamo_source"):
+            copy._dynamo_source = orig._dynamo_source
+    return new_gm, val_map
 
 
 def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
     """Rewrite every eligible SDPA node of ``gm`` into ``dam::sparse_attention``; ``gm`` is left as it was."""
     new_gm, val_map = copy_graph_module(gm)
     graph = new_gm.graph
+    original = {copy: orig for orig, copy in val_map.items()}
     reports, done = [], []
     for site in find_sdpa_sites(graph):
         decision = decide(site)
@@ -82,9 +95,16 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
         if not decision.rewrite:
             continue
         name = site.node.name
+        grouped = read_before_repeat(site)
+        if grouped is not site:
+            reports[-1].reason += "; reads K/V before repeat_kv (grouped heads)"
+            site = grouped
         mask = insert_mask_generation(new_gm, site, config, entry)
         op = replace_with_sparse_attention(graph, site, mask, config)
-        done.append(RewrittenSite(name, MASK_GENERATORS[config.source], mask.plan, mask.outputs, op, mask.patterns))
+        done.append(RewrittenSite(
+            name, mask.plan.target, mask.plan, mask.outputs, op, mask.patterns, mask.decode,
+            kv_sources=(original[site.key].name, original[site.value].name),
+        ))
     unmatched = [r for r in reports if r.reason.startswith(NO_PROFILE_ENTRY)]
     if unmatched and len(unmatched) == len(reports):
         raise ProfileMismatchError(

@@ -34,6 +34,8 @@ class RewrittenSite:
     plan_outputs: tuple[Node, ...]
     op: Node
     patterns: tuple[Node, ...] = ()  # get_attr nodes of a calibrated site's token pattern
+    decode: bool = False  # a decode plan: reads the mask too, and its patterns feed only the plan
+    kv_sources: tuple[str, str] | None = None  # original names of the key/value the op reads (before repeat_kv)
 
     def roles(self) -> dict[Node, str]:
         roles = {self.plan: f"{self.name}/plan", self.op: f"{self.name}/attn"}
@@ -95,22 +97,27 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
         users = [(dst, g.edges[site.name, dst]["pos"]) for dst in g.successors(site.name)]
         g.remove_node(site.name)
         g.add_node(plan, op="call_function", target=target_name_of(site.plan_target), consts=None)
+        key, value = site.kv_sources or (sdpa.key.name, sdpa.value.name)
         _add_input(g, sdpa.query.name, plan, "args.0")
-        _add_input(g, sdpa.key.name, plan, "args.1")
+        _add_input(g, key, plan, "args.1")
         g.add_node(attn, op="call_function", target=target_name_of(SPARSE_ATTENTION), consts=None)
-        for i, src in enumerate((sdpa.query, sdpa.key, sdpa.value)):
-            _add_input(g, src.name, attn, f"args.{i}")
+        for i, src in enumerate((sdpa.query.name, key, value)):
+            _add_input(g, src, attn, f"args.{i}")
         for i in range(len(site.plan_outputs)):
             out = f"{site.name}/plan.{i}"
             g.add_node(out, op="call_function", target=target_name_of(operator.getitem), consts=None)
             _add_input(g, plan, out, "args.0")
             _add_input(g, out, attn, f"args.{3 + i}")
-        # A calibrated site's pattern buffers feed the plan call (after query, key) and the op's token pattern.
+        # A decode plan reads the mask (args.2), then the calibrated diagonals and columns; a prefill plan reads
+        # the calibrated pattern buffers after query and key, and they also feed the op's token pattern.
+        if site.decode and isinstance(sdpa.attn_mask, Node):
+            _add_input(g, sdpa.attn_mask.name, plan, "args.2")
         for i, node in enumerate(site.patterns):
             role = f"{site.name}/pattern.{i}"
             g.add_node(role, op="get_attr", target=str(node.target), consts=None)
-            _add_input(g, role, plan, f"args.{2 + i}")
-            _add_input(g, role, attn, f"args.{3 + len(site.plan_outputs) + i}")
+            _add_input(g, role, plan, f"args.{(3 if site.decode else 2) + i}")
+            if not site.decode:
+                _add_input(g, role, attn, f"args.{3 + len(site.plan_outputs) + i}")
         if isinstance(sdpa.attn_mask, Node):
             _add_input(g, sdpa.attn_mask.name, attn, f"args.{3 + PLAN_OP_ARGS}")
         for dst, pos in users:

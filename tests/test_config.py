@@ -18,7 +18,7 @@ from dam_testing import CPU_SPARSE, rel_err, sdpa
 def test_defaults_are_documented_values():
     cfg = DAMConfig()
     assert (cfg.block_size, cfg.min_seq_len, cfg.source, cfg.kernel, cfg.inner_backend) == (
-        128, 4096, "dynamic", "auto", "inductor"
+        128, 8192, "dynamic", "auto", "inductor"
     )
     assert (cfg.tau, cfg.box_cox_lambda, cfg.mu, cfg.sink_blocks, cfg.local_blocks, cfg.strict) == (
         0.3, 0.5, 0.8, 1, 2, False

@@ -63,15 +63,16 @@ def test_reference_kernel_runs_the_plan():
     "q_len, kwargs, reason",
     [
         (48, {"kernel": "reference", "min_seq_len": 64}, "shorter than min_seq_len=64"),
-        (1, {"kernel": "reference"}, "single query row"),
+        (1, {"kernel": "reference", "min_seq_len": 64}, "decode step: KV cache shorter than min_seq_len=64"),
         (48, {"kernel": "auto"}, "CPU tensors"),
     ],
 )
 def test_dense_at_run_time(q_len, kwargs, reason):
     q, k, v = qkv(q_len=q_len)
-    plan = streaming_plan(q_len, 48, BLOCK, True, 1, 1)
-    out = run(q, k, v, plan, **kwargs)
-    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)) < 1e-6
+    causal = q_len > 1  # a decode row sees every key
+    plan = streaming_plan(q_len, 48, BLOCK, causal, 1, 1)
+    out = sparse_attention(q, k, v, plan, is_causal=causal, enable_gqa=True, **kwargs)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)) < 1e-6
     (key,) = dam_compile.runtime_stats()
     assert key.startswith("dense: ") and reason in key
 

@@ -1,0 +1,137 @@
+"""Sparse decode: the one-row plan (every source) and the split-KV Triton kernel, against float64 oracles."""
+
+import pytest
+import torch
+
+from dam_compile.kernels import BlockSparsePlan, PATTERN_PAD
+from dam_compile.kernels.dam_patterns import HeadPatterns, extended_mask
+from dam_compile.kernels.decode_kernel import merge_partials, triton_sparse_decode
+from dam_compile.kernels.decode_plan import decode_block_plan
+from dam_compile.kernels.reference import block_sparse_attention_reference
+
+from dam_testing import dense_oracle, rel_err, tolerance
+
+from dam_compile.kernels.block_sparse_launch import interpreting
+
+DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def qkv(b, h, kvh, kv_len, d, dtype=torch.float32, device="cpu"):
+    g = torch.Generator(device="cpu").manual_seed(kv_len * 7 + h)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return make(b, h, 1, d), make(b, kvh, kv_len, d), make(b, kvh, kv_len, d)
+
+
+def token_allowed(counts, indices, block, kv_len):
+    """[B, H, 1, Lk] bool: keys inside the listed blocks."""
+    plan = BlockSparsePlan(counts, indices, block)
+    partial, _ = plan.block_tables(kv_len)
+    return partial.repeat_interleave(block, dim=-1)[..., :kv_len]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "b, h, kvh, kv_len, d, block",
+    [(1, 4, 2, 200, 16, 16), (2, 4, 4, 96, 32, 32), (1, 8, 2, 257, 64, 64), (3, 2, 1, 33, 128, 16)],
+)
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_decode_kernel_matches_oracle(device, dtype, b, h, kvh, kv_len, d, block, mask):
+    q, k, v = qkv(b, h, kvh, kv_len, d, dtype, device)
+    nk = -(-kv_len // block)
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(b, h, nk, generator=g) < 0.5
+    keep[..., -1] = True  # the row's own block
+    counts = keep.sum(-1, dtype=torch.int32)[..., None]
+    indices = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, :, None]
+    attn_mask = None
+    if mask:
+        valid = torch.rand(b, 1, 1, kv_len, generator=g) < 0.8
+        valid[..., -1] = True
+        attn_mask = valid if mask == "bool" else torch.zeros(valid.shape).masked_fill(~valid, float("-inf")).to(dtype)
+        attn_mask = attn_mask.to(device)
+    counts, indices = counts.to(device), indices.to(device)
+    out = triton_sparse_decode(q, k, v, counts, indices, block, attn_mask=attn_mask, enable_gqa=kvh != h)
+    allowed = token_allowed(counts.cpu(), indices.cpu(), block, kv_len).to(device)
+    expected = dense_oracle(q, k, v, allowed, attn_mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, expected) < tolerance(dtype)
+    plan = BlockSparsePlan(counts, indices, block)
+    ref = block_sparse_attention_reference(q, k, v, plan, attn_mask=attn_mask, enable_gqa=kvh != h)
+    assert rel_err(out, ref) < tolerance(dtype)
+
+
+def test_decode_kernel_row_with_no_block_is_zero_and_plans_broadcast():
+    q, k, v = qkv(2, 4, 2, 64, 16)
+    counts = torch.tensor([[[2]], [[0]]], dtype=torch.int32)  # [B=2, Hp=1, 1]
+    indices = torch.tensor([[[[1, 3, 0, 0]]], [[[0, 0, 0, 0]]]], dtype=torch.int32)
+    out = triton_sparse_decode(q, k, v, counts, indices, 16, enable_gqa=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    allowed = token_allowed(counts[:1], indices[:1], 16, 64)
+    assert rel_err(out[:1], dense_oracle(q[:1], k[:1], v[:1], allowed)) < 1e-5
+
+
+def test_merge_partials_is_softmax_of_the_union():
+    scores, values = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, 8, dtype=torch.float64)
+    parts = scores.split(10, -1), values.split(10, -2)
+    maxima = torch.stack([s.amax(-1) for s in parts[0]], -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    sums = torch.stack([torch.exp(s - s.amax(-1, keepdim=True)).sum(-1) for s in parts[0]], -1)
+    accs = torch.stack([(torch.exp(s - s.amax(-1, keepdim=True))[..., None] * v).sum(-2)
+                        for s, v in zip(*parts)], -2)
+    expected = (torch.softmax(scores, -1)[..., None] * values).sum(-2)
+    assert rel_err(merge_partials(maxima, sums, accs), expected) < 1e-12
+
+
+def kept(counts, indices):
+    """Kept block ids per [b][h] as Python sets."""
+    return [[set(indices[b, h, 0, : counts[b, h, 0]].tolist()) for h in range(counts.shape[1])]
+            for b in range(counts.shape[0])]
+
+
+def test_dense_and_streaming_decode_plans():
+    q, k, _ = qkv(1, 2, 1, 150, 8)
+    dense = kept(*decode_block_plan(q, k, source="dense", block_size=16))
+    assert dense == [[set(range(10))] * 2]
+    streaming = kept(*decode_block_plan(q, k, source="streaming", block_size=16, sink_blocks=1, local_blocks=3))
+    assert streaming == [[{0, 7, 8, 9}] * 2]
+
+
+def test_decode_plan_follows_the_row_in_a_static_cache_with_left_padding():
+    """The mask says where the row is: local blocks end at its last visible key, the sink starts at its first."""
+    q, k, _ = qkv(2, 2, 1, 160, 8)
+    mask = torch.zeros(2, 1, 1, 160, dtype=torch.bool)
+    mask[0, ..., :70] = True  # static cache: 70 tokens written
+    mask[1, ..., 35:101] = True  # left-padded to 35, 101 written
+    plans = kept(*decode_block_plan(q, k, mask, source="streaming", block_size=16, sink_blocks=1, local_blocks=2))
+    assert plans[0] == [{0, 3, 4}] * 2
+    assert plans[1] == [{2, 5, 6}] * 2
+    dense = kept(*decode_block_plan(q, k, mask, source="dense", block_size=16))
+    assert dense[0] == [set(range(5))] * 2 and dense[1] == [set(range(2, 7))] * 2
+
+
+def test_dynamic_decode_plan_finds_the_heavy_block_within_budget():
+    torch.manual_seed(0)
+    b, h, kvh, kv_len, d, block = 1, 4, 2, 64 * 16, 32, 16
+    q, k, _ = qkv(b, h, kvh, kv_len, d)
+    hot = [11, 40, 23, 5]  # one block per query head whose keys align with that head's query
+    for head, blk in enumerate(hot):
+        k[0, head // 2, blk * block: (blk + 1) * block] += 4 * q[0, head, 0] / q[0, head, 0].norm()
+    counts, indices = decode_block_plan(q, k, source="dynamic", block_size=block, density=0.05, sink_blocks=1,
+                                        local_blocks=2)
+    plans = kept(counts, indices)[0]
+    for head, blk in enumerate(hot):
+        assert {0, 62, 63, blk} <= plans[head]
+    assert counts.max() <= 3 + -(-64 * 5 // 100)
+
+
+def test_calibrated_decode_plan_covers_the_extended_mask_row():
+    heads, pcl, kv_len, block = 3, 8, 100, 16
+    diagonals = torch.tensor([[0, 1, 20], [0, PATTERN_PAD, PATTERN_PAD], [0, 50, PATTERN_PAD]], dtype=torch.int32)
+    columns = torch.tensor([[0, 3], [PATTERN_PAD, PATTERN_PAD], [35, PATTERN_PAD]], dtype=torch.int32)
+    corner = torch.tril(torch.ones(heads, pcl, pcl, dtype=torch.bool))
+    q, k, _ = qkv(1, heads, heads, kv_len, 8)
+    counts, indices = decode_block_plan(q, k, None, diagonals, columns, source="calibrated", block_size=block,
+                                        corner_len=pcl)
+    row = extended_mask(HeadPatterns(diagonals, columns, corner), 1, kv_len, True, q_offset=kv_len - 1)[:, 0]
+    expected = [set((row[h].nonzero()[:, 0] // block).tolist()) for h in range(heads)]
+    assert kept(counts, indices)[0] == expected

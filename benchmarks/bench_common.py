@@ -41,9 +41,14 @@ def gpu_tag() -> str:
     return model.group(1).lower() if model else "gpu"
 
 
+def result_path(name: str, quick: bool, out: Path | None) -> Path:
+    """``out``, or ``benchmarks/results/<name>[_quick]_<gpu>.json``."""
+    return out or RESULTS / f"{name}_{'quick_' if quick else ''}{gpu_tag()}.json"
+
+
 def write_result(result: dict, name: str, quick: bool, out: Path | None) -> Path:
-    """Write ``result`` to ``out`` or ``benchmarks/results/<name>[_quick]_<gpu>.json``; print its summary."""
-    path = out or RESULTS / f"{name}_{'quick_' if quick else ''}{gpu_tag()}.json"
+    """Write ``result`` to :func:`result_path`; print its summary."""
+    path = result_path(name, quick, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))

@@ -23,12 +23,13 @@ import contextlib
 import gc
 import json
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from bench_common import RESULTS, gpu_tag, run_metadata, write_result
+from bench_common import result_path, run_metadata, write_result
 
 import dam_compile
 from dam_compile.kernels.dispatch import reset_runtime_stats, runtime_stats
@@ -108,11 +109,6 @@ def cuda_ms(fn, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def repeats_for(length: int) -> tuple[int, int]:
     return (1, 2) if length >= 96 * K else (1, 3) if length >= 48 * K else (2, 5)
 
@@ -127,6 +123,19 @@ def prompt(vocab: int, batch: int, length: int, padded: bool) -> dict:
             mask[r, : r * length // 8] = 0
         inputs["attention_mask"] = mask
     return inputs
+
+
+def release_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def finish_case(row: dict, rows: list[dict], save, bar) -> None:
+    """Record a case (measured or failed), checkpoint the results file, free what the case left."""
+    rows.append(row)
+    save()
+    bar.update(1)
+    release_memory()
 
 
 def make_runner(model, variant: str, profile):
@@ -166,7 +175,6 @@ def prefill_rows(name: str, variants: list[str], lengths: list[int], batch: int,
         if variant == "flex":
             model.set_attn_implementation("flex_attention")
         run, compiled = make_runner(model, variant, profile)
-        compile_s = None
         for i, length in enumerate(lengths):
             row = dict(model=name, variant=variant, batch=batch, padded=padded, length=length)
             bar.set_postfix_str(f"{name} {variant} {length // K}K b{batch}")
@@ -187,22 +195,16 @@ def prefill_rows(name: str, variants: list[str], lengths: list[int], batch: int,
                 row["ms"] = median(times)
                 row["times_ms"] = times
                 if i == 0 and compiled:
-                    compile_s = first_s - row["ms"] / 1000
-                    row["compile_s"] = compile_s
+                    row["compile_s"] = first_s - row["ms"] / 1000
                 if variant.startswith("dam"):
                     row["paths"] = runtime_stats()
             except Exception as exc:  # a case that fails is recorded with its reason, the run goes on
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            rows.append(row)
-            save()
-            bar.update(1)
-            gc.collect()
-            torch.cuda.empty_cache()
+            finish_case(row, rows, save, bar)
         if variant == "flex":
             model.set_attn_implementation("sdpa")
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_memory()
     return rows
 
 
@@ -252,14 +254,9 @@ def decode_rows(name: str, kv_lengths: list[int], steps: int, bar, rows: list, s
                 del cache
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            rows.append(row)
-            save()
-            bar.update(1)
-            gc.collect()
-            torch.cuda.empty_cache()
+            finish_case(row, rows, save, bar)
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_memory()
     return rows
 
 
@@ -358,7 +355,7 @@ def main(argv=None) -> None:
                             logits_to_keep=1, dam_options="defaults (block 128, min_seq_len 8192, density 0.15)",
                             calibration="dam_compile.calibrate on 4 random-token samples, PCL 128")
     result.update(prefill=prefill, decode=decode)
-    out = args.out or RESULTS / f"e2e_{'quick_' if args.quick else ''}{gpu_tag()}.json"
+    out = result_path("e2e", args.quick, args.out)
 
     def save() -> None:  # after every case, so a run cut short keeps what it measured
         result["summary"] = summarize(prefill, decode)
@@ -373,9 +370,8 @@ def main(argv=None) -> None:
                 prefill_rows(name, variants, padded, 4, True, bar, prefill, save)
             if decode_kv:
                 decode_rows(name, decode_kv, args.decode_steps, bar, decode, save)
-    save()
-    print(json.dumps(result["summary"], indent=2))
-    print(f"wrote {out}")
+    result["summary"] = summarize(prefill, decode)
+    write_result(result, "e2e", args.quick, out)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from torch import Tensor
 from .block_sparse_launch import _cdiv, _next_power_of_2, interpreting
 from .reference import check_heads
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def sparse_decode_partials(

@@ -138,8 +138,15 @@ def _plan_unless_dense(
     if path != "dense":
         plan = build()  # block-level sources: dense/streaming plans always carry full blocks, no pattern
         return plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices
-    counts, indices, full_counts, full_indices = _uninitialized_broadcast_plan(query, key, block_size)
-    return counts.zero_(), indices, full_counts.zero_(), full_indices
+    return _keep_nothing(_uninitialized_broadcast_plan(query, key, block_size))
+
+
+def _keep_nothing(lists: PlanTensors) -> PlanTensors:
+    """Plan buffers turned into a plan that keeps no block: the counts are zeroed, the index lists (never read
+    then) left as they are."""
+    lists[0].zero_()
+    lists[2].zero_()
+    return lists
 
 
 def _uninitialized_broadcast_plan(query: Tensor, key: Tensor, block_size: int, *args) -> PlanTensors:
@@ -169,9 +176,7 @@ def pattern_plan_op(
     path, _ = choose_path(query, key, min_seq_len, kernel)
     lists = _pattern_plan_buffers(query, key, diagonals, block_size)
     if path == "dense":
-        lists[0].zero_()
-        lists[2].zero_()
-        return lists
+        return _keep_nothing(lists)
     plan = cached_pattern_plan(
         diagonals, columns, corner, query.shape[-2], key.shape[-2], block_size, is_causal
     )
@@ -216,9 +221,7 @@ def dynamic_plan_op(
     when the attention will run dense, a plan that keeps nothing (nothing is computed)."""
     lists = _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks)
     if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
-        lists[0].zero_()
-        lists[2].zero_()
-        return lists
+        return _keep_nothing(lists)
     return _planner(dynamic_block_plan, query.device)(
         query, key, block_size=block_size, is_causal=is_causal, scale=scale, tau=tau,
         box_cox_lambda=box_cox_lambda, mu=mu, density=density, mass_target=mass_target, sink_blocks=sink_blocks,

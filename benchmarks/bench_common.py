@@ -6,6 +6,7 @@ import datetime
 import json
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def run_metadata(benchmark: str) -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),  # quoted: an empty option value stays visible
     }
 
 

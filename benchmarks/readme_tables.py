@@ -101,6 +101,7 @@ def _portable(command: str) -> str:
     return re.sub(r" --out \S+", "", command)
 
 
+E2E_VARIANTS = ("eager", "inductor", "flex", "dam-dense", "dam-dynamic", "dam-calibrated")
 E2E_TARGETS = {
     "prefill_speedup_32k": ">= 1.8",
     "prefill_speedup_128k": ">= 3.0",
@@ -114,23 +115,39 @@ E2E_TARGETS = {
 def e2e_table(result: dict) -> str:
     lines = [
         f"{result['device']}, torch {result['torch']}, Triton {result['triton']}, transformers "
-        f"{result['transformers']}, {result['date'][:10]}; {result['config']['weights']}, bf16, batch 1, "
-        f"`use_cache=False`, `logits_to_keep=1`, sequence dim marked dynamic. Commands (one run, in parts): "
-        f"`{_portable(result['command'])}`, then `--merge` of the parts.",
+        f"{result['transformers']}, {result['date'][:10]}; {result['config']['weights']}, bf16, "
+        f"`use_cache=False`, `logits_to_keep=1`, sequence dim marked dynamic; batch 4 is left-padded. Commands "
+        f"(one session, in parts): `{_portable(result['command'])}`, then `--merge` of the parts.",
         "",
-        "| model | N | variant | prefill ms | peak GB | compile s | attention paths / error |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | N | variant | prefill ms | inductor / this | peak GB | compile s | attention paths / error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["prefill"]:
+    inductor = {(r["model"], r["batch"], r["length"]): r["ms"] for r in result["prefill"]
+                if r["variant"] == "inductor" and "ms" in r}
+    rows = sorted(result["prefill"], key=lambda r: (r["model"] != "llama-3.1-8b", r["model"], r["batch"], r["length"],
+                                                     E2E_VARIANTS.index(r["variant"])))
+    for r in rows:
         what = r.get("error", "").split("\n")[0][:90] or ", ".join(f"{k} x{v}" for k, v in r.get("paths", {}).items())
+        base = inductor.get((r["model"], r["batch"], r["length"]))
+        speedup = f"{base / r['ms']:.2f}x" if base and "ms" in r else "-"
         ms = f"{r['ms']:.1f}" if "ms" in r else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-"
         comp = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
-        lines.append(f"| {r['model']} | {r['length'] // 1024}K | {r['variant']} | {ms} | {mem} | {comp} | {what} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['length'] // 1024}K | {r['variant']} | {ms} | {speedup} | "
+                     f"{mem} | {comp} | {what} |")
+    if result["decode"]:
+        lines += ["", "| decode: model | KV | variant | ms / token | tokens/s | peak GB | compile s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(result["decode"], key=lambda r: (r["model"], r["kv_len"], r["variant"])):
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['kv_len'] // 1024}K | {r['variant']} | {r['error'][:90]} | | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['kv_len'] // 1024}K | {r['variant']} | {r['ms_per_token']:.2f} | "
+                         f"{r['tokens_per_s']:.1f} | {r['peak_mem_gb']:.1f} | {r['compile_s']:.0f} |")
     lines += ["", "| headline (`summary`) | measured | target |", "|---|---|---|"]
     for field, target in E2E_TARGETS.items():
         value = result["summary"].get(field)
-        shown = f"{value:.3f}" if value is not None else "not measured: " + result["summary"]["notes"].get(field, "")[:110]
+        shown = f"{value:.3f}" if value is not None else "not measured: " + result["summary"]["notes"].get(field, "")
         lines.append(f"| `{field}` | {shown} | {target} |")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import; ``dam_compile.backend(**options)`` gives the same backend with options b
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class GraphReport:
     sites: list[SiteReport] = field(default_factory=list)
     fallback: str | None = None  # why the unmodified graph was compiled, if it was
     dump_dir: str | None = None
+    pass_s: float = 0.0  # seconds the rewrite (find, decide, insert, replace, check) took
 
     @property
     def rewritten(self) -> int:
@@ -65,6 +67,7 @@ def compile_graph(
     global _graph_counter
     report = GraphReport(index=_graph_counter)
     _graph_counter += 1
+    start = time.perf_counter()
     try:
         result = rewrite_attention(gm, config)
         compiled_gm, report.sites = result.graph_module, result.sites
@@ -76,6 +79,7 @@ def compile_graph(
         report.fallback = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"dam: the attention pass failed, compiling the graph unmodified ({report.fallback})")
         compiled_gm = gm
+    report.pass_s = time.perf_counter() - start
     _log_report(report)
     if config.dump_dir:
         report.dump_dir = str(
@@ -89,6 +93,7 @@ def compile_graph(
                     "rewritten": report.rewritten,
                     "dense": report.dense,
                     "fallback": report.fallback,
+                    "pass_s": round(report.pass_s, 3),
                     "config": config.describe(),
                 },
             )

@@ -15,11 +15,13 @@ Each has a fake implementation so Dynamo, AOTAutograd and Inductor can trace it 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .block_sparse_launch import triton_block_sparse_attention
 from .decode_kernel import triton_sparse_decode
@@ -32,6 +34,9 @@ from .pattern_plan import cached_pattern_plan
 from .structured_plans import dense_plan, streaming_plan
 
 PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
+# SDPA tries flash before cuDNN; on Hopper cuDNN is the faster dense kernel (0.98 vs 1.72 ms at 8K, causal bf16).
+# The others stay as fallbacks for what cuDNN does not take.
+DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @torch.library.custom_op("dam::sparse_attention", mutates_args=())
@@ -94,9 +99,11 @@ def dense_attention(
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         enable_gqa = False
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-    ).contiguous()
+    with sdpa_kernel(DENSE_BACKENDS, set_priority=True) if query.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    return out.contiguous()
 
 
 @sparse_attention_op.register_fake

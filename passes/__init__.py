@@ -1,6 +1,8 @@
-"""FX graph passes of dam-compile, one step per module: find SDPA, decide, insert mask generation,
-rewrite, verify; ``pipeline`` chains them."""
+"""FX graph passes of dam-compile, one step per module: find SDPA, decide, read a size-only causal mask as
+``is_causal`` (``causal_mask``), read K/V before ``repeat_kv`` (``gqa``), insert mask generation, rewrite,
+verify; ``pipeline`` chains them."""
 
+from .causal_mask import read_causal_mask
 from .decide import Decision, decide
 from .find_sdpa import SDPASite, find_sdpa_sites, is_sdpa, module_path, normalize_module_path
 from .insert_mask import MASK_GENERATORS, insert_mask_generation
@@ -25,6 +27,7 @@ __all__ = [
     "is_sdpa",
     "module_path",
     "normalize_module_path",
+    "read_causal_mask",
     "replace_with_sparse_attention",
     "rewrite_attention",
 ]

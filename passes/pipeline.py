@@ -11,6 +11,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import DAMConfig
 from ..profile import ProfileMismatchError
+from .causal_mask import read_causal_mask
 from .decide import Decision, decide, example_value
 from .find_sdpa import SDPASite, find_sdpa_sites
 from .gqa import read_before_repeat
@@ -95,6 +96,11 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
         if not decision.rewrite:
             continue
         name = site.node.name
+        causal = read_causal_mask(site)
+        mask_dropped = causal is not site
+        if mask_dropped:
+            reports[-1].reason += "; attn_mask is the causal mask, computed from sizes alone: read as is_causal=True"
+            site = causal
         grouped = read_before_repeat(site)
         if grouped is not site:
             reports[-1].reason += "; reads K/V before repeat_kv (grouped heads)"
@@ -103,7 +109,7 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
         op = replace_with_sparse_attention(graph, site, mask, config)
         done.append(RewrittenSite(
             name, mask.plan.target, mask.plan, mask.outputs, op, mask.patterns, mask.decode,
-            kv_sources=(original[site.key].name, original[site.value].name),
+            kv_sources=(original[site.key].name, original[site.value].name), mask_dropped=mask_dropped,
         ))
     unmatched = [r for r in reports if r.reason.startswith(NO_PROFILE_ENTRY)]
     if unmatched and len(unmatched) == len(reports):

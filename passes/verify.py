@@ -36,6 +36,7 @@ class RewrittenSite:
     patterns: tuple[Node, ...] = ()  # get_attr nodes of a calibrated site's token pattern
     decode: bool = False  # a decode plan: reads the mask too, and its patterns feed only the plan
     kv_sources: tuple[str, str] | None = None  # original names of the key/value the op reads (before repeat_kv)
+    mask_dropped: bool = False  # the original mask was read as is_causal=True: nothing new reads it
 
     def roles(self) -> dict[Node, str]:
         roles = {self.plan: f"{self.name}/plan", self.op: f"{self.name}/attn"}
@@ -110,16 +111,17 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
             _add_input(g, out, attn, f"args.{3 + i}")
         # A decode plan reads the mask (args.2), then the calibrated diagonals and columns; a prefill plan reads
         # the calibrated pattern buffers after query and key, and they also feed the op's token pattern.
-        if site.decode and isinstance(sdpa.attn_mask, Node):
-            _add_input(g, sdpa.attn_mask.name, plan, "args.2")
+        mask = sdpa.attn_mask if isinstance(sdpa.attn_mask, Node) and not site.mask_dropped else None
+        if site.decode and mask is not None:
+            _add_input(g, mask.name, plan, "args.2")
         for i, node in enumerate(site.patterns):
             role = f"{site.name}/pattern.{i}"
             g.add_node(role, op="get_attr", target=str(node.target), consts=None)
             _add_input(g, role, plan, f"args.{(3 if site.decode else 2) + i}")
             if not site.decode:
                 _add_input(g, role, attn, f"args.{3 + len(site.plan_outputs) + i}")
-        if isinstance(sdpa.attn_mask, Node):
-            _add_input(g, sdpa.attn_mask.name, attn, f"args.{3 + PLAN_OP_ARGS}")
+        if mask is not None:
+            _add_input(g, mask.name, attn, f"args.{3 + PLAN_OP_ARGS}")
         for dst, pos in users:
             g.add_edge(attn, dst, pos=pos)
     return g

@@ -61,13 +61,14 @@ def test_decode_kernel_matches_oracle(device, dtype, b, h, kvh, kv_len, d, block
     assert rel_err(out, ref) < tolerance(dtype)
 
 
-def test_decode_kernel_row_with_no_block_is_zero_and_plans_broadcast():
-    q, k, v = qkv(2, 4, 2, 64, 16)
-    counts = torch.tensor([[[2]], [[0]]], dtype=torch.int32)  # [B=2, Hp=1, 1]
-    indices = torch.tensor([[[[1, 3, 0, 0]]], [[[0, 0, 0, 0]]]], dtype=torch.int32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_kernel_row_with_no_block_is_zero_and_plans_broadcast(device):
+    q, k, v = qkv(2, 4, 2, 64, 16, device=device)
+    counts = torch.tensor([[[2]], [[0]]], dtype=torch.int32, device=device)  # [B=2, Hp=1, 1]
+    indices = torch.tensor([[[[1, 3, 0, 0]]], [[[0, 0, 0, 0]]]], dtype=torch.int32, device=device)
     out = triton_sparse_decode(q, k, v, counts, indices, 16, enable_gqa=True)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
-    allowed = token_allowed(counts[:1], indices[:1], 16, 64)
+    allowed = token_allowed(counts[:1].cpu(), indices[:1].cpu(), 16, 64).to(device)
     assert rel_err(out[:1], dense_oracle(q[:1], k[:1], v[:1], allowed)) < 1e-5
 
 

@@ -33,28 +33,10 @@ from bench_common import result_path, run_metadata, write_result
 
 import dam_compile
 from dam_compile.kernels.dispatch import reset_runtime_stats, runtime_stats
+from dam_compile.model_specs import build_from_config, hf_config
 
-# Shapes of the released models (config.json of each), with their rope scaling.
-LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-MODELS = {
-    "llama-3.2-1b": ("LlamaConfig", dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=64, vocab_size=128256, rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 32.0},
-        tie_word_embeddings=True)),
-    "llama-3.2-3b": ("LlamaConfig", dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-        head_dim=128, vocab_size=128256, rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 32.0},
-        tie_word_embeddings=True)),
-    "llama-3.1-8b": ("LlamaConfig", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        vocab_size=128256, rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0})),
-    "qwen2-7b": ("Qwen2Config", dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        vocab_size=152064, rope_theta=1000000.0)),
-    "mistral-7b-v0.3": ("MistralConfig", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        vocab_size=32768, rope_theta=1000000.0, sliding_window=None)),
-}
+# The released models' shapes (dam_compile.model_specs holds their configs).
+MODELS = ("llama-3.1-8b", "llama-3.2-3b", "llama-3.2-1b", "qwen2-7b", "mistral-7b-v0.3")
 VARIANTS = ("eager", "inductor", "dam-dense", "dam-dynamic", "dam-calibrated", "flex")
 HEADLINE_MODEL = "llama-3.1-8b"
 K = 1024
@@ -62,7 +44,7 @@ K = 1024
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="llama-3.1-8b,llama-3.2-3b,llama-3.2-1b,qwen2-7b,mistral-7b-v0.3")
+    p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--lengths", default="4096,8192,32768,65536,131072", help="prefill lengths (batch 1)")
     p.add_argument("--padded-lengths", default="", help="prefill lengths of a left-padded batch of 4")
@@ -79,19 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(name: str, attn: str = "sdpa"):
-    import transformers
-
-    cls, kwargs = MODELS[name]
-    config = getattr(transformers, cls)(**kwargs, max_position_embeddings=131072 + 4096, attn_implementation=attn)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            model = getattr(transformers, cls.replace("Config", "ForCausalLM"))(config)
-        finally:
-            torch.set_default_dtype(previous)
-    return model.eval()
+    return build_from_config(hf_config(name, attn=attn), device="cuda", dtype=torch.bfloat16)
 
 
 def cuda_ms(fn, warmup: int, repeats: int) -> list[float]:

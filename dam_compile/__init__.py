@@ -32,6 +32,8 @@ _map_checkout_subpackages()
 from .calibration import calibrate
 from .compile_backend import backend, clear_graph_reports, dam_backend, graph_reports
 from .config import DAMConfig
+from .explain import ExplainReport, explain
+from .export import export_mlir, export_rewritten
 from .kernels import BlockSparsePlan, reset_runtime_stats, runtime_stats, sparse_attention
 from .profile import DAMProfile, ProfileMismatchError
 from . import metrics
@@ -42,12 +44,16 @@ __all__ = [
     "BlockSparsePlan",
     "DAMConfig",
     "DAMProfile",
+    "ExplainReport",
     "ProfileMismatchError",
     "__version__",
     "backend",
     "calibrate",
     "clear_graph_reports",
     "dam_backend",
+    "explain",
+    "export_mlir",
+    "export_rewritten",
     "graph_reports",
     "metrics",
     "reset_runtime_stats",

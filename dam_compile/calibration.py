@@ -11,62 +11,29 @@ positions; ``A_bar = sum / (count + 1e-10)``. Padded sequences (left or right) a
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
-from .passes.find_sdpa import bind_sdpa_args
+from .module_stack import AttentionCallMode
 from .profile import DAMProfile, model_fingerprint
 
-_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _COUNT_EPS = 1e-10
 
 
-class AttentionCapture(TorchFunctionMode):
+class AttentionCapture(AttentionCallMode):
     """Accumulates the attention probabilities of every SDPA call, keyed by the innermost module running it."""
 
     def __init__(self, model: torch.nn.Module, pcl: int) -> None:
-        super().__init__()
+        super().__init__(model)
         self.pcl = pcl
-        self.model = model
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, Tensor] = {}
         self.causal: dict[str, bool] = {}
         self.token_valid: Tensor | None = None  # [B, L] of the running sample
-        self._stack: list[str] = []
-        self._hooks = ExitStack()
 
-    def __enter__(self):
-        for name, module in self.model.named_modules():
-            pre = module.register_forward_pre_hook(lambda _m, _a, n=name: self._enter(n))
-            post = module.register_forward_hook(lambda _m, _a, _o: self._leave())
-            self._hooks.callback(pre.remove)
-            self._hooks.callback(post.remove)
-        return super().__enter__()
-
-    # Hooks must return None (a forward hook's return value would replace the module's output).
-    def _enter(self, name: str) -> None:
-        self._stack.append(name)
-
-    def _leave(self) -> None:
-        self._stack.pop()
-
-    def __exit__(self, *exc):
-        self._hooks.close()
-        return super().__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _SDPA:
-            self._record(bind_sdpa_args(args, kwargs))
-        return func(*args, **kwargs)
-
-    def _record(self, a: dict[str, Any]) -> None:
-        name = self._stack[-1] if self._stack else ""
+    def on_attention(self, name: str, a: dict[str, Any]) -> None:
         query, key = a["query"], a["key"]
         batch, heads, q_len, _ = query.shape
         kv_len = key.shape[-2]

@@ -1,12 +1,54 @@
-"""The ``dam-compile`` command line."""
+"""The ``dam-compile`` command line: ``demo``, ``inspect``, ``calibrate`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import inspect as _inspect
 import logging
+import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 from .config import INNER_BACKENDS, KERNELS, MASK_SOURCES
+
+BENCHMARKS = ("kernel", "maskgen", "e2e", "fidelity")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value read as an int, a float, true/false/none, or else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    if lowered == "none":
+        return key, None
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_SPEC", help="a built-in name (llama-3.2-1b, llama-3.1-8b, qwen2-7b, "
+                   "mistral-7b, gpt2, bert-base, tiny-llama, tiny-qwen2, tiny-gpt2, tiny-bert), a local HF "
+                   "directory, or module:function returning (model, inputs)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--layers", type=_positive, help="keep only the first N layers of a built-in model")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,11 +67,37 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-compare-inductor", dest="compare_inductor", action="store_false",
                       help="skip timing plain torch.compile (inductor) as the baseline")
     demo.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+    inspect = sub.add_parser("inspect", help="compile a model with backend='dam', print what happened to each "
+                             "attention call, and write a browsable dump")
+    _model_arguments(inspect)
+    inspect.add_argument("--seq-len", type=_positive, required=True, help="prompt length of the example input")
+    inspect.add_argument("--batch", type=_positive, default=1)
+    inspect.add_argument("--dump", help="write the dump here (open DIR/index.html)")
+    inspect.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                         help="a dam backend option, e.g. -o mask_source=streaming -o min_seq_len=0 (repeatable)")
+    inspect.add_argument("--no-measure", dest="measure", action="store_false",
+                         help="skip the per-(layer, head) density and attention-mass recall")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    calibrate = sub.add_parser("calibrate", help="calibrate DAM patterns (a profile) for a model")
+    _model_arguments(calibrate)
+    calibrate.add_argument("--samples", type=Path, required=True,
+                           help="token ids: a .txt file (one sample per line, ids separated by spaces), or a "
+                           ".pt / .safetensors file holding an int tensor 'input_ids' [S, L]")
+    calibrate.add_argument("--pcl", type=_positive, default=128, help="pattern capture length (tokens)")
+    calibrate.add_argument("--out", type=Path, required=True, help="where to write the profile (.safetensors)")
+
+    bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (a source checkout)")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("--quick", action="store_true", help="the script's short subset")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
         from .demo import run_demo
@@ -41,7 +109,109 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
         return 0 if result.ok else 1
-    return 2
+    if args.command == "bench":
+        return _bench(parser, args)
+    spec = _resolve(parser, args)
+    if args.command == "inspect":
+        return _inspect_model(parser, args, spec)
+    return _calibrate(parser, args, spec)
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    import torch
+
+    from .model_specs import resolve
+
+    device = _device(args)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return resolve(args.model, device=device, dtype=dtype, layers=args.layers)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _inspect_model(parser: argparse.ArgumentParser, args: argparse.Namespace, spec) -> int:
+    from .explain import explain
+
+    options = dict(args.option)
+    if _device(args) == "cpu" and "inner_backend" not in options:
+        # The report is about the pass, which is the same whatever compiles its result; skip Inductor's C++
+        # build on the CPU.
+        options["inner_backend"] = "aot_eager"
+        spec.notes.append("inner_backend=aot_eager on the CPU (-o inner_backend=inductor to change)")
+    if args.dump:
+        options["dump_dir"] = args.dump
+    inputs = spec.make_inputs(args.batch, args.seq_len)
+    if "logits_to_keep" in _inspect.signature(spec.model.forward).parameters:
+        inputs["logits_to_keep"] = 1  # the report is about attention; skip the full-vocabulary logits
+    try:
+        report = explain(spec.model, example_kwargs=inputs, measure=args.measure, progress=True, **options)
+    except ValueError as err:
+        parser.error(str(err))
+    for note in spec.notes:
+        print(f"note: {note}")
+    print(report.to_json() if args.json else report)
+    if args.dump:
+        print(f"open {Path(args.dump) / 'index.html'}")
+    return 0
+
+
+def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace, spec) -> int:
+    from .calibration import calibrate
+
+    samples = _read_samples(parser, args.samples)
+    device = next(spec.model.parameters()).device
+    profile = calibrate(spec.model, [s.to(device) for s in samples], pcl=args.pcl, progress=True)
+    path = profile.save(args.out)
+    print(f"wrote {path}: {len(profile.modules)} attention modules, PCL {profile.pcl}")
+    return 0
+
+
+def _read_samples(parser: argparse.ArgumentParser, path: Path) -> list:
+    import torch
+
+    if not path.is_file():
+        parser.error(f"--samples: {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".txt":
+            rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+            return [torch.tensor([int(t) for t in row])[None] for row in rows]
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            ids = load_file(str(path))["input_ids"]
+        elif path.suffix == ".pt":
+            loaded = torch.load(path, weights_only=True)
+            ids = loaded["input_ids"] if isinstance(loaded, dict) else loaded
+        else:
+            parser.error(f"--samples: {str(path)!r} is not .txt, .pt or .safetensors")
+    except (ValueError, KeyError, RuntimeError) as err:
+        parser.error(f"--samples: cannot read token ids from {str(path)!r} ({err})")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        parser.error(f"--samples: {str(path)!r} must hold an integer tensor [S, L]")
+    return [row[None] for row in ids]
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    script = _benchmarks_dir() / f"bench_{args.name}.py"
+    if not script.is_file():
+        parser.error(f"{script} not found: run from a source checkout (benchmarks/ is not installed)"
+                     if not script.parent.is_dir() else f"no benchmark script {script.name} in {script.parent}")
+    extra = [a for a in args.args if a != "--"]
+    command = [sys.executable, str(script), *(["--quick"] if args.quick else []), *extra]
+    return subprocess.call(command, cwd=script.parent)
+
+
+def _benchmarks_dir() -> Path:
+    """``benchmarks/`` of the checkout this package runs from, else of the current directory."""
+    checkout = Path(__file__).resolve().parents[1] / "benchmarks"
+    return checkout if checkout.is_dir() else Path.cwd() / "benchmarks"
 
 
 if __name__ == "__main__":

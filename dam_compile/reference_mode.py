@@ -11,17 +11,15 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .config import DAMConfig
 from .kernels.dispatch import choose_path
 from .kernels.plan import BlockSparsePlan
 from .kernels.reference import block_sparse_attention_reference
+from .module_stack import SDPA_FUNCTIONS
 from .passes.find_sdpa import bind_sdpa_args
 from .passes.insert_mask import DECODE_PLAN, MASK_GENERATORS, decode_generator_args, mask_generator_args
-
-_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
 def plan_for(
@@ -55,7 +53,7 @@ class SparseReferenceMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _SDPA:
+        if func not in SDPA_FUNCTIONS:
             return func(*args, **kwargs)
         a = bind_sdpa_args(args, kwargs)
         query = a["query"]

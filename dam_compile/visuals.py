@@ -18,6 +18,7 @@ from .kernels.pattern_plan import pattern_block_tables
 
 if TYPE_CHECKING:
     from .profile import DAMProfile
+    from .site_measures import SiteMeasure
 
 TOKEN_LEVEL_MAX = 1024  # extended masks up to this length are drawn per token, longer ones per block
 
@@ -92,3 +93,30 @@ def plot_density_grid(densities: dict[str, torch.Tensor], path: Path, length: in
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def plot_site_blocks(measures: dict[str, "SiteMeasure"], directory: Path, max_heads: int = 32) -> list[Path]:
+    """One ``<module>.png`` per measured attention module: each head's block plan at the measured length
+    (black dropped, grey partial, white full), titled with its density and attention-mass recall."""
+    plt = _pyplot()
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, m in measures.items():
+        heads = min(len(m.density), max_heads)
+        cols = min(8, heads)
+        rows = -(-heads // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+        for h, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if h >= heads:
+                continue
+            ax.imshow(m.blocks[h].numpy(), cmap="Greys_r", vmin=0, vmax=2, interpolation="nearest")
+            recall = f", recall {m.recall[h]:.3f}" if m.recall else ""
+            ax.set_title(f"head {h}: density {m.density[h]:.3f}{recall}", fontsize=6)
+        fig.suptitle(f"{name or '(top level)'}: block plan at {m.q_len} x {m.kv_len} tokens ({m.path})", fontsize=8)
+        fig.tight_layout()
+        path = directory / _file_name(name or "top_level")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -110,8 +110,8 @@ def _block_patterns(mask: Tensor, visible: Tensor, offset: Tensor, mu: float) ->
     # Per offset d = m - n (shifted by nk - 1 to be >= 0): fraction of its visible blocks in the mask.
     index = (offset + nk - 1).expand_as(hits).reshape(*hits.shape[:-2], -1)
     slots = mq + nk - 1
-    per_offset = hits.new_zeros((*hits.shape[:-2], slots)).scatter_add_(-1, index, hits.flatten(-2))
-    offset_size = hits.new_zeros(slots).scatter_add_(0, (offset + nk - 1).flatten(), visible.flatten().float())
+    per_offset = hits.new_zeros((*hits.shape[:-2], slots)).scatter_add(-1, index, hits.flatten(-2))
+    offset_size = hits.new_zeros(slots).scatter_add(0, (offset + nk - 1).flatten(), visible.flatten().float())
     diag_keep = per_offset >= mu * offset_size.clamp_min(1)
     diag = diag_keep.gather(-1, index).view_as(mask)
     col_keep = hits.sum(-2) >= mu * visible.sum(-2).clamp_min(1)

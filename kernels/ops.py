@@ -149,11 +149,9 @@ def _plan_unless_dense(
 
 
 def _keep_nothing(lists: PlanTensors) -> PlanTensors:
-    """Plan buffers turned into a plan that keeps no block: the counts are zeroed, the index lists (never read
-    then) left as they are."""
-    lists[0].zero_()
-    lists[2].zero_()
-    return lists
+    """Plan buffers turned into a plan that keeps no block: zero counts, the index lists (never read then) left
+    as they are. Out of place, so the plan ops' code also traces into functional graphs (decompositions)."""
+    return torch.zeros_like(lists[0]), lists[1], torch.zeros_like(lists[2]), lists[3]
 
 
 def _uninitialized_broadcast_plan(query: Tensor, key: Tensor, block_size: int, *args) -> PlanTensors:
@@ -187,9 +185,11 @@ def pattern_plan_op(
     plan = cached_pattern_plan(
         diagonals, columns, corner, query.shape[-2], key.shape[-2], block_size, is_causal
     )
-    for buffer, compact in zip(lists, (plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices)):
-        buffer[..., : compact.shape[-1]].copy_(compact)
-    return lists
+    compacts = (plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices)
+    return tuple(  # the compact lists padded to the buffers' widths (out of place: traceable)
+        torch.nn.functional.pad(compact, (0, buffer.shape[-1] - compact.shape[-1])).to(buffer.dtype).expand_as(buffer).clone()
+        for buffer, compact in zip(lists, compacts)
+    )
 
 
 def _pattern_plan_buffers(query: Tensor, key: Tensor, diagonals: Tensor, block_size: int, *args) -> PlanTensors:
@@ -261,7 +261,7 @@ def decode_plan_op(
     keeps nothing when the step runs dense (a short cache)."""
     if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
         counts, indices = _decode_plan_buffers(query, key, block_size)
-        return counts.zero_(), indices
+        return torch.zeros_like(counts), indices
     return _planner(decode_block_plan, query.device)(
         query, key, attn_mask, diagonals, columns, source=source, block_size=block_size, sink_blocks=sink_blocks,
         local_blocks=local_blocks, density=density, scale=scale, corner_len=corner_len,

@@ -158,8 +158,14 @@ class BlockSparsePlan:
 
 def _lists_from_table(table: Tensor, compact: bool = False) -> tuple[Tensor, Tensor]:
     counts = table.sum(-1, dtype=torch.int32)
-    # A stable sort on "not kept" puts the kept block indices first, in ascending order.
-    indices = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    # Kept block j goes to slot (number of kept blocks before it): kept indices first, in ascending order.
+    # Dropped blocks land in a spare last slot; slots past the count stay 0 (a valid block id, never read).
+    # No sort: cheaper, and exporters (torch-mlir) lack a stable sort.
+    nk = table.shape[-1]
+    slot = torch.where(table, table.cumsum(-1, dtype=torch.int64) - 1, nk)
+    blocks = torch.arange(nk, device=table.device, dtype=torch.int32).expand(table.shape)
+    spare = torch.zeros((*table.shape[:-1], nk + 1), dtype=torch.int32, device=table.device)
+    indices = spare.scatter(-1, slot, blocks)[..., :nk].contiguous()
     if compact:
         width = int(counts.max().item()) if counts.numel() else 0
         indices = indices[..., :width].contiguous()
@@ -172,8 +178,7 @@ def _table_from_lists(counts: Tensor, indices: Tensor, nk: int) -> Tensor:
     # Unlisted slots scatter into a spare column nk, dropped afterwards.
     target = torch.where(listed, indices.to(torch.int64), nk).clamp(0, nk)
     table = torch.zeros((*indices.shape[:-1], nk + 1), dtype=torch.bool, device=indices.device)
-    table.scatter_(-1, target, True)
-    return table[..., :nk]
+    return table.scatter(-1, target, True)[..., :nk]  # out of place: traceable into functional graphs
 
 
 def _check_layout(name: str, counts: Tensor, indices: Tensor, *, batch: int, heads: int, mq: int) -> None:

@@ -33,5 +33,4 @@ def _scatter_bits(entries: Tensor, shift: int, length: int) -> Tensor:
     # Unusable entries land in a spare last column that is dropped.
     index = torch.where(usable, index, length)
     bits = torch.zeros((entries.shape[0], length + 1), dtype=torch.int8, device=entries.device)
-    bits.scatter_(1, index, 1)
-    return bits[:, :length]
+    return bits.scatter(1, index, 1)[:, :length]

@@ -19,7 +19,7 @@ def test_demo_runs_checks_and_dumps(tmp_path, mask_source):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "| layers.3.self_attn |" in run.stdout and "demo OK" in run.stdout
     assert "reference: kernel='reference'" in run.stdout
-    assert (tmp_path / "dump" / "graph_000" / "sdpa_sites.md").exists()
+    assert (tmp_path / "dump" / "graph_000" / "sites.md").exists()
 
 
 def test_demo_reports_failure_through_exit_code(monkeypatch):

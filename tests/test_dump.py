@@ -28,14 +28,14 @@ def test_dump_shows_code_and_site_table(tmp_path):
     after = (folder / "after.py").read_text()
     assert "dam.sparse_attention" in after and "dam.dense_plan" in after
     assert after.count("scaled_dot_product_attention") == 1  # the dropout call stays
-    table = json.loads((folder / "sdpa_sites.json").read_text())
+    table = json.loads((folder / "sites.json").read_text())
     assert (table["rewritten"], table["dense"]) == (1, 1)
     assert table["config"]["kernel"] == "reference"
     sparse, dense = table["sites"]
     assert sparse["decision"] == "sparse" and sparse["query"] == "float32[1, 2, 40, 16]" and sparse["is_causal"]
     assert dense["decision"] == "dense" and "dropout_p=0.25" in dense["reason"]
     assert "test_dump.py" in sparse["source"]
-    markdown = (folder / "sdpa_sites.md").read_text()
+    markdown = (folder / "sites.md").read_text()
     assert "1 rewritten, 1 dense" in markdown and "dropout_p=0.25" in markdown
 
 

@@ -27,7 +27,7 @@ def run_metadata(benchmark: str) -> dict:
     """Device, versions, date and the exact command, as every results file carries them."""
     return {
         "benchmark": benchmark,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import time
 from pathlib import Path
 
@@ -34,11 +33,11 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
-from dam_compile.kernels import BlockSparsePlan, causal_block_tables, plan_density, streaming_plan
+from dam_compile.kernels import BlockSparsePlan, plan_density, streaming_plan
 from dam_compile.kernels.dynamic_mask import ESTIMATORS, dynamic_block_plan
 from dam_compile.kernels.ops import pattern_plan_op
 from dam_compile.kernels.pattern_plan import _CACHE as PATTERN_PLAN_CACHE
-from dam_compile.metrics import attention_mass_recall
+from dam_compile.metrics import attention_mass_recall, top_mass_plan
 
 DENSITIES = (0.05, 0.1, 0.15, 0.3)
 HEADLINE_DENSITY = 0.15
@@ -176,29 +175,6 @@ class QKCapture(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def oracle_plan(query, key, block, budget_of) -> BlockSparsePlan:
-    """Top blocks by exact attention mass, with each row's budget from ``budget_of`` ``[B, H, Mq]``."""
-    b, h, n, d = query.shape
-    group = h // key.shape[1]
-    k = key.float().repeat_interleave(group, dim=1)
-    nb = math.ceil(n / block)
-    mass = torch.zeros(b, h, nb, nb, device=query.device)
-    k_pos = torch.arange(n, device=query.device)
-    for start in range(0, n, 1024):
-        q = query[:, :, start:start + 1024].float()
-        s = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(d)
-        s = s.masked_fill(k_pos[None, :] > torch.arange(start, start + q.shape[2], device=q.device)[:, None], float("-inf"))
-        p = torch.softmax(s, -1)
-        per_key_block = F.pad(p, (0, nb * block - n)).unflatten(-1, (nb, block)).sum(-1)
-        rows = torch.arange(start, start + q.shape[2], device=q.device) // block
-        mass.index_add_(2, rows, per_key_block)
-    rank = mass.argsort(-1, descending=True).argsort(-1)
-    kept = rank < budget_of[..., None]
-    visible, whole = causal_block_tables(n, n, block, True, query.device)
-    kept = kept & visible
-    return BlockSparsePlan.from_block_tables(kept & ~whole, block, kept & whole)
-
-
 def fidelity_rows(args, log) -> tuple[list[dict], dict]:
     model, info = train_model(args, log)
     capture = QKCapture()
@@ -221,7 +197,7 @@ def fidelity_rows(args, log) -> tuple[list[dict], dict]:
             avg_visible = (n // block + 1) / 2
             window = max(1, round(measured * avg_visible) - 1)
             plans["streaming_llm"] = streaming_plan(n, n, block, True, 1, window, q.device)
-            plans["oracle_top_mass"] = oracle_plan(q, k, block, default.kept_blocks())
+            plans["oracle_top_mass"] = top_mass_plan(q, k, block, default.kept_blocks())
             for name, plan in plans.items():
                 recall = attention_mass_recall(q, k, plan, is_causal=True, enable_gqa=True)
                 rows.append({

@@ -3,7 +3,8 @@
 
 - :func:`attention_mass_recall`: the fraction of the exact softmax mass that the plan keeps, per (batch, head);
 - :func:`density_per_head`: kept blocks over the blocks dense attention visits (from the kernels' reference);
-- :func:`output_error`: relative error of an attention output against a reference.
+- :func:`output_error`: relative error of an attention output against a reference;
+- :func:`top_mass_plan`: the oracle plan (the blocks holding the most exact mass, per row budget).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from .kernels.plan import BlockSparsePlan
+from .kernels.plan import BlockSparsePlan, num_blocks
+from .kernels.structured_plans import causal_block_tables
 from .kernels.reference import (
     DEFAULT_MAX_CHUNK_ELEMENTS, TokenTables, check_heads, density_per_head, rows_per_chunk, score_chunks,
 )
@@ -59,6 +61,30 @@ def attention_mass_recall(
     return kept_mass / q_len
 
 
+def top_mass_plan(query: Tensor, key: Tensor, block_size: int, budget: Tensor) -> BlockSparsePlan:
+    """The oracle plan: in each query-block row the ``budget`` key blocks holding the most exact attention mass
+    (causal attention; an upper bound for any mask at that density).
+
+    Args:
+        query: ``[B, H, L, E]``; key ``[B, KVH, L, E]`` (grouped heads allowed).
+        budget: int ``[B, H, Mq]`` (or broadcastable): blocks to keep per query-block row.
+    """
+    b, h, n, d = query.shape
+    nb = num_blocks(n, block_size)
+    mass = torch.zeros(b, h, nb, nb, dtype=torch.float32, device=query.device)
+    k_pos = torch.arange(n, device=query.device)
+    rows = rows_per_chunk(b, h, n, block_size, DEFAULT_MAX_CHUNK_ELEMENTS)
+    for start, stop, scores in score_chunks(query, key, 1.0 / math.sqrt(d), rows, torch.float32):
+        q_pos = torch.arange(start, stop, device=query.device)
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = torch.nn.functional.pad(torch.softmax(scores, -1), (0, nb * block_size - n))
+        mass.index_add_(2, q_pos // block_size, probs.unflatten(-1, (nb, block_size)).sum(-1))
+    visible, whole = causal_block_tables(n, n, block_size, True, query.device)
+    rank = mass.masked_fill(~visible, -1.0).argsort(-1, descending=True).argsort(-1)
+    kept = (rank < budget[..., None]) & visible
+    return BlockSparsePlan.from_block_tables(kept & ~whole, block_size, kept & whole)
+
+
 def output_error(output: Tensor, reference: Tensor) -> float:
     """``||output - reference|| / ||reference||`` in float64 (Frobenius norms)."""
     if output.shape != reference.shape:
@@ -67,4 +93,4 @@ def output_error(output: Tensor, reference: Tensor) -> float:
     return float((output.to(torch.float64) - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-__all__ = ["attention_mass_recall", "density_per_head", "output_error"]
+__all__ = ["attention_mass_recall", "density_per_head", "output_error", "top_mass_plan"]

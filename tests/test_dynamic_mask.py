@@ -122,3 +122,19 @@ def test_mass_recall_and_density_definitions():
     assert torch.allclose(recall, by_hand, atol=1e-6)
     assert density_per_head(window, 96, 96, True).item() == pytest.approx(11 / 21)  # 6 sink/diag + 5 neighbours
     assert output_error(torch.ones(3), torch.ones(3)) == 0.0
+
+
+def test_top_mass_plan_keeps_the_most_mass_for_its_budget():
+    from dam_compile.kernels.structured_plans import random_plan
+    from dam_compile.metrics import top_mass_plan
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 200, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
+    block = 16
+    rand = random_plan(200, 200, block, 0.3, 4, generator=g)
+    oracle = top_mass_plan(q, k, block, rand.kept_blocks())
+    assert torch.equal(oracle.kept_blocks(), rand.kept_blocks())  # same budget in every row
+    recall = lambda plan: attention_mass_recall(q, k, plan, is_causal=True, enable_gqa=True)  # noqa: E731
+    assert (recall(oracle) >= recall(rand) - 1e-9).all()
+    everything = top_mass_plan(q, k, block, torch.full((1, 4, 13), 13))
+    assert torch.allclose(recall(everything), torch.ones(1, 4, dtype=torch.float64))

@@ -33,12 +33,12 @@ import fidelity_tasks as ft
 from bench_common import RESULTS, run_metadata, write_result
 
 import dam_compile
-from dam_compile.kernels import BlockSparsePlan, plan_density, streaming_plan
-from dam_compile.kernels.dynamic_mask import dynamic_block_plan
-from dam_compile.kernels.pattern_plan import cached_pattern_plan
-from dam_compile.kernels.structured_plans import causal_block_tables, random_plan
+from dam_compile.config import DAMConfig
+from dam_compile.kernels import BlockSparsePlan, plan_density
+from dam_compile.kernels.structured_plans import causal_block_tables, density_matched_streaming_plan, random_plan
 from dam_compile.metrics import attention_mass_recall, top_mass_plan
 from dam_compile.module_stack import AttentionCallMode
+from dam_compile.reference_mode import plan_for
 
 DENSITIES = (0.05, 0.10, 0.15, 0.30)
 MATCHED = ("dam-dynamic", "streaming", "oracle", "random")  # run at each density
@@ -136,6 +136,9 @@ class VariantAttention(AttentionCallMode):
                  seed: int = 0):
         super().__init__(model)
         self.variant, self.density, self.block, self.profile = variant, density, block, profile
+        # DAM variants use the plan ops the pass inserts, as users run them.
+        self.config = DAMConfig(block_size=block, min_seq_len=0, kernel="reference", density=density, profile=profile,
+                                mask_source="calibrated" if profile is not None else "dynamic")
         self.want_recall, self.densities, self.recalls = recall, [], []
         self.seed, self.generator = seed, None
         self.kernel = "reference" if not torch.cuda.is_available() else "auto"
@@ -155,19 +158,13 @@ class VariantAttention(AttentionCallMode):
 
     def plan(self, name: str, q, k) -> BlockSparsePlan:
         n, block, d = q.shape[-2], self.block, self.density
-        if self.variant == "dam-dynamic":
-            counts, indices, full_counts, full_indices = dynamic_block_plan(
-                q, k, block_size=block, is_causal=True, density=d)
-            return BlockSparsePlan(counts, indices, block, full_counts, full_indices)
-        if self.variant.startswith("dam-calibrated"):
-            p = self.profile.patterns_on(self.profile.find_module(name), q.device)
-            plan = cached_pattern_plan(p.diagonals, p.columns, p.corner, n, n, block, True)
-            return plan.with_token_pattern(p.diagonals, p.columns, p.corner)
-        visible, _ = causal_block_tables(n, n, block, True, q.device)
-        if self.variant == "streaming":  # sink + a window sized to the density, over the average visible row
-            window = max(1, round(d * float(visible.sum(-1).float().mean())) - 1)
-            return streaming_plan(n, n, block, True, 1, window, q.device)
+        if self.variant.startswith("dam-"):
+            patterns = self.profile.patterns_on(self.profile.find_module(name), q.device) if self.profile else None
+            return plan_for(self.config, q, k, True, patterns=patterns)
+        if self.variant == "streaming":
+            return density_matched_streaming_plan(n, block, d, q.device)
         if self.variant == "oracle":
+            visible, _ = causal_block_tables(n, n, block, True, q.device)
             budget = (visible.sum(-1) * d).round().clamp(min=1).to(torch.int64)
             return top_mass_plan(q, k, block, budget.expand(q.shape[0], q.shape[1], -1))
         if self.variant == "random":

@@ -33,7 +33,8 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
-from dam_compile.kernels import BlockSparsePlan, plan_density, streaming_plan
+from dam_compile.kernels import BlockSparsePlan, plan_density
+from dam_compile.kernels.structured_plans import density_matched_streaming_plan
 from dam_compile.kernels.dynamic_mask import ESTIMATORS, dynamic_block_plan
 from dam_compile.kernels.ops import pattern_plan_op
 from dam_compile.kernels.pattern_plan import _CACHE as PATTERN_PLAN_CACHE
@@ -194,9 +195,7 @@ def fidelity_rows(args, log) -> tuple[list[dict], dict]:
                 plans[f"dam_dynamic_{estimator}"] = BlockSparsePlan(counts, idx, block, fcounts, fidx)
             default = plans["dam_dynamic_pooled"]
             measured = plan_density(default, n, n, True)
-            avg_visible = (n // block + 1) / 2
-            window = max(1, round(measured * avg_visible) - 1)
-            plans["streaming_llm"] = streaming_plan(n, n, block, True, 1, window, q.device)
+            plans["streaming_llm"] = density_matched_streaming_plan(n, block, measured, q.device)
             plans["oracle_top_mass"] = top_mass_plan(q, k, block, default.kept_blocks())
             for name, plan in plans.items():
                 recall = attention_mass_recall(q, k, plan, is_causal=True, enable_gqa=True)

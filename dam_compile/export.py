@@ -36,11 +36,7 @@ def export_rewritten(
     rewritten = rewrite_attention(program.graph_module, config).graph_module
     values = [n.meta["val"] for n in rewritten.graph.nodes if n.op == "placeholder"]
     FakeTensorProp(rewritten, torch._guards.detect_fake_mode(values)).propagate_dont_convert_inputs(*values)
-    program = torch.export.ExportedProgram(
-        root=rewritten, graph=rewritten.graph, graph_signature=program.graph_signature,
-        state_dict=program.state_dict, range_constraints=program.range_constraints,
-        module_call_graph=program.module_call_graph, constants=program.constants,
-    )
+    program = _rebuilt(program, root=rewritten)
     return program.run_decompositions(decomposition_table() if decompose else {})
 
 
@@ -84,9 +80,15 @@ def _frozen_buffers_as_constants(program: torch.export.ExportedProgram) -> torch
     ]
     if specs == list(sig.input_specs):
         return program
+    return _rebuilt(program, signature=ExportGraphSignature(input_specs=specs, output_specs=sig.output_specs))
+
+
+def _rebuilt(program: torch.export.ExportedProgram, *, root: torch.fx.GraphModule | None = None,
+             signature=None) -> torch.export.ExportedProgram:
+    """``program`` with another graph module or signature, everything else (state, constants) shared."""
+    root = program.graph_module if root is None else root
     return torch.export.ExportedProgram(
-        root=program.graph_module, graph=program.graph,
-        graph_signature=ExportGraphSignature(input_specs=specs, output_specs=sig.output_specs),
+        root=root, graph=root.graph, graph_signature=signature or program.graph_signature,
         state_dict=program.state_dict, range_constraints=program.range_constraints,
         module_call_graph=program.module_call_graph, constants=program.constants,
     )

@@ -3,6 +3,7 @@ with the qualified name of the innermost module around it (``model.layers.3.self
 
 from __future__ import annotations
 
+import abc
 from contextlib import ExitStack
 from typing import Any
 
@@ -15,7 +16,7 @@ from .passes.find_sdpa import bind_sdpa_args
 SDPA_FUNCTIONS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-class AttentionCallMode(TorchFunctionMode):
+class AttentionCallMode(TorchFunctionMode, abc.ABC):
     """Subclasses implement ``on_attention(module_name, args)`` (args bound by name) and return ``None`` to let
     the call run unchanged, or a tensor to use as its output."""
 
@@ -49,5 +50,6 @@ class AttentionCallMode(TorchFunctionMode):
                 return out
         return func(*args, **kwargs)
 
+    @abc.abstractmethod
     def on_attention(self, module_name: str, args: dict[str, Any]) -> torch.Tensor | None:
-        raise NotImplementedError
+        """Called for every SDPA call with the innermost module's name and the call's arguments by name."""

@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .config import DAMConfig
+from .kernels.dam_patterns import HeadPatterns
 from .kernels.dispatch import choose_path
 from .kernels.plan import BlockSparsePlan
 from .kernels.reference import block_sparse_attention_reference
@@ -24,20 +25,24 @@ from .passes.insert_mask import DECODE_PLAN, MASK_GENERATORS, decode_generator_a
 
 def plan_for(
     config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool, scale: float | None = None,
-    attn_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None, patterns: HeadPatterns | None = None,
 ) -> BlockSparsePlan:
-    """The plan that the mask generation the pass inserts for ``config`` computes for these inputs (every
-    source but ``calibrated``, whose plan depends on the module: see :func:`dam_compile.kernels.pattern_plan`).
-    A one-row query gets the decode plan, which also reads ``attn_mask``."""
-    if config.source == "calibrated":
-        raise ValueError("SparseReferenceMode runs the dynamic, dense and streaming sources; for a profile use "
-                         "dam_compile.kernels.pattern_plan with the module's patterns")
+    """The plan that the mask generation the pass inserts for ``config`` computes for these inputs. The
+    ``calibrated`` source needs the module's ``patterns`` (``profile.patterns_on(name, device)``); its plan
+    carries them as its token pattern, as the rewritten op does. A one-row query gets the decode plan, which
+    also reads ``attn_mask``."""
+    calibrated = config.source == "calibrated"
+    if calibrated and patterns is None:
+        raise ValueError("patterns: the calibrated source plans from a module's patterns; pass "
+                         "profile.patterns_on(module_name, device)")
+    given = (patterns.diagonals, patterns.columns, patterns.corner) if calibrated else ()
     if query.shape[-2] == 1:
-        counts, indices = DECODE_PLAN(query, key, attn_mask, None, None, *decode_generator_args(config, scale))
+        counts, indices = DECODE_PLAN(query, key, attn_mask, *(given[:2] or (None, None)),
+                                      *decode_generator_args(config, scale))
         return BlockSparsePlan(counts, indices, config.block_size)
     args, kwargs = mask_generator_args(config, is_causal, scale)
-    counts, indices, full_counts, full_indices = MASK_GENERATORS[config.source](query, key, *args, **kwargs)
-    return BlockSparsePlan(counts, indices, config.block_size, full_counts, full_indices)
+    counts, indices, full_counts, full_indices = MASK_GENERATORS[config.source](query, key, *given, *args, **kwargs)
+    return BlockSparsePlan(counts, indices, config.block_size, full_counts, full_indices, *given)
 
 
 class SparseReferenceMode(TorchFunctionMode):
@@ -60,6 +65,9 @@ class SparseReferenceMode(TorchFunctionMode):
         path, _ = choose_path(query, a["key"], self.config.min_seq_len, self.config.kernel)
         if a["dropout_p"] != 0 or path == "dense" or (query.shape[-2] == 1 and a["is_causal"]):
             return func(*args, **kwargs)
+        if self.config.source == "calibrated":
+            raise ValueError("SparseReferenceMode runs the dynamic, dense and streaming sources; for a profile use "
+                             "dam_compile.kernels.pattern_plan with the module's patterns")
         plan = plan_for(self.config, query, a["key"], a["is_causal"], a["scale"], a["attn_mask"])
         return block_sparse_attention_reference(
             query, a["key"], a["value"], plan, attn_mask=a["attn_mask"], scale=a["scale"],

@@ -19,7 +19,6 @@ from .kernels.plan import BlockSparsePlan
 from .kernels.reference import density_per_head
 from .metrics import attention_mass_recall
 from .module_stack import AttentionCallMode
-from .passes.insert_mask import MASK_GENERATORS, mask_generator_args
 from .reference_mode import plan_for
 
 
@@ -73,13 +72,10 @@ class PlanMeasure(AttentionCallMode):
         return None
 
     def _plan(self, name: str, query: Tensor, key: Tensor, is_causal: bool, scale, mask) -> BlockSparsePlan:
-        config = self._planning
-        if config.source != "calibrated":
-            return plan_for(config, query, key, is_causal, scale, mask)
-        entry = config.profile.find_module(name)
-        if entry is None:
-            raise ValueError(f"the profile has no entry for module {name!r}")
-        p = config.profile.patterns_on(entry, query.device)
-        args, kwargs = mask_generator_args(config, is_causal, scale)
-        tensors = MASK_GENERATORS["calibrated"](query, key, p.diagonals, p.columns, p.corner, *args, **kwargs)
-        return BlockSparsePlan(*tensors[:2], config.block_size, *tensors[2:], p.diagonals, p.columns, p.corner)
+        config, patterns = self._planning, None
+        if config.source == "calibrated":
+            entry = config.profile.find_module(name)
+            if entry is None:
+                raise ValueError(f"the profile has no entry for module {name!r}")
+            patterns = config.profile.patterns_on(entry, query.device)
+        return plan_for(config, query, key, is_causal, scale, mask, patterns)

@@ -31,7 +31,8 @@ def sparse_attention_as_masked_sdpa(
     if path == "dense":
         return ops.dense_attention(query, key, value, attn_mask, scale, is_causal, enable_gqa)
     if kv_range is not None or q_offset != 0:
-        raise NotImplementedError("the decomposition covers graphs from the pass (no kv_range or q_offset)")
+        raise ValueError("kv_range and q_offset: the decomposition covers the graphs the pass writes, which set "
+                         "neither")
     plan = BlockSparsePlan(kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices,
                            token_diagonals, token_columns, token_corner)
     allowed = token_mask(plan, query.shape[-2], key.shape[-2], is_causal)  # [Bp, Hp, Lq, Lk]

@@ -84,6 +84,16 @@ def streaming_plan(
     return _broadcast_plan(kept & ~full, kept & full, block_size)
 
 
+def density_matched_streaming_plan(
+    length: int, block_size: int, density: float, device: torch.device | str = "cpu"
+) -> BlockSparsePlan:
+    """The StreamingLLM baseline at about ``density`` of the causal-visible blocks of ``length`` tokens: one sink
+    block plus a window sized to ``density`` of the average visible row (at least one block)."""
+    visible, _ = causal_block_tables(length, length, block_size, True, device)
+    window = max(1, round(density * float(visible.sum(-1).float().mean())) - 1)
+    return streaming_plan(length, length, block_size, True, 1, window, device)
+
+
 def _broadcast_plan(partial: Tensor, full: Tensor, block_size: int) -> BlockSparsePlan:
     return BlockSparsePlan.from_block_tables(partial[None, None], block_size, full[None, None])
 

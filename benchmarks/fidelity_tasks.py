@@ -9,7 +9,9 @@ the answer tokens a model must produce next.
 - ``var_track``: "VAR x = dddd" then a chain "VAR y = x", "VAR z = y" ...; the question asks the chain's end.
 
 ``depth`` (0 to 1) places the fact the answer depends on (the passkey, the asked needle or line, the chain's
-first link) at that fraction of the context.
+first link) at that fraction of the context. A context can answer several questions (every needle, many lines,
+both chains): training asks them all after one another, which gives the loss many answers per sequence, as
+multi-query associative recall does; evaluation asks the first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ NAMES = range(32, 288)  # identifiers: keys, line ids, variable names
 FILLER = range(288, 512)
 VOCAB = 512
 TASKS = ("passkey", "multikey", "kv_lines", "var_track")
+QUESTION_LEN = {"passkey": 3, "multikey": 4, "kv_lines": 5, "var_track": 4}
+ANSWER_LEN = {"passkey": 5, "multikey": 4, "kv_lines": 3, "var_track": 4}
+MAX_QUESTIONS = {"passkey": 1, "multikey": 6, "kv_lines": 16, "var_track": 2}
+
+QA = tuple[list[int], list[int]]  # (question, answer)
 
 
 @dataclass(frozen=True)
@@ -59,84 +66,86 @@ def _fill(body_len: int, facts: list[tuple[float, list[int]]], g: torch.Generato
     return out + filler[taken:]
 
 
-def passkey(length: int, depth: float, g: torch.Generator) -> Sample:
+def passkey(body_len: int, depth: float, g: torch.Generator, questions: int) -> tuple[list[int], list[QA]]:
     key = _digits(5, g)
-    question = [QUERY, PASSKEY, ANSWER]
-    body = _fill(length - 1 - len(question), [(depth, [PASSKEY, *key, NEWLINE])], g)
-    return _sample("passkey", body, question, key, depth)
+    return _fill(body_len, [(depth, [PASSKEY, *key, NEWLINE])], g), [([QUERY, PASSKEY, ANSWER], key)]
 
 
-def multikey(length: int, depth: float, g: torch.Generator, needles: int = 6) -> Sample:
+def multikey(body_len: int, depth: float, g: torch.Generator, questions: int, needles: int = 6):
     keys = _pick(NAMES, needles, g, distinct=True)
     values = [_digits(4, g) for _ in keys]
     depths = [depth] + torch.rand(needles - 1, generator=g).tolist()
     facts = [(d, [NEEDLE, k, IS, *v, NEWLINE]) for d, k, v in zip(depths, keys, values)]
-    question = [QUERY, NEEDLE, keys[0], ANSWER]
-    return _sample("multikey", _fill(length - 1 - len(question), facts, g), question, values[0], depth)
+    body = _fill(body_len, facts, g)
+    asked = [0] + (1 + torch.randperm(needles - 1, generator=g)).tolist()
+    return body, [([QUERY, NEEDLE, keys[i], ANSWER], values[i]) for i in asked[:questions]]
 
 
-def kv_lines(length: int, depth: float, g: torch.Generator) -> Sample:
+def kv_lines(body_len: int, depth: float, g: torch.Generator, questions: int):
     line_len = 8  # LINE a b IS d d d NEWLINE
-    question_len = 5
-    count = (length - 1 - question_len) // line_len
+    count = body_len // line_len
     if count < 1:
-        raise ValueError(f"length {length} holds no line")
+        raise ValueError(f"a context of {body_len} tokens holds no line")
     names = torch.randperm(len(NAMES) ** 2, generator=g)[:count].tolist()  # distinct (a, b) line ids
     ids = [(NAMES[n // len(NAMES)], NAMES[n % len(NAMES)]) for n in names]
     values = [_digits(3, g) for _ in ids]
     lines = [[LINE, a, b, IS, *v, NEWLINE] for (a, b), v in zip(ids, values)]
     target = min(count - 1, int(depth * count))
-    pad = length - 1 - question_len - count * line_len  # leading filler makes the length exact
-    body = _pick(FILLER, pad, g) + [t for line in lines for t in line]
-    question = [QUERY, LINE, *ids[target], ANSWER]
-    return _sample("kv_lines", body, question, values[target], depth)
+    body = _pick(FILLER, body_len - count * line_len, g) + [t for line in lines for t in line]  # exact length
+    others = [i for i in torch.randperm(count, generator=g).tolist() if i != target]
+    return body, [([QUERY, LINE, *ids[i], ANSWER], values[i]) for i in ([target] + others)[:questions]]
 
 
-def var_track(length: int, depth: float, g: torch.Generator, hops: int = 3, chains: int = 2) -> Sample:
+def var_track(body_len: int, depth: float, g: torch.Generator, questions: int, hops: int = 3, chains: int = 2):
     names = _pick(NAMES, hops * chains, g, distinct=True)
-    facts, answers = [], []
+    facts, asked = [], []
     for c in range(chains):
         chain = names[c * hops:(c + 1) * hops]
         value = _digits(4, g)
-        answers.append((chain[-1], value))
+        asked.append(([QUERY, VAR, chain[-1], ANSWER], value))
         start = depth if c == 0 else float(torch.rand((), generator=g)) * 0.5
         later = sorted(start + (1 - start) * x for x in torch.rand(hops - 1, generator=g).tolist())
         facts.append((start, [VAR, chain[0], EQUALS, *value, NEWLINE]))
         facts += [(d, [VAR, chain[i + 1], EQUALS, chain[i], NEWLINE]) for i, d in enumerate(later)]
-    asked, value = answers[0]
-    question = [QUERY, VAR, asked, ANSWER]
-    return _sample("var_track", _fill(length - 1 - len(question), facts, g), question, value, depth)
+    return _fill(body_len, facts, g), asked[:questions]
 
 
 GENERATORS = {"passkey": passkey, "multikey": multikey, "kv_lines": kv_lines, "var_track": var_track}
 
 
-def make_sample(task: str, length: int, depth: float, seed: int) -> Sample:
-    """One sample of ``task``: a prompt of exactly ``length`` tokens, deterministic in ``seed``."""
+def _context(task: str, body_len: int, depth: float, seed: int, questions: int) -> tuple[list[int], list[QA]]:
     if task not in GENERATORS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
-    return GENERATORS[task](length, depth, torch.Generator().manual_seed(seed))
+    return GENERATORS[task](body_len, depth, torch.Generator().manual_seed(seed), questions)
 
 
-def _sample(task: str, body: list[int], question: list[int], answer: list[int], depth: float) -> Sample:
+def make_sample(task: str, length: int, depth: float, seed: int) -> Sample:
+    """One sample of ``task``: a prompt of exactly ``length`` tokens, deterministic in ``seed``."""
+    body, [(question, answer)] = _context(task, length - 1 - QUESTION_LEN.get(task, 0), depth, seed, questions=1)
     prompt = torch.tensor([BOS, *body, *question], dtype=torch.int64)
     return Sample(task, prompt, torch.tensor(answer, dtype=torch.int64), depth)
 
 
-def training_batch(batch: int, length: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``(ids, labels)``, each ``[batch, length]``: prompts of ``length - A`` tokens followed by their answers
-    (tasks and depths drawn uniformly); labels are -100 except on the answer tokens (loss on answers only)."""
+def training_batch(batch: int, length: int, seed: int, questions: int = 8) -> tuple[Tensor, Tensor]:
+    """``(ids, labels)``, each ``[batch, length]``: a context followed by up to ``questions`` questions, each with
+    its answer (tasks and depths drawn uniformly); labels are -100 except on the answer tokens (loss on answers
+    only; HF's loss shifts labels by one itself)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.full((batch, length), PAD, dtype=torch.int64)
     labels = torch.full((batch, length), -100, dtype=torch.int64)
     for b in range(batch):
         task = TASKS[int(torch.randint(len(TASKS), (), generator=g))]
-        answer_len = 5 if task == "passkey" else 3 if task == "kv_lines" else 4
-        sample = make_sample(task, length - answer_len, float(torch.rand((), generator=g)),
-                             int(torch.randint(2**31, (), generator=g)))
-        row = torch.cat([sample.prompt, sample.answer])
-        ids[b] = row
-        labels[b, -answer_len:] = sample.answer  # HF's loss shifts labels by one itself
+        asked = min(questions, MAX_QUESTIONS[task])
+        body_len = length - 1 - asked * (QUESTION_LEN[task] + ANSWER_LEN[task])
+        body, qas = _context(task, body_len, float(torch.rand((), generator=g)),
+                             int(torch.randint(2**31, (), generator=g)), asked)
+        row, answer_at = [BOS, *body], []
+        for question, answer in qas:
+            row += question
+            answer_at += range(len(row), len(row) + len(answer))
+            row += answer
+        ids[b, :len(row)] = torch.tensor(row)  # a short line context asks fewer: PAD after, no loss there
+        labels[b, answer_at] = ids[b, answer_at]
     return ids, labels

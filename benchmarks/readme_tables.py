@@ -152,10 +152,91 @@ def e2e_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+FIDELITY_TARGETS = {"max_gap_to_full_at_15pct": "<= 1.0", "min_margin_over_streamingllm_at_15pct": "> 0",
+                    "mass_recall_at_15pct": ">= 0.95"}
+
+
+def _fidelity_order(variant: str) -> tuple:
+    order = ("full", "dam-dynamic", "dam-calibrated", "oracle", "streaming", "random")
+    return next(i for i, v in enumerate(order) if variant.startswith(v)), variant
+
+
+def fidelity_table(result: dict) -> str:
+    cfg, train, rows = result["config"], result["training"], result["rows"]
+    model = cfg["model"]
+    lengths = sorted({r["length"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["nominal_density"]), {}).setdefault(r["length"], []).append(r)
+    lines = [
+        f"{result['device']}, torch {result['torch']}, Triton {result['triton']}, transformers "
+        f"{result['transformers']}, {result['date'][:10]}; a {model['num_hidden_layers']}-layer Llama (hidden "
+        f"{model['hidden_size']}, {model['num_attention_heads']}/{model['num_key_value_heads']} heads) trained in the "
+        f"run: {train['recipe']['steps']} steps, lengths {train['recipe']['lengths']}, "
+        + (f"answer loss {train['loss_first']:.2f} -> {train['loss_last']:.2f}" if "loss_last" in train
+           else "its training log beside the results file")
+        + f"; {cfg['samples_per_task']} held-out samples per task "
+        f"and length, depths 0-100%; block {cfg['block_size']}. Command: `{_portable(result['command'])}`.",
+        "",
+        "Accuracy (%, mean over the tasks " + ", ".join(tasks) + ") and measured block density:",
+        "",
+        "| variant | nominal density | " + " | ".join(f"{n // 1024}K acc | {n // 1024}K density" for n in lengths)
+        + " |",
+        "|---|---|" + "---|---|" * len(lengths),
+    ]
+    for (variant, nominal), by_length in sorted(groups.items(), key=lambda g: (_fidelity_order(g[0][0]),
+                                                                                g[0][1] or 0)):
+        cells = []
+        for n in lengths:
+            got = by_length.get(n, [])
+            acc = sum(r["accuracy"] for r in got) / len(got) if got else None
+            density = sum(r["density"] for r in got) / len(got) if got else None
+            cells.append("- | -" if acc is None else f"{acc:.1f} | {density:.3f}")
+        lines.append(f"| {variant} | {'-' if nominal is None else nominal} | " + " | ".join(cells) + " |")
+    lines += ["", "Per task at 10% and 15% (accuracy %, one column per length):", "",
+              "| variant | density | task | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
+              "|---|---|---|" + "---|" * len(lengths)]
+    for (variant, nominal), by_length in sorted(groups.items(), key=lambda g: (_fidelity_order(g[0][0]),
+                                                                                g[0][1] or 0)):
+        if nominal not in (None, 0.1, 0.15):
+            continue
+        for task in tasks:
+            cells = [next((f"{r['accuracy']:.0f}" for r in by_length.get(n, []) if r["task"] == task), "-")
+                     for n in lengths]
+            lines.append(f"| {variant} | {'-' if nominal is None else nominal} | {task} | " + " | ".join(cells) + " |")
+    lines += ["", "Attention-mass recall per layer at 15% (first sample of each task, mean over tasks and heads):",
+              "", "| variant | N | " + " | ".join(f"layer {i}" for i in range(model["num_hidden_layers"])) + " |",
+              "|---|---|" + "---|" * model["num_hidden_layers"]]
+    for (variant, nominal), by_length in sorted(groups.items(), key=lambda g: _fidelity_order(g[0][0])):
+        if nominal not in (None, 0.15) or variant == "full":
+            continue
+        for n in lengths:
+            recalls = [r["mass_recall_per_layer"] for r in by_length.get(n, []) if r["mass_recall_per_layer"]]
+            if recalls:
+                per_layer = [sum(x) / len(x) for x in zip(*recalls)]
+                lines.append(f"| {variant} | {n // 1024}K | " + " | ".join(f"{x:.3f}" for x in per_layer) + " |")
+    lines += ["", "| headline (`summary`, DAM dynamic as configured by default) | measured | target |",
+              "|---|---|---|"]
+    for field, target in FIDELITY_TARGETS.items():
+        value = result["summary"].get(field)
+        shown = f"{value:.3f}" if value is not None else "not measured: " + result["summary"]["notes"].get(field, "")
+        lines.append(f"| `{field}` | {shown} | {target} |")
+    lines += ["", "The same three at 15% for every matched variant (`summary.by_variant`):", "",
+              "| variant | max gap to full (points) | min margin over StreamingLLM (points) | mass recall |",
+              "|---|---|---|---|"]
+    for variant, got in sorted(result["summary"]["by_variant"].items(), key=lambda v: _fidelity_order(v[0])):
+        cells = ["-" if got[f] is None else f"{got[f]:.1f}" if f != "mass_recall" else f"{got[f]:.3f}"
+                 for f in ("max_gap_to_full", "min_margin_over_streamingllm", "mass_recall")]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "kernel": ("kernel_*.json", kernel_table),
     "maskgen": ("maskgen_*.json", maskgen_table),
     "e2e": ("e2e_h100.json", e2e_table),
+    "fidelity": ("fidelity_h100.json", fidelity_table),
 }
 
 

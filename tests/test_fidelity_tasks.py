@@ -18,7 +18,7 @@ import fidelity_tasks as ft  # noqa: E402
 def solve(sample: ft.Sample) -> tuple[list[int], int]:
     """The answer read off the prompt as a program would, and where its fact starts."""
     p = sample.prompt.tolist()
-    q = p[p.index(ft.QUERY):]
+    q = p[len(p) - 1 - p[::-1].index(ft.QUERY):]  # the last question (training rows ask several)
     if sample.task == "passkey":
         at = p.index(ft.PASSKEY)
         return p[at + 1:at + 6], at
@@ -65,13 +65,25 @@ def test_bad_arguments_name_themselves():
         ft.make_sample("multikey", 20, 0.5, 0)
 
 
-def test_training_batch_puts_the_loss_on_answers_only():
-    ids, labels = ft.training_batch(4, 256, seed=0)
-    assert ids.shape == labels.shape == (4, 256)
+def test_training_rows_ask_several_questions_and_put_the_loss_on_their_answers_only():
+    ids, labels = ft.training_batch(16, 256, seed=0, questions=8)
+    assert ids.shape == labels.shape == (16, 256)
+    asked = {}
     for row, lab in zip(ids, labels):
-        kept = (lab != -100).nonzero().flatten()
-        assert kept.tolist() == list(range(256 - len(kept), 256)) and 3 <= len(kept) <= 5
-        assert torch.equal(row[kept], lab[kept]) and row[255 - len(kept)] == ft.ANSWER
+        kept = (lab != -100).nonzero().flatten().tolist()
+        assert torch.equal(row[kept], lab[kept])
+        starts = [i for i in kept if i - 1 not in kept]
+        kinds = {ft.PASSKEY: "passkey", ft.NEEDLE: "multikey", ft.LINE: "kv_lines", ft.VAR: "var_track"}
+        task = kinds[int(row[(row == ft.QUERY).nonzero()[0, 0] + 1])]
+        assert all(row[i - 1] == ft.ANSWER for i in starts) and len(kept) == ft.ANSWER_LEN[task] * len(starts)
+        assert 1 <= len(starts) <= ft.MAX_QUESTIONS[task]
+        for i in starts:  # each answer follows its question and is read off the context before it
+            answer, _ = solve(ft.Sample(task, row[:i], row[i:i + ft.ANSWER_LEN[task]], 0.0))
+            assert answer == row[i:i + ft.ANSWER_LEN[task]].tolist()
+        asked[task] = max(asked.get(task, 0), len(starts))
+    assert asked.get("multikey", 0) == 6 or asked.get("kv_lines", 0) == 8  # several answers per row
+    one, _ = ft.training_batch(16, 256, seed=0, questions=1)
+    assert ((one != ft.PAD).sum(-1) == 256).all()
 
 
 def test_fidelity_bench_smoke_runs_every_variant_and_caches_the_model(tmp_path):
@@ -83,7 +95,7 @@ def test_fidelity_bench_smoke_runs_every_variant_and_caches_the_model(tmp_path):
     first = bench_fidelity.main(args)
     assert first["training"]["loaded"] is False and (tmp_path / "f.png").is_file()
     variants = {r["variant"] for r in first["rows"]}
-    assert variants == {"full", "dam-dynamic", "streaming", "oracle", "random", "dam-calibrated-64"}
+    assert variants == {"full", "dam-dynamic", "dam-dynamic-last-block", "streaming", "oracle", "random", "dam-calibrated-64"}
     for r in first["rows"]:
         assert 0.0 <= r["accuracy"] <= 100.0 and r["samples"] == 2 and r["task"] in ft.TASKS
         if r["nominal_density"] is not None:  # matched variants land near their density, measured on the plans
@@ -92,3 +104,31 @@ def test_fidelity_bench_smoke_runs_every_variant_and_caches_the_model(tmp_path):
     second = bench_fidelity.main(args)
     assert second["training"]["loaded"] is True
     assert [r["accuracy"] for r in second["rows"]] == [r["accuracy"] for r in first["rows"]]
+
+
+def test_merge_joins_parts_of_one_model_and_recomputes_the_summary(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    import bench_fidelity
+
+    full = dict(variant="full", nominal_density=None, task="passkey", samples=4, density=1.0, mass_recall_per_layer=None)
+    dam = dict(variant="dam-dynamic", nominal_density=0.15, task="passkey", samples=4, density=0.12,
+               mass_recall_per_layer=[0.9, 1.0])
+    part = dict(benchmark="fidelity", device="cpu", torch="t", triton="t", python="p", transformers="x",
+                date="2026-01-01T00:00:00", command="python a", config={"lengths": "4096"},
+                training={"recipe": {"steps": 1}, "loaded": False})
+    parts = []
+    for i, (length, accs) in enumerate([(4096, (100.0, 75.0)), (8192, (100.0, 100.0))]):
+        rows = [dict(full, length=length, accuracy=accs[0]), dict(dam, length=length, accuracy=accs[1])]
+        parts.append(tmp_path / f"p{i}.json")
+        parts[-1].write_text(json.dumps(dict(part, rows=rows, training=dict(part["training"], loaded=bool(i)))))
+    merged = bench_fidelity.main(["--merge", *map(str, parts), "--out", str(tmp_path / "m.json")])
+    assert merged["config"]["lengths"] == "4096,8192" and len(merged["rows"]) == 4
+    assert merged["summary"]["max_gap_to_full_at_15pct"] == 25.0 and merged["training"]["loaded"] is False
+    assert (tmp_path / "m.png").is_file()
+    other = json.loads(parts[1].read_text())
+    other["training"]["recipe"] = {"steps": 2}
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="recipe"):
+        bench_fidelity.main(["--merge", *map(str, parts), "--out", str(tmp_path / "m.json")])

@@ -36,6 +36,21 @@ def run_metadata(benchmark: str) -> dict:
     }
 
 
+def merged_header(parts: list[Path], same: dict | None = None) -> tuple[list[dict], dict]:
+    """Load result files run in parts: ``(parts' dicts, the merged file's metadata)``: the first part's device
+    and versions, the latest date, the commands joined with ``&&``. Exits naming the field when the parts differ
+    in device or in any ``same`` field (name -> function of a part)."""
+    loaded = [json.loads(p.read_text()) for p in parts]
+    for field, read in {"device": lambda p: p["device"], **(same or {})}.items():
+        seen = {json.dumps(read(p), sort_keys=True) for p in loaded}
+        if len(seen) != 1:
+            raise SystemExit(f"parts differ in {field}: {sorted(seen)}")
+    first = loaded[0]
+    header = {k: first[k] for k in ("benchmark", "device", "torch", "triton", "python", "transformers")}
+    header.update(date=max(p["date"] for p in loaded), command=" && ".join(p["command"] for p in loaded))
+    return loaded, header
+
+
 def gpu_tag() -> str:
     """``h100`` for an NVIDIA H100 80GB HBM3, and so on."""
     model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", torch.cuda.get_device_name().replace("NVIDIA", ""))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench_common import result_path, run_metadata, write_result
+from bench_common import merged_header, result_path, run_metadata, write_result
 
 import dam_compile
 from dam_compile.kernels.dispatch import reset_runtime_stats, runtime_stats
@@ -308,20 +308,11 @@ def _latest(rows: list[dict], key: tuple[str, ...]) -> tuple[list[dict], list[di
 
 
 def merge(parts: list[Path], out: Path | None) -> None:
-    loaded = [json.loads(p.read_text()) for p in parts]
+    loaded, result = merged_header(parts)
     prefill, superseded = _latest([r for part in loaded for r in part["prefill"]], ("model", "variant", "length", "batch"))
     decode, more = _latest([r for part in loaded for r in part["decode"]], ("model", "variant", "kv_len"))
-    first = loaded[0]
-    result = {k: first[k] for k in ("benchmark", "device", "torch", "triton", "python", "transformers")}
-    result.update(
-        date=max(p["date"] for p in loaded),
-        command=" && ".join(p["command"] for p in loaded),
-        config=first["config"], prefill=prefill, decode=decode, superseded=superseded + more,
-        summary=summarize(prefill, decode),
-    )
-    devices = {p["device"] for p in loaded}
-    if len(devices) != 1:
-        raise SystemExit(f"parts come from different devices: {devices}")
+    result.update(config=loaded[0]["config"], prefill=prefill, decode=decode, superseded=superseded + more,
+                  summary=summarize(prefill, decode))
     write_result(result, "e2e", quick=False, out=out)
 
 

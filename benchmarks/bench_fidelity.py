@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import fidelity_tasks as ft
-from bench_common import RESULTS, run_metadata, write_result
+from bench_common import RESULTS, merged_header, run_metadata, write_result
 
 import dam_compile
 from dam_compile.config import DAMConfig
@@ -351,17 +351,11 @@ ROW_KEY = ("variant", "nominal_density", "length", "task")
 def merge(parts: list[Path], out: Path | None) -> dict:
     """One results file from parts run on one device with one trained model (a later part's row replaces an
     earlier one of the same variant, density, length and task); summary and plot recomputed."""
-    loaded = [json.loads(p.read_text()) for p in parts]
-    for field in ("device", "recipe"):
-        seen = {json.dumps(p["training"]["recipe"] if field == "recipe" else p[field], sort_keys=True) for p in loaded}
-        if len(seen) != 1:
-            raise SystemExit(f"parts differ in {field}: {sorted(seen)}")
+    loaded, result = merged_header(parts, same={"recipe": lambda p: p["training"]["recipe"]})
     rows = {tuple(r[k] for k in ROW_KEY): r for part in loaded for r in part["rows"]}
     first = loaded[0]
     trained = [p["training"] for p in loaded if not p["training"].get("loaded")]
-    result = {k: first[k] for k in ("benchmark", "device", "torch", "triton", "python", "transformers")}
     result.update(
-        date=max(p["date"] for p in loaded), command=" && ".join(p["command"] for p in loaded),
         config={**first["config"], "lengths": ",".join(
             str(n) for n in sorted({r["length"] for r in rows.values()}))},
         training=trained[0] if trained else first["training"], rows=list(rows.values()),

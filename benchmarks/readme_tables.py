@@ -169,6 +169,7 @@ def fidelity_table(result: dict) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["variant"], r["nominal_density"]), {}).setdefault(r["length"], []).append(r)
+    ordered = sorted(groups.items(), key=lambda g: (_fidelity_order(g[0][0]), g[0][1] or 0))
     lines = [
         f"{result['device']}, torch {result['torch']}, Triton {result['triton']}, transformers "
         f"{result['transformers']}, {result['date'][:10]}; a {model['num_hidden_layers']}-layer Llama (hidden "
@@ -185,8 +186,7 @@ def fidelity_table(result: dict) -> str:
         + " |",
         "|---|---|" + "---|---|" * len(lengths),
     ]
-    for (variant, nominal), by_length in sorted(groups.items(), key=lambda g: (_fidelity_order(g[0][0]),
-                                                                                g[0][1] or 0)):
+    for (variant, nominal), by_length in ordered:
         cells = []
         for n in lengths:
             got = by_length.get(n, [])
@@ -197,8 +197,7 @@ def fidelity_table(result: dict) -> str:
     lines += ["", "Per task at 10% and 15% (accuracy %, one column per length):", "",
               "| variant | density | task | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
               "|---|---|---|" + "---|" * len(lengths)]
-    for (variant, nominal), by_length in sorted(groups.items(), key=lambda g: (_fidelity_order(g[0][0]),
-                                                                                g[0][1] or 0)):
+    for (variant, nominal), by_length in ordered:
         if nominal not in (None, 0.1, 0.15):
             continue
         for task in tasks:
@@ -208,7 +207,7 @@ def fidelity_table(result: dict) -> str:
     lines += ["", "Attention-mass recall per layer at 15% (first sample of each task, mean over tasks and heads):",
               "", "| variant | N | " + " | ".join(f"layer {i}" for i in range(model["num_hidden_layers"])) + " |",
               "|---|---|" + "---|" * model["num_hidden_layers"]]
-    for (variant, nominal), by_length in sorted(groups.items(), key=lambda g: _fidelity_order(g[0][0])):
+    for (variant, nominal), by_length in ordered:
         if nominal not in (None, 0.15) or variant == "full":
             continue
         for n in lengths:

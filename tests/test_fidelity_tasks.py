@@ -69,11 +69,11 @@ def test_training_rows_ask_several_questions_and_put_the_loss_on_their_answers_o
     ids, labels = ft.training_batch(16, 256, seed=0, questions=8)
     assert ids.shape == labels.shape == (16, 256)
     asked = {}
+    kinds = {ft.PASSKEY: "passkey", ft.NEEDLE: "multikey", ft.LINE: "kv_lines", ft.VAR: "var_track"}
     for row, lab in zip(ids, labels):
         kept = (lab != -100).nonzero().flatten().tolist()
         assert torch.equal(row[kept], lab[kept])
         starts = [i for i in kept if i - 1 not in kept]
-        kinds = {ft.PASSKEY: "passkey", ft.NEEDLE: "multikey", ft.LINE: "kv_lines", ft.VAR: "var_track"}
         task = kinds[int(row[(row == ft.QUERY).nonzero()[0, 0] + 1])]
         assert all(row[i - 1] == ft.ANSWER for i in starts) and len(kept) == ft.ANSWER_LEN[task] * len(starts)
         assert 1 <= len(starts) <= ft.MAX_QUESTIONS[task]

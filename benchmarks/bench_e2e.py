@@ -10,6 +10,8 @@ serves every length. Times are CUDA-event medians after warmup, fixed seeds.
     python benchmarks/bench_e2e.py --quick                # a 1-minute subset (Llama-3.2-1B shape, 8K and 16K)
     python benchmarks/bench_e2e.py --models llama-3.1-8b --variants eager,inductor,dam-dynamic --out part1.json
     python benchmarks/bench_e2e.py --merge part1.json part2.json ...   # one results file + summary
+    python benchmarks/bench_e2e.py --models llama-3.1-8b --variants '' --lengths '' --path-lengths 32768,131072
+                                                          # the compile paths a user takes (e2e_paths.py)
 
 Prefill runs with ``use_cache=False`` and ``logits_to_keep=1`` (what ``generate()`` computes for its first
 token, minus writing the cache). The calibrated profile comes from ``dam_compile.calibrate`` on random token
@@ -30,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from bench_common import merged_header, result_path, run_metadata, write_result
+from e2e_paths import ANSWER_TOKENS, PATHS, PREFILL_PATHS, generate, mark_dynamic, path_runner
 
 import dam_compile
 from dam_compile.kernels.dispatch import reset_runtime_stats, runtime_stats
@@ -50,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--padded-lengths", default="", help="prefill lengths of a left-padded batch of 4")
     p.add_argument("--decode-kv", default="", help="decode KV lengths (inductor and dam-dynamic)")
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--path-lengths", default="", help="prefill lengths of the compile-paths table (batch 1)")
+    p.add_argument("--paths", default=",".join(PATHS), help="which compile paths (e2e_paths.py)")
+    p.add_argument("--path-layers", type=int, help="build the paths table's models with this many layers")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--merge", nargs="*", type=Path, help="merge these part files into one results file")
     p.add_argument("--out", type=Path)
@@ -60,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build(name: str, attn: str = "sdpa"):
-    return build_from_config(hf_config(name, attn=attn), device="cuda", dtype=torch.bfloat16)
+def build(name: str, attn: str = "sdpa", layers: int | None = None):
+    return build_from_config(hf_config(name, attn=attn, layers=layers), device="cuda", dtype=torch.bfloat16)
 
 
 def cuda_ms(fn, warmup: int, repeats: int) -> list[float]:
@@ -137,12 +143,6 @@ def compile_phases() -> dict[str, float]:
     return {label: round(times[key], 2) for label, key in COMPILE_PHASES.items() if key in times}
 
 
-def mark_dynamic(inputs: dict) -> dict:
-    for t in inputs.values():
-        torch._dynamo.mark_dynamic(t, 1)
-    return inputs
-
-
 def calibrated_profile(model, vocab: int):
     g = torch.Generator().manual_seed(1)
     samples = [torch.randint(1, vocab, (1, 128), generator=g).cuda() for _ in range(4)]
@@ -192,6 +192,51 @@ def prefill_rows(name: str, variants: list[str], lengths: list[int], batch: int,
             finish_case(row, rows, save, bar)
         if variant == "flex":
             model.set_attn_implementation("sdpa")
+    del model
+    release_memory()
+    return rows
+
+
+def path_rows(name: str, paths: list[str], lengths: list[int], layers: int | None, bar, rows: list, save
+              ) -> list[dict]:
+    """Prefill through each compile path a user may take, every length in one compiled object per path (the
+    static and reduce-overhead paths compile again per length, as they do for a user). ``layers``: the model's
+    first layers only (the paths differ per attention call, not per layer count), or all of them."""
+    model = build(name, layers=layers)
+    vocab = model.config.vocab_size
+    for path in paths:
+        torch._dynamo.reset()
+        dam_compile.clear_graph_reports()
+        run, restore = path_runner(model, path)
+        for length in lengths:
+            row = dict(model=name, path=path, length=length, layers=model.config.num_hidden_layers)
+            bar.set_postfix_str(f"{name} path {path} {length // K}K")
+            try:
+                inputs = prompt(vocab, 1, length, False)
+                with torch.no_grad():
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    run(dict(inputs))
+                    torch.cuda.synchronize()
+                    first_s = time.perf_counter() - t0
+                    warmup, repeats = repeats_for(length)
+                    reset_runtime_stats()
+                    torch.cuda.reset_peak_memory_stats()
+                    times = cuda_ms(lambda: run(dict(inputs)), warmup, repeats)
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    row["ms"], row["times_ms"] = median(times), times
+                    row["first_call_s"] = first_s
+                    row["paths"] = runtime_stats()  # empty where CUDA graphs replayed every call
+                    if path == "generate":
+                        answer = cuda_ms(lambda: generate(model, dict(inputs), ANSWER_TOKENS), 1, max(1, repeats // 2))
+                        row["answer_tokens"], row["answer_ms"] = ANSWER_TOKENS, median(answer)
+                sites = [s for g in dam_compile.graph_reports() for s in g.sites]
+                row["sites"] = {d: sum(s.decision == d for s in sites) for d in ("sparse", "dense")}
+                row["dense_reasons"] = sorted({s.reason for s in sites if s.decision == "dense"})
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            finish_case(row, rows, save, bar)
+        restore()
     del model
     release_memory()
     return rows
@@ -256,54 +301,70 @@ def find(rows: list[dict], **match) -> dict | None:
     return None
 
 
-def summarize(prefill: list[dict], decode: list[dict]) -> dict:
-    """The headline ratios (``../shared/RESULTS.md``), each ``None`` with a reason when not measured."""
+def summarize(prefill: list[dict], decode: list[dict], paths: list[dict] = ()) -> dict:
+    """The headline ratios (``../shared/RESULTS.md``), each ``None`` with a reason when not measured. The best
+    dense baseline is the faster of eager HF (SDPA) and inductor measured in the run."""
     summary, notes = {}, {}
 
-    def prefill_ratio(field: str, length: int, ours_over_theirs: bool) -> None:
-        ours = find(prefill, model=HEADLINE_MODEL, variant="dam-dynamic", length=length, batch=1)
-        base = find(prefill, model=HEADLINE_MODEL, variant="inductor", length=length, batch=1)
-        if ours and base:
-            summary[field] = ours["ms"] / base["ms"] if ours_over_theirs else base["ms"] / ours["ms"]
-            return
-        summary[field], notes[field] = None, f"no {HEADLINE_MODEL} dam-dynamic and inductor prefill at {length}"
+    def row(variant: str, length: int) -> dict | None:
+        return find(prefill, model=HEADLINE_MODEL, variant=variant, length=length, batch=1)
+
+    def best_dense(length: int) -> dict | None:
+        measured = [r for r in (row("eager", length), row("inductor", length)) if r]
+        return min(measured, key=lambda r: r["ms"]) if measured else None
+
+    def failures(length: int) -> str:
         failed = [r for r in prefill if r.get("model") == HEADLINE_MODEL and r.get("length") == length
                   and r.get("batch") == 1 and "error" in r]
-        if failed:
-            notes[field] += ": " + "; ".join(f"{r['variant']} failed ({r['error'][:120]})" for r in failed)
+        return "".join(f"; {r['variant']} failed ({r['error'][:120]})" for r in failed)
 
-    prefill_ratio("prefill_speedup_32k", 32 * K, False)
-    prefill_ratio("prefill_speedup_128k", 128 * K, False)
-    eager, ours = (find(prefill, model=HEADLINE_MODEL, variant=v, length=128 * K, batch=1) for v in ("eager", "dam-dynamic"))
-    if summary["prefill_speedup_128k"] is None and eager and ours:  # the next best baseline, beside the null
-        notes["prefill_speedup_128k"] += (f"; eager HF (SDPA, is_causal) / ours = {eager['ms'] / ours['ms']:.2f}x, "
-                                          f"peak {ours['peak_mem_gb']:.1f} vs {eager['peak_mem_gb']:.1f} GB")
-    prefill_ratio("prefill_ratio_4k", 4 * K, True)
+    def ratio(field: str, length: int, base: dict | None, what: str, ours_over_theirs: bool = False) -> None:
+        ours = row("dam-dynamic", length)
+        if ours and base:
+            summary[field] = ours["ms"] / base["ms"] if ours_over_theirs else base["ms"] / ours["ms"]
+            notes[field] = f"against {base['variant']}" + (", the faster dense baseline" if what == "best dense" else "")
+        else:
+            summary[field] = None
+            notes[field] = f"no {HEADLINE_MODEL} dam-dynamic and {what} prefill at {length}" + failures(length)
+
+    for k in (32, 128):
+        ratio(f"prefill_speedup_{k}k", k * K, best_dense(k * K), "best dense")
+        ratio(f"prefill_speedup_vs_inductor_{k}k", k * K, row("inductor", k * K), "inductor")
+    ratio("prefill_ratio_4k", 4 * K, best_dense(4 * K), "best dense", ours_over_theirs=True)
     ours = find(decode, model=HEADLINE_MODEL, variant="dam-dynamic", kv_len=128 * K)
     base = find(decode, model=HEADLINE_MODEL, variant="inductor", kv_len=128 * K)
     summary["decode_ratio_128k"] = ours["tokens_per_s"] / base["tokens_per_s"] if ours and base else None
-    if summary["decode_ratio_128k"] is None:
-        notes["decode_ratio_128k"] = f"no {HEADLINE_MODEL} decode at 128K KV for both"
+    notes["decode_ratio_128k"] = ("the dense decode baseline is inductor with CUDA graphs (reduce-overhead)" if ours and base
+                                  else f"no {HEADLINE_MODEL} decode at 128K KV for both")
     compiles = {v: find(prefill, model=HEADLINE_MODEL, variant=v, batch=1) for v in ("inductor", "dam-dynamic")}
     if all(r and r.get("compile_s") for r in compiles.values()):
         summary["compile_time_ratio"] = compiles["dam-dynamic"]["compile_s"] / compiles["inductor"]["compile_s"]
     else:
         summary["compile_time_ratio"], notes["compile_time_ratio"] = None, "compile time not measured for both"
-    mem = {v: find(prefill, model=HEADLINE_MODEL, variant=v, length=128 * K, batch=1) for v in ("inductor", "dam-dynamic")}
-    if all(mem.values()):
-        summary["peak_mem_ratio_128k"] = mem["dam-dynamic"]["peak_mem_gb"] / mem["inductor"]["peak_mem_gb"]
+    ours, base = row("dam-dynamic", 128 * K), best_dense(128 * K)
+    if ours and base:
+        summary["peak_mem_ratio_128k"] = ours["peak_mem_gb"] / base["peak_mem_gb"]
+        notes["peak_mem_ratio_128k"] = f"against {base['variant']}, the faster dense baseline at 128K"
     else:
         summary["peak_mem_ratio_128k"] = None
-        notes["peak_mem_ratio_128k"] = "no 128K prefill of both" + (
-            f" ({notes['prefill_speedup_128k'].split(': ', 1)[1]})" if ": " in notes.get("prefill_speedup_128k", "") else "")
+        notes["peak_mem_ratio_128k"] = "no 128K prefill of ours and a dense baseline" + failures(128 * K)
+    for k in (32, 128):
+        field = f"path_spread_{k}k"
+        measured = [r for r in paths if r["model"] == HEADLINE_MODEL and r["length"] == k * K
+                    and r["path"] in PREFILL_PATHS and "error" not in r]
+        times = {r["path"]: r["ms"] for r in measured}
+        summary[field] = max(times.values()) / min(times.values()) if len(times) == len(PREFILL_PATHS) else None
+        notes[field] = (f"{HEADLINE_MODEL} with {sorted({r['layers'] for r in measured})} layers" if summary[field]
+                        else f"{HEADLINE_MODEL} at {k * K}: measured paths {sorted(times)} of {list(PREFILL_PATHS)}")
     summary["notes"] = notes
     return summary
 
 
 def _latest(rows: list[dict], key: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
-    """Rows with failed ones dropped where a later part measured the same case; the dropped ones apart."""
-    measured = {tuple(r.get(k) for k in key) for r in rows if "error" not in r}
-    kept = [r for r in rows if "error" not in r or tuple(r.get(k) for k in key) not in measured]
+    """Per case, the last measured row (parts in the order given: a later part re-measured it), or its failures
+    where none measured it; the dropped rows apart."""
+    last = {tuple(r.get(k) for k in key): i for i, r in enumerate(rows) if "error" not in r}
+    kept = [r for i, r in enumerate(rows) if last.get(tuple(r.get(k) for k in key), i) == i]
     return kept, [r for r in rows if r not in kept]
 
 
@@ -311,8 +372,9 @@ def merge(parts: list[Path], out: Path | None) -> None:
     loaded, result = merged_header(parts)
     prefill, superseded = _latest([r for part in loaded for r in part["prefill"]], ("model", "variant", "length", "batch"))
     decode, more = _latest([r for part in loaded for r in part["decode"]], ("model", "variant", "kv_len"))
-    result.update(config=loaded[0]["config"], prefill=prefill, decode=decode, superseded=superseded + more,
-                  summary=summarize(prefill, decode))
+    paths, most = _latest([r for part in loaded for r in part.get("paths", [])], ("model", "path", "length"))
+    result.update(config=loaded[0]["config"], prefill=prefill, decode=decode, paths=paths,
+                  superseded=superseded + more + most, summary=summarize(prefill, decode, paths))
     write_result(result, "e2e", quick=False, out=out)
 
 
@@ -331,18 +393,23 @@ def main(argv=None) -> None:
     lengths = [int(n) for n in args.lengths.split(",") if n]
     padded = [int(n) for n in args.padded_lengths.split(",") if n]
     decode_kv = [int(n) for n in args.decode_kv.split(",") if n]
-    total = len(models) * (len(variants) * (len(lengths) + len(padded)) + 2 * len(decode_kv))
-    prefill, decode = [], []
+    path_lengths = [int(n) for n in args.path_lengths.split(",") if n]
+    paths_run = [p for p in args.paths.split(",") if p]
+    if any(p not in PATHS for p in paths_run):
+        raise SystemExit(f"unknown path in {paths_run}; known: {PATHS}")
+    total = len(models) * (len(variants) * (len(lengths) + len(padded)) + 2 * len(decode_kv)
+                           + len(paths_run) * len(path_lengths))
+    prefill, decode, paths = [], [], []
     result = run_metadata("e2e")
     result["transformers"] = transformers.__version__
     result["config"] = dict(dtype="bfloat16", weights="random (from the released configs)", use_cache=False,
                             logits_to_keep=1, dam_options="defaults (block 128, min_seq_len 8192, density 0.15)",
                             calibration="dam_compile.calibrate on 4 random-token samples, PCL 128")
-    result.update(prefill=prefill, decode=decode)
+    result.update(prefill=prefill, decode=decode, paths=paths)
     out = result_path("e2e", args.quick, args.out)
 
     def save() -> None:  # after every case, so a run cut short keeps what it measured
-        result["summary"] = summarize(prefill, decode)
+        result["summary"] = summarize(prefill, decode, paths)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -354,7 +421,9 @@ def main(argv=None) -> None:
                 prefill_rows(name, variants, padded, 4, True, bar, prefill, save)
             if decode_kv:
                 decode_rows(name, decode_kv, args.decode_steps, bar, decode, save)
-    result["summary"] = summarize(prefill, decode)
+            if path_lengths:
+                path_rows(name, paths_run, path_lengths, args.path_layers, bar, paths, save)
+    result["summary"] = summarize(prefill, decode, paths)
     write_result(result, "e2e", args.quick, out)
 
 

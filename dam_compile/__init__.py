@@ -34,7 +34,7 @@ from .compile_backend import backend, clear_graph_reports, dam_backend, graph_re
 from .config import DAMConfig
 from .explain import ExplainReport, explain
 from .export import export_mlir, export_rewritten
-from .kernels import BlockSparsePlan, reset_runtime_stats, runtime_stats, sparse_attention
+from .kernels import BlockSparsePlan, DenseAttentionWarning, reset_runtime_stats, runtime_stats, sparse_attention
 from .profile import DAMProfile, ProfileMismatchError
 from . import metrics
 
@@ -44,6 +44,7 @@ __all__ = [
     "BlockSparsePlan",
     "DAMConfig",
     "DAMProfile",
+    "DenseAttentionWarning",
     "ExplainReport",
     "ProfileMismatchError",
     "__version__",

@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from .config import DAMConfig
+from .kernels.dispatch import warn_dense_once
 from .dump import write_dump
 from .profile import ProfileMismatchError
 from .passes.pipeline import SiteReport, rewrite_attention
@@ -115,7 +116,16 @@ def inner_compile(gm: GraphModule, example_inputs: Sequence[Any], inner_backend:
     return torch._dynamo.lookup_backend(inner_backend)(gm, example_inputs)
 
 
+def _warn_if_all_dense(report: GraphReport) -> None:
+    """The one loud warning for a graph whose every attention site stays dense although it can see inputs of
+    ``min_seq_len`` tokens or more: no speedup anywhere in it."""
+    long_sites = [s for s in report.sites if s.reaches_min_seq_len]
+    if long_sites and report.rewritten == 0:
+        warn_dense_once(f"every attention site of graph {report.index}", [s.reason for s in long_sites])
+
+
 def _log_report(report: GraphReport) -> None:
+    _warn_if_all_dense(report)
     if report.fallback:
         log.info("dam: graph %d compiled unmodified: %s", report.index, report.fallback)
         return

@@ -8,7 +8,7 @@ Importing this package registers ``torch.ops.dam.*``.
 # ours, stay an empty module: importing the ops twice would register torch.ops.dam.* twice.
 if __name__ == "dam_compile.kernels":
     from .block_sparse_launch import KernelConfig, triton_block_sparse_attention
-    from .dispatch import reset_runtime_stats, runtime_stats
+    from .dispatch import DenseAttentionWarning, reset_runtime_stats, runtime_stats
     from .ops import sparse_attention
     from .plan import PATTERN_PAD, BlockSparsePlan, PlanError, num_blocks
     from .reference import block_sparse_attention_reference, plan_density, token_mask
@@ -17,6 +17,7 @@ if __name__ == "dam_compile.kernels":
 
     __all__ = [
         "BlockSparsePlan",
+        "DenseAttentionWarning",
         "KernelConfig",
         "PATTERN_PAD",
         "PlanError",

@@ -7,6 +7,7 @@ prefill and decode, without a recompile. Each distinct choice is logged once and
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from typing import Literal
 
@@ -23,6 +24,22 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 _counts: Counter[tuple[str, str]] = Counter()
 _logged: set[tuple[str, str]] = set()
+_warned: set[str] = set()
+
+
+class DenseAttentionWarning(UserWarning):
+    """Attention that the ``dam`` backend was asked to speed up runs dense at a length where it would be sparse."""
+
+
+def warn_dense_once(what: str, reasons: list[str]) -> None:
+    """One loud warning (and a log line) per distinct ``reasons``: ``what`` ran dense, and why."""
+    key = " | ".join(sorted(set(reasons)))
+    if key in _warned:
+        return
+    _warned.add(key)
+    message = f"dam: {what} runs dense, with no speedup: " + "; ".join(sorted(set(reasons)))
+    log.warning(message)
+    warnings.warn(message, DenseAttentionWarning, stacklevel=3)
 
 
 def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str) -> tuple[Path, str]:
@@ -54,13 +71,16 @@ def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str) -> tu
     return "triton", fused
 
 
-def record(path: str, reason: str) -> None:
-    """Count a run-time choice; log it the first time it is seen."""
+def record(path: str, reason: str, key_len: int, min_seq_len: int) -> None:
+    """Count a run-time choice; log it the first time it is seen. A dense run at or above ``min_seq_len`` (CPU
+    tensors, float32, a kernel this device lacks) is warned about once per reason."""
     key = (path, reason)
     _counts[key] += 1
     if key not in _logged:
         _logged.add(key)
         log.info("dam: sparse_attention runs %s: %s", path, reason)
+    if path == "dense" and key_len >= min_seq_len:
+        warn_dense_once(f"attention over {key_len} keys (min_seq_len={min_seq_len})", [reason])
 
 
 def runtime_stats() -> dict[str, int]:
@@ -70,4 +90,6 @@ def runtime_stats() -> dict[str, int]:
 
 
 def reset_runtime_stats() -> None:
+    """Forget the counts, and which dense runs were warned about."""
     _counts.clear()
+    _warned.clear()

@@ -66,7 +66,7 @@ def sparse_attention_op(
     :func:`triton_block_sparse_attention`. The dense path (short inputs, no fused kernel) is SDPA and
     supports neither (``kv_range=None``, ``q_offset=0``), so callers that set them use ``min_seq_len=0``."""
     path, reason = choose_path(query, key, min_seq_len, kernel)
-    record(path, reason)
+    record(path, reason, key.shape[-2], min_seq_len)
     if path == "dense":
         if kv_range is not None or q_offset != 0:
             raise ValueError("kv_range and q_offset need the sparse path; this call runs dense: " + reason)
@@ -94,7 +94,14 @@ def dense_attention(
     enable_gqa: bool,
 ) -> Tensor:
     """SDPA, contiguous. With a mask and grouped K/V heads the heads are repeated first, as the model would have
-    done before the pass read its K/V before ``repeat_kv``: SDPA's fast kernels take GQA only without a mask."""
+    done before the pass read its K/V before ``repeat_kv``: SDPA's fast kernels take GQA only without a mask. A
+    mask with ``is_causal`` (the pass's reading of a causal-and-padding mask: its key row) is joined into one
+    mask, which SDPA requires."""
+    if attn_mask is not None and is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        attn_mask = (attn_mask & causal if attn_mask.dtype == torch.bool
+                     else attn_mask.masked_fill(~causal, torch.finfo(attn_mask.dtype).min))
+        is_causal = False
     if enable_gqa and attn_mask is not None and key.shape[1] != query.shape[1]:
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
@@ -210,8 +217,9 @@ _compiled: dict[Callable, Callable] = {}
 
 def _planner(fn: Callable, device: torch.device) -> Callable:
     """``fn`` compiled once with dynamic shapes on CUDA (a handful of fused kernels instead of dozens of
-    launches); eager elsewhere (CPU tests)."""
-    if device.type != "cuda":
+    launches); eager elsewhere (CPU tests), and while a CUDA graph is being captured (``mode="reduce-overhead"``):
+    a capture does not survive a nested compiled call, and in a graph the eager launches cost no host time."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return fn
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)

@@ -28,6 +28,12 @@ def example_value(arg: Any) -> Any:
     return arg
 
 
+def op_scale(site: SDPASite) -> float | Node | None:
+    """The site's scale as the dam ops take it: ``None``, a float, or the node of a symbolic float
+    (``dynamic=True`` turns a module's float attribute into a graph input), passed on as it is."""
+    return site.scale if site.scale is None or isinstance(site.scale, Node) else float(site.scale)
+
+
 def decide(site: SDPASite) -> Decision:
     """Whether ``site`` can become ``dam::sparse_attention``. Every refusal names its reason; those sites keep
     running ``scaled_dot_product_attention`` unchanged."""
@@ -46,8 +52,8 @@ def _refusal(site: SDPASite) -> str | None:
         return "is_causal is not a constant"
     if not isinstance(site.enable_gqa, bool):
         return "enable_gqa is not a constant"
-    if site.scale is not None and not isinstance(site.scale, Number):
-        return "scale is not a constant"
+    if not (site.scale is None or isinstance(site.scale, Number) or isinstance(example_value(site.scale), torch.SymFloat)):
+        return f"scale is {type(example_value(site.scale)).__name__} (supported: a float, constant or symbolic)"
 
     q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):

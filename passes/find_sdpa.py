@@ -67,13 +67,15 @@ def _read_site(node: Node) -> SDPASite:
     )
 
 
-_SOURCE_PREFIX = re.compile(r"^(?:L|G)\[['\"][^'\"]*['\"]\]\.?")
-_INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+# One step of a Dynamo source name: ``L['self']`` / ``G['model']`` (a frame variable), ``.attr``, ``[0]`` or ``['key']``.
+_STEP = re.compile(r"""(?P<frame>^[LG]\[(['"]).*?\2\])|\.(?P<attr>\w+)|\[(?P<index>-?\d+)\]|\[(['"])(?P<key>.*?)\5\]""")
+_ROOT_STEPS = {"__self__"}  # a bound method's module: still the root
+_CONTAINER_STEPS = {"_modules"}  # ``._modules['layers']`` spells out the child ``layers``
 
 
 def module_path(node: Node) -> str:
-    """Qualified name of the innermost ``nn.Module`` that made ``node`` (``model.layers.3.self_attn``), from
-    Dynamo's ``nn_module_stack``; ``""`` at top level."""
+    """Qualified name of the innermost ``nn.Module`` that made ``node``, as the compiled model's own
+    ``named_modules()`` spells it (``model.layers.3.self_attn``); ``""`` at top level."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -82,10 +84,27 @@ def module_path(node: Node) -> str:
 
 
 def normalize_module_path(path: str) -> str:
-    """``L['self'].model.layers[3]['attn']`` -> ``model.layers.3.attn`` (Dynamo source names to FQNs)."""
-    path = _SOURCE_PREFIX.sub("", path)
-    path = _INDEX.sub(r".\1", path)
-    return path.strip(".").replace("..", ".")
+    """A Dynamo source name made relative to the compiled root module: ``L['self'].model.layers[3]['attn']`` ->
+    ``model.layers.3.attn``. The root is the frame variable with any subscripts and ``__self__`` that follow it
+    before the first attribute: ``L['self']``, ``G['model']``, or ``L['args'][0]`` when a decorator with
+    ``*args`` wraps ``forward`` (transformers 5.24). A name that is no source (already a path) is kept."""
+    steps, at = [], 0
+    for match in _STEP.finditer(path):
+        if match.start() != at:
+            break
+        at = match.end()
+        steps.append(match)
+    if at != len(path) or not steps or steps[0].group("frame") is None:  # no source name: a dotted path
+        return ".".join(part for part in re.split(r"[.\[\]'\"]+", path) if part)
+    names, rooted = [], True
+    for match in steps[1:]:
+        attr = match.group("attr")
+        if rooted and (attr is None or attr in _ROOT_STEPS):
+            continue  # still naming the root: args[0], a list item, a bound method's __self__
+        rooted = False
+        if attr not in _CONTAINER_STEPS:
+            names.append(attr if attr is not None else match.group("index") or match.group("key"))
+    return ".".join(names)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

@@ -27,7 +27,7 @@ from torch.fx import Graph, GraphModule, Node
 from ..config import DAMConfig
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.dam.*)
 from ..profile import DAMProfile, ProfileMismatchError
-from .decide import example_value
+from .decide import example_value, op_scale
 from .find_sdpa import SDPASite
 
 PLAN_TENSORS = 4  # kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices
@@ -65,7 +65,7 @@ def is_decode(site: SDPASite) -> bool:
     return isinstance(length, int) and length == 1
 
 
-def mask_generator_args(config: DAMConfig, is_causal: bool, scale: float | None) -> tuple[tuple, dict]:
+def mask_generator_args(config: DAMConfig, is_causal: bool, scale: float | Node | None) -> tuple[tuple, dict]:
     """``(args, kwargs)`` after ``(query, key)`` (and, for ``calibrated``, the three pattern tensors) of the
     ``config.source`` prefill plan call."""
     common = (config.block_size, is_causal, config.min_seq_len, config.kernel)
@@ -77,7 +77,7 @@ def mask_generator_args(config: DAMConfig, is_causal: bool, scale: float | None)
     return common, {}
 
 
-def decode_generator_args(config: DAMConfig, scale: float | None) -> tuple:
+def decode_generator_args(config: DAMConfig, scale: float | Node | None) -> tuple:
     """The arguments of ``dam::decode_plan`` after ``(query, key, attn_mask, diagonals, columns)``."""
     corner_len = config.profile.pcl if config.source == "calibrated" else 0
     return (config.source, config.block_size, config.min_seq_len, config.kernel, config.sink_blocks,
@@ -124,7 +124,7 @@ def insert_mask_generation(gm: GraphModule, site: SDPASite, config: DAMConfig, e
     """Insert the plan computation for ``site`` just before it; returns the new nodes. ``entry``: the
     profile's module name (calibrated source)."""
     graph: Graph = gm.graph
-    scale = None if site.scale is None else float(site.scale)
+    scale = op_scale(site)
     decode = is_decode(site)
     calibrated = config.source == "calibrated"
     with graph.inserting_before(site.node):

@@ -43,6 +43,7 @@ class SiteReport:
     decision: str  # "sparse" or "dense"
     reason: str
     mask_source: str | None
+    reaches_min_seq_len: bool = True  # whether its key length can be min_seq_len or more
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,8 +99,13 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
         name = site.node.name
         causal = read_causal_mask(site)
         mask_dropped = causal is not site
+        mask_row = causal.attn_mask if mask_dropped else None
         if mask_dropped:
-            reports[-1].reason += "; attn_mask is the causal mask, computed from sizes alone: read as is_causal=True"
+            reports[-1].reason += (
+                "; attn_mask is the causal mask, computed from sizes alone: read as is_causal=True" if mask_row is None
+                else "; attn_mask is the causal mask and a key padding vector: read as is_causal=True with its last "
+                     "row as the mask ([B, 1, 1, N])"
+            )
             site = causal
         grouped = read_before_repeat(site)
         if grouped is not site:
@@ -110,6 +116,7 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
         done.append(RewrittenSite(
             name, mask.plan.target, mask.plan, mask.outputs, op, mask.patterns, mask.decode,
             kv_sources=(original[site.key].name, original[site.value].name), mask_dropped=mask_dropped,
+            mask_row=mask_row,
         ))
     unmatched = [r for r in reports if r.reason.startswith(NO_PROFILE_ENTRY)]
     if unmatched and len(unmatched) == len(reports):
@@ -150,4 +157,17 @@ def _report(site: SDPASite, rewrite: bool, reason: str, config: DAMConfig) -> Si
         decision="sparse" if rewrite else "dense",
         reason=reason,
         mask_source=config.source if rewrite else None,
+        reaches_min_seq_len=_can_reach(example_value(site.key), config.min_seq_len),
     )
+
+
+def _can_reach(key: Any, min_seq_len: int) -> bool:
+    """Whether ``key`` (``[B, KVH, Lk, E]``) can hold ``min_seq_len`` keys or more: its static length, or the
+    upper bound Dynamo's guards leave a symbolic one (no guard is added). True when unknown."""
+    if not isinstance(key, torch.Tensor) or key.dim() < 2:
+        return True
+    length = key.shape[-2]
+    if isinstance(length, int):
+        return length >= min_seq_len
+    node = length.node
+    return bool(node.shape_env.bound_sympy(node.expr).upper >= min_seq_len)

@@ -6,6 +6,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..config import DAMConfig
+from .decide import op_scale
 from .find_sdpa import SDPASite
 from .insert_mask import PLAN_OP_ARGS, MaskSubgraph
 
@@ -17,7 +18,7 @@ _KEPT_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 def replace_with_sparse_attention(graph: Graph, site: SDPASite, mask: MaskSubgraph, config: DAMConfig) -> Node:
     """Swap ``site.node`` for the sparse op; every user of the old node now reads the new one."""
-    scale = None if site.scale is None else float(site.scale)
+    scale = op_scale(site)
     given = (*mask.outputs, *mask.op_patterns)
     plan_args = (*given, *(None,) * (PLAN_OP_ARGS - len(given)))
     with graph.inserting_before(site.node):

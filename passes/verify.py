@@ -37,9 +37,12 @@ class RewrittenSite:
     decode: bool = False  # a decode plan: reads the mask too, and its patterns feed only the plan
     kv_sources: tuple[str, str] | None = None  # original names of the key/value the op reads (before repeat_kv)
     mask_dropped: bool = False  # the original mask was read as is_causal=True: nothing new reads it
+    mask_row: Node | None = None  # ... except this key padding row of it (mask[:, :, -1:, :]), which the op reads
 
     def roles(self) -> dict[Node, str]:
         roles = {self.plan: f"{self.name}/plan", self.op: f"{self.name}/attn"}
+        if self.mask_row is not None:
+            roles[self.mask_row] = f"{self.name}/mask_row"
         roles.update({out: f"{self.name}/plan.{i}" for i, out in enumerate(self.plan_outputs)})
         roles.update({p: f"{self.name}/pattern.{i}" for i, p in enumerate(self.patterns)})
         return roles
@@ -110,10 +113,15 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
             _add_input(g, plan, out, "args.0")
             _add_input(g, out, attn, f"args.{3 + i}")
         # A decode plan reads the mask (args.2), then the calibrated diagonals and columns; a prefill plan reads
-        # the calibrated pattern buffers after query and key, and they also feed the op's token pattern.
-        mask = sdpa.attn_mask if isinstance(sdpa.attn_mask, Node) and not site.mask_dropped else None
+        # the calibrated pattern buffers after query and key, and they also feed the op's token pattern. The mask
+        # read is the original one, none (read as is_causal), or a new key padding row of the original.
+        mask = sdpa.attn_mask.name if isinstance(sdpa.attn_mask, Node) and not site.mask_dropped else None
+        if site.mask_row is not None:
+            mask = f"{site.name}/mask_row"
+            g.add_node(mask, op="call_function", target=target_name_of(operator.getitem), consts=None)
+            _add_input(g, sdpa.attn_mask.name, mask, "args.0")
         if site.decode and mask is not None:
-            _add_input(g, mask.name, plan, "args.2")
+            _add_input(g, mask, plan, "args.2")
         for i, node in enumerate(site.patterns):
             role = f"{site.name}/pattern.{i}"
             g.add_node(role, op="get_attr", target=str(node.target), consts=None)
@@ -121,7 +129,12 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
             if not site.decode:
                 _add_input(g, role, attn, f"args.{3 + len(site.plan_outputs) + i}")
         if mask is not None:
-            _add_input(g, mask.name, attn, f"args.{3 + PLAN_OP_ARGS}")
+            _add_input(g, mask, attn, f"args.{3 + PLAN_OP_ARGS}")
+        if isinstance(sdpa.scale, Node):  # a symbolic scale feeds the op, and the plan where it takes one
+            _add_input(g, sdpa.scale.name, attn, f"args.{4 + PLAN_OP_ARGS}")
+            for pos, arg in _inputs(site.plan.args, "args"):
+                if arg.name == sdpa.scale.name:
+                    _add_input(g, sdpa.scale.name, plan, pos)
         for dst, pos in users:
             g.add_edge(attn, dst, pos=pos)
     return g

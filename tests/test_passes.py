@@ -71,6 +71,11 @@ def test_find_sdpa_ignores_other_calls():
         ("L['self'].layers[3]", "layers.3"),
         ("L['fn'].blocks['attn']", "blocks.attn"),
         ("model.layers.0.self_attn", "model.layers.0.self_attn"),
+        ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),  # forward wrapped by *args
+        ("G['model'].model.layers.1", "model.layers.1"),  # a function using a global model
+        ("G['model']", ""),
+        ("L['self']._modules['model']._modules['layers'][2]", "model.layers.2"),
+        ("G['fn'].__self__.blocks[1]", "blocks.1"),  # a bound method's module
     ],
 )
 def test_normalize_module_path(raw, expected):

@@ -151,6 +151,21 @@ def test_attention_masks(mask_kind):
     check(out, oracle(q, k, v, plan, is_causal=False, attn_mask=mask), q.dtype)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_key_padding_row_with_causal(mask_kind):
+    """What the pass hands the op for a causal-and-padding mask: is_causal and the key row [B, 1, 1, N] (a
+    broadcast row), left padding and scattered holes."""
+    q, k, v = inputs(b=2, q_len=48)
+    plan = make_plan("0.5", 48, 48, 4, True)
+    keep = torch.rand(2, 48, device=DEVICE) < 0.8
+    keep[1, :13] = False
+    mask = keep[:, None, None, :]
+    if mask_kind == "float":
+        mask = torch.zeros(2, 1, 1, 48, device=DEVICE, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+    out = launch(q, k, v, plan, is_causal=True, attn_mask=mask)
+    check(out, oracle(q, k, v, plan, is_causal=True, attn_mask=mask), q.dtype)
+
+
 def test_non_contiguous_inputs():
     """HF hands [B, L, H, E] projections transposed to [B, H, L, E]."""
     b, h, kvh, n, d = 2, 4, 2, 72, 64

@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from e2e_paths import PATHS
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -114,7 +116,6 @@ E2E_TARGETS = {  # ../shared/RESULTS.md; files from before a field existed show 
     "path_spread_32k": "<= 1.05",
     "path_spread_128k": "<= 1.05",
 }
-E2E_PATHS = ("static", "mark_dynamic", "dynamic", "reduce-overhead", "generate")
 
 
 def e2e_paths_table(rows: list[dict]) -> list[str]:
@@ -126,7 +127,7 @@ def e2e_paths_table(rows: list[dict]) -> list[str]:
         if "ms" in r:
             key = (r["model"], r["length"])
             best[key] = min(best.get(key, r["ms"]), r["ms"])
-    for r in sorted(rows, key=lambda r: (r["model"] != "llama-3.1-8b", r["model"], r["length"], E2E_PATHS.index(r["path"]))):
+    for r in sorted(rows, key=lambda r: (r["model"] != "llama-3.1-8b", r["model"], r["length"], PATHS.index(r["path"]))):
         head = f"| {r['model']} ({r['layers']}) | {r['length'] // 1024}K | {r['path']} |"
         if "error" in r:
             lines.append(f"{head} {r['error'][:90]} | | | | |")

@@ -33,11 +33,12 @@ class DenseAttentionWarning(UserWarning):
 
 def warn_dense_once(what: str, reasons: list[str]) -> None:
     """One loud warning (and a log line) per distinct ``reasons``: ``what`` ran dense, and why."""
-    key = " | ".join(sorted(set(reasons)))
+    distinct = sorted(set(reasons))
+    key = " | ".join(distinct)
     if key in _warned:
         return
     _warned.add(key)
-    message = f"dam: {what} runs dense, with no speedup: " + "; ".join(sorted(set(reasons)))
+    message = f"dam: {what} runs dense, with no speedup: " + "; ".join(distinct)
     log.warning(message)
     warnings.warn(message, DenseAttentionWarning, stacklevel=3)
 

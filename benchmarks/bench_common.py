@@ -51,9 +51,11 @@ def merged_header(parts: list[Path], same: dict | None = None) -> tuple[list[dic
     return loaded, header
 
 
-def gpu_tag() -> str:
-    """``h100`` for an NVIDIA H100 80GB HBM3, and so on."""
-    model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", torch.cuda.get_device_name().replace("NVIDIA", ""))
+def gpu_tag(device_name: str | None = None) -> str:
+    """``h100`` for an NVIDIA H100 80GB HBM3, and so on: this machine's GPU or the named one (a merge of parts run
+    elsewhere)."""
+    name = device_name or torch.cuda.get_device_name()
+    model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", name.replace("NVIDIA", ""))
     return model.group(1).lower() if model else "gpu"
 
 

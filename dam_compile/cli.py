@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .calibration import DEFAULT_HOLDOUT_LEN, DEFAULT_MIN_RECALL
 from .config import INNER_BACKENDS, KERNELS, MASK_SOURCES
 
 BENCHMARKS = ("kernel", "maskgen", "e2e", "fidelity")
@@ -41,6 +42,19 @@ def _option(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key, raw
+
+
+def _recall(text: str) -> float | None:
+    """``none`` or a number in [0, 1]."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none', got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none', got {value}")
+    return value
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="token ids: a .txt file (one sample per line, ids separated by spaces), or a "
                            ".pt / .safetensors file holding an int tensor 'input_ids' [S, L]")
     calibrate.add_argument("--pcl", type=_positive, default=128, help="pattern capture length (tokens)")
+    calibrate.add_argument("--min-recall", type=_recall, default=DEFAULT_MIN_RECALL, metavar="R",
+                           help="heads whose extended pattern keeps less than this share of their attention on the "
+                           f"held-out samples run dynamic ('none' keeps the paper's method; default "
+                           f"{DEFAULT_MIN_RECALL})")
+    calibrate.add_argument("--holdout-len", type=_positive, default=DEFAULT_HOLDOUT_LEN,
+                           help=f"tokens of each held-out sample (default {DEFAULT_HOLDOUT_LEN})")
     calibrate.add_argument("--out", type=Path, required=True, help="where to write the profile (.safetensors)")
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (a source checkout)")
@@ -164,12 +184,21 @@ def _inspect_model(parser: argparse.ArgumentParser, args: argparse.Namespace, sp
 
 def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace, spec) -> int:
     from .calibration import calibrate
+    from .dump import dynamic_heads_text
 
     samples = _read_samples(parser, args.samples)
     device = next(spec.model.parameters()).device
-    profile = calibrate(spec.model, [s.to(device) for s in samples], pcl=args.pcl, progress=True)
+    profile = calibrate(spec.model, [s.to(device) for s in samples], pcl=args.pcl, min_recall=args.min_recall,
+                        holdout_len=args.holdout_len, progress=True)
     path = profile.save(args.out)
     print(f"wrote {path}: {len(profile.modules)} attention modules, PCL {profile.pcl}")
+    if profile.min_recall is not None:
+        print(f"{profile.dynamic_summary()['dynamic_head_count']} heads dynamic (held-out recall below "
+              f"{profile.min_recall} on {profile.holdout_samples} sample(s)):")
+        for name, module in profile.modules.items():
+            recall = ", ".join(f"{r:.2f}" for r in module.holdout_recall.tolist())
+            print(f"  {name}: dynamic {dynamic_heads_text(module.dynamic_heads.nonzero().flatten().tolist())}; "
+                  f"recall per head {recall}")
     return 0
 
 

@@ -70,7 +70,7 @@ def compile_graph(
     _graph_counter += 1
     start = time.perf_counter()
     try:
-        result = rewrite_attention(gm, config)
+        result = rewrite_attention(gm, config.mask_options(), config.profile)
         compiled_gm, report.sites = result.graph_module, result.sites
     except ProfileMismatchError:
         raise  # a wrong profile is the user's to fix, not a reason to run dense quietly

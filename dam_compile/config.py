@@ -8,10 +8,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .kernels.dispatch import KERNELS
+from .kernels.dynamic_mask import DEFAULT_ESTIMATOR, ESTIMATORS
+from .kernels.mask_options import MASK_SOURCES, MaskOptions
 from .profile import as_profile
 
-MASK_SOURCES = ("dynamic", "calibrated", "dense", "streaming")
-ESTIMATORS = ("pooled", "last_block")
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
 DUMP_DIR_ENV = "DAM_DUMP_DIR"
 
@@ -35,12 +35,16 @@ class DAMConfig:
         box_cox_lambda: DAM's Box-Cox lambda (dynamic mode).
         mu: DAM's pattern match ratio: a block diagonal or column is kept whole when this fraction of it passed
             the threshold (dynamic mode).
-        density: dynamic mode's cap: at most this fraction of a query block's visible key blocks (top-k by
-            estimated mass), never fewer than the sink and local blocks.
-        mass_target: dynamic mode adds blocks by estimated mass until they hold this share of a row's
-            estimated attention (within ``density``); 0 keeps only DAM's thresholded blocks.
-        estimator: dynamic mode's block-map estimate: ``"pooled"`` (mean-pooled Q and K blocks) or
-            ``"last_block"`` (exact attention of the last query block, extended as columns and diagonals).
+        density: dynamic mode's cap: beyond the always-kept sink and local blocks, a head keeps at most this
+            share of its other visible key blocks (the default keeps a 32K causal prompt under 10% of its
+            blocks); a decode step keeps this share of its blocks beyond sink and local.
+        mass_target: dynamic mode keeps, per query block, the blocks holding this share of the row's estimated
+            attention (within ``density``); 0 keeps only DAM's thresholded blocks.
+        estimator: dynamic mode's block-map estimate: ``"adaptive"`` (default: per head the query-aware pooled
+            estimate or the vertical-slash lines of the last query block's exact attention, whichever that
+            exact attention supports; budgets follow the estimated mass), ``"pooled"`` (mean-pooled Q and K
+            blocks) or ``"last_block"`` (exact attention of the last query block, as columns and diagonals),
+            the last two with a fixed per-row share of ``density``.
         sink_blocks: leading key blocks every query keeps (streaming and dynamic).
         local_blocks: key blocks up to and including the diagonal that every query keeps (streaming, dynamic).
         kernel: ``"auto"`` (the fastest exact path this build has for the device; dense SDPA where it has
@@ -58,9 +62,9 @@ class DAMConfig:
     tau: float = 0.3
     box_cox_lambda: float = 0.5
     mu: float = 0.8
-    density: float = 0.15
+    density: float = 0.075
     mass_target: float = 0.95
-    estimator: str = "pooled"
+    estimator: str = DEFAULT_ESTIMATOR
     sink_blocks: int = 1
     local_blocks: int = 2
     kernel: str = "auto"
@@ -129,14 +133,26 @@ class DAMConfig:
             return self.mask_source
         return "dynamic" if self.profile is None else "calibrated"
 
+    def mask_options(self) -> MaskOptions:
+        """The plain values the graph pass builds each site's plan and op from (the profile itself goes to the
+        pass separately)."""
+        return MaskOptions(
+            source=self.source, block_size=self.block_size, min_seq_len=self.min_seq_len, kernel=self.kernel,
+            tau=self.tau, box_cox_lambda=self.box_cox_lambda, mu=self.mu, density=self.density,
+            mass_target=self.mass_target, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
+            estimator=self.estimator, corner_len=self.profile.pcl if self.source == "calibrated" else 0,
+        )
+
     def describe(self) -> dict[str, Any]:
-        """The options as plain values (the profile by its summary), for dumps and logs."""
+        """The options as plain values (the profile by its summary, with the heads it runs dynamic per module),
+        for dumps and logs."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["mask_source"] = self.source
         if self.profile is not None:
             p = self.profile
             values["profile"] = {"modules": len(p.modules), "pcl": p.pcl, "tau": p.tau, "mu": p.mu,
-                                 "box_cox_lambda": p.box_cox_lambda, "model_fingerprint": p.model_fingerprint}
+                                 "box_cox_lambda": p.box_cox_lambda, "model_fingerprint": p.model_fingerprint,
+                                 **p.dynamic_summary()}
         return values
 
 

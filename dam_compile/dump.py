@@ -18,17 +18,28 @@ if TYPE_CHECKING:
 GRAPH_FILES = ("before.py", "after.py", "sites.md", "sites.json")
 
 TABLE_COLUMNS = (
-    "node", "module_path", "query", "key", "attn_mask", "is_causal", "scale", "enable_gqa", "decision", "reason",
+    "node", "module_path", "query", "key", "attn_mask", "is_causal", "scale", "enable_gqa", "decision",
+    "dynamic_heads", "reason",
 )
+
+
+def dynamic_heads_text(heads: list[int] | None) -> str:
+    """A calibrated site's dynamic heads as the tables show them: ``"1, 3"``, ``"none"``; ``"-"`` elsewhere."""
+    if heads is None:
+        return "-"
+    return ", ".join(map(str, heads)) if heads else "none"
+
+
+def _cell(site: SiteReport, column: str) -> str:
+    value = getattr(site, column)
+    return dynamic_heads_text(value) if column == "dynamic_heads" else str(value)
 
 
 def sites_markdown(sites: Sequence[SiteReport]) -> str:
     """The sites as a Markdown table (one row per SDPA node)."""
     header = "| " + " | ".join(TABLE_COLUMNS) + " |"
     rule = "|" + "---|" * len(TABLE_COLUMNS)
-    rows = [
-        "| " + " | ".join(str(getattr(s, c)).replace("|", "\\|") for c in TABLE_COLUMNS) + " |" for s in sites
-    ]
+    rows = ["| " + " | ".join(_cell(s, c).replace("|", "\\|") for c in TABLE_COLUMNS) + " |" for s in sites]
     return "\n".join([header, rule, *rows]) + "\n"
 
 
@@ -69,7 +80,7 @@ def write_dump(
 def sites_html(sites: Sequence[SiteReport]) -> str:
     head = "".join(f"<th>{c}</th>" for c in TABLE_COLUMNS)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(getattr(s, c)))}</td>" for c in TABLE_COLUMNS) + "</tr>" for s in sites
+        "<tr>" + "".join(f"<td>{html.escape(_cell(s, c))}</td>" for c in TABLE_COLUMNS) + "</tr>" for s in sites
     )
     return f"<table><tr>{head}</tr>{rows}</table>"
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .compile_backend import backend, graph_reports
 from .config import DAMConfig
+from .dump import dynamic_heads_text
 from .kernels.dispatch import reset_runtime_stats, runtime_stats
 from .passes.pipeline import SiteReport
 from .site_measures import PlanMeasure, SiteMeasure
@@ -59,17 +60,18 @@ class ExplainReport:
         lines = [
             f"{self.graph_count} graph(s), {self.graph_break_count} graph break(s); {len(self.sites)} attention "
             f"site(s): {self.rewritten} rewritten, {len(self.sites) - self.rewritten} dense "
-            f"(mask_source={self.config.get('mask_source')})",
+            f"(mask_source={self.config.get('mask_source')}{_split(self.config)})",
         ]
         lines += [f"  break: {reason}" for reason in self.break_reasons]
         lines += [f"  pass failed, graph compiled unmodified: {f}" for f in self.fallbacks]
-        rows = [("module", "decision", "density", "recall (mean/min)", "run-time path", "reason")]
+        rows = [("module", "decision", "dynamic heads", "density", "recall (mean/min)", "run-time path", "reason")]
         for site in self.sites:
             m = self.measures.get(site.module_path)
             density = f"{_mean(m.density):.3f}" if m else "-"
             recall = f"{_mean(m.recall):.3f}/{min(m.recall):.3f}" if m and m.recall else "-"
             path = f"{m.path}: {m.path_reason}" if m else "-"
-            rows.append((site.module_path or site.node, site.decision, density, recall, path, site.reason))
+            rows.append((site.module_path or site.node, site.decision, dynamic_heads_text(site.dynamic_heads),
+                         density, recall, path, site.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
@@ -136,6 +138,12 @@ def explain(
 
         write_explain(Path(config.dump_dir), report, profile=config.profile)
     return report
+
+
+def _split(config: dict[str, Any]) -> str:
+    """``", profile: k of N heads dynamic"`` for a calibrated config, else empty."""
+    profile = config.get("profile") if config.get("mask_source") == "calibrated" else None
+    return f", profile: {profile['dynamic_head_count']} heads dynamic" if isinstance(profile, dict) else ""
 
 
 def _mean(values: list[float]) -> float:

@@ -33,7 +33,7 @@ def export_rewritten(
                          "'streaming'")
     with torch.no_grad():
         program = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or {})
-    rewritten = rewrite_attention(program.graph_module, config).graph_module
+    rewritten = rewrite_attention(program.graph_module, config.mask_options()).graph_module
     values = [n.meta["val"] for n in rewritten.graph.nodes if n.op == "placeholder"]
     FakeTensorProp(rewritten, torch._guards.detect_fake_mode(values)).propagate_dont_convert_inputs(*values)
     program = _rebuilt(program, root=rewritten)

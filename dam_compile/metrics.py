@@ -30,6 +30,7 @@ def attention_mass_recall(
     scale: float | None = None,
     enable_gqa: bool = False,
     q_offset: int = 0,
+    attn_mask: Tensor | None = None,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
 ) -> Tensor:
     """Mean over query rows of the exact attention probability mass on keys the plan keeps.
@@ -38,6 +39,9 @@ def attention_mass_recall(
         query: ``[B, H, Lq, E]``; key ``[B, KVH, Lk, E]``.
         plan: the plan to score (token patterns included).
         is_causal, scale, enable_gqa, q_offset: as for the attention the plan serves.
+        attn_mask: the attention's own mask, bool (``True`` = attend) or additive float (values at the dtype's
+            minimum mean masked), broadcastable to ``[B, H, Lq, Lk]``; rows it leaves without any key (padding)
+            are not counted.
 
     Returns:
         float64 ``[B, H]`` in ``[0, 1]`` (1.0: the plan keeps all the mass, as dense attention does).
@@ -50,15 +54,29 @@ def attention_mass_recall(
     tables = TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, None)
     k_pos = torch.arange(kv_len, device=query.device)
     kept_mass = torch.zeros((batch, heads), dtype=torch.float64, device=query.device)
+    seen_rows = torch.zeros((batch, heads), dtype=torch.float64, device=query.device)
+    mask = None if attn_mask is None else attn_mask.expand(batch, heads, q_len, kv_len)  # a view
     rows = rows_per_chunk(batch, heads, kv_len, plan.block_size, max_chunk_elements)
     for start, stop, scores in score_chunks(query, key, scale, rows, torch.float32):
         q_pos = torch.arange(start, stop, device=query.device)
         if is_causal:
             scores = scores.masked_fill(k_pos[None, :] > (q_pos[:, None] + q_offset), float("-inf"))
+        if mask is not None:
+            scores = _masked_scores(scores, mask[:, :, start:stop])
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         allowed = tables.allowed(q_pos, k_pos)
         kept_mass += (probs * allowed).sum((-2, -1), dtype=torch.float64)
-    return kept_mass / q_len
+        seen_rows += (probs.sum(-1) > 0).sum(-1, dtype=torch.float64)
+    return kept_mass / seen_rows.clamp_min(1.0)
+
+
+def _masked_scores(scores: Tensor, mask: Tensor) -> Tensor:
+    """``scores`` with an SDPA mask applied; a float mask's values at its dtype's minimum mask fully (HF writes
+    masked keys so), so a row of padding sees no key instead of all of them."""
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    return (scores + mask.to(scores.dtype)).masked_fill(blocked, float("-inf"))
 
 
 def top_mass_plan(query: Tensor, key: Tensor, block_size: int, budget: Tensor) -> BlockSparsePlan:

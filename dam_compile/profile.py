@@ -1,22 +1,18 @@
 """A calibrated DAM profile: per attention module and query head, the mean attention map at the pattern capture
-length and the patterns DAM derives from it; saved as one safetensors file.
-
-File format (``FORMAT``, version ``VERSION``): a safetensors file whose metadata holds ``format``, ``version``,
-``pcl``, ``box_cox_lambda``, ``tau``, ``mu``, ``samples``, ``model_fingerprint`` and ``modules`` (a JSON list
-of ``{"name", "heads", "is_causal"}``, names being qualified module names such as ``model.layers.3.self_attn``),
-and, per module ``<name>``, the tensors ``<name>/mean_attention`` (float32 ``[H, P, P]``),
-``<name>/diagonals`` and ``<name>/columns`` (int32, padded with ``PATTERN_PAD``) and ``<name>/true_mask``
-(uint8 ``[H, P, P]``).
+length, the patterns DAM derives from it, and which heads run the dynamic plan instead (retrieval heads, found
+by :func:`dam_compile.calibrate` on held-out samples); saved as one safetensors file (:mod:`.profile_file`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -24,9 +20,8 @@ from torch import Tensor
 from .kernels.dam_patterns import HeadPatterns, match_patterns, true_mask
 from .kernels.pattern_plan import pattern_block_tables
 from .kernels.structured_plans import causal_block_tables
+from .passes.profile_protocol import ProfileMismatchError
 
-FORMAT = "dam-compile-profile"
-VERSION = 1
 
 # HF config fields that fix the attention layout; anything else (paths, dtypes, generation flags) may differ.
 _STRUCTURAL_CONFIG_KEYS = (
@@ -34,10 +29,6 @@ _STRUCTURAL_CONFIG_KEYS = (
     "intermediate_size", "vocab_size", "rope_theta", "rope_scaling", "max_position_embeddings", "n_embd",
     "n_layer", "n_head", "sliding_window",
 )
-
-
-class ProfileMismatchError(ValueError):
-    """A profile used with a model (or graph) it was not calibrated for."""
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -55,11 +46,27 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 @dataclass(frozen=True, eq=False)
 class ModuleProfile:
-    """One attention module: ``mean_attention`` float32 ``[H, P, P]`` and the DAM patterns derived from it."""
+    """One attention module: ``mean_attention`` float32 ``[H, P, P]`` and the DAM patterns derived from it;
+    ``dynamic_heads`` bool ``[H]``: heads that run the dynamic plan (default none); ``holdout_recall`` float32
+    ``[H]``: the share of each head's attention its extended pattern kept on the held-out samples (NaN: not
+    measured)."""
 
     mean_attention: Tensor
     patterns: HeadPatterns
     is_causal: bool
+    dynamic_heads: Tensor | None = None
+    holdout_recall: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        heads = self.heads
+        dynamic = torch.zeros(heads, dtype=torch.bool) if self.dynamic_heads is None else self.dynamic_heads
+        recall = torch.full((heads,), math.nan) if self.holdout_recall is None else self.holdout_recall
+        for name, value in (("dynamic_heads", dynamic), ("holdout_recall", recall)):
+            if not isinstance(value, Tensor) or tuple(value.shape) != (heads,):
+                raise ValueError(f"{name} must be a [{heads}] tensor (one entry per query head), got "
+                                 f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+        object.__setattr__(self, "dynamic_heads", dynamic.detach().to("cpu", torch.bool))
+        object.__setattr__(self, "holdout_recall", recall.detach().to("cpu", torch.float32))
 
     @property
     def heads(self) -> int:
@@ -80,6 +87,8 @@ class DAMProfile:
     mu: float
     model_fingerprint: str
     samples: int = 0
+    min_recall: float | None = None  # the threshold that chose the dynamic heads (None: none chosen)
+    holdout_samples: int = 0
     _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -94,7 +103,8 @@ class DAMProfile:
         model_fingerprint: str,
         samples: int,
     ) -> "DAMProfile":
-        """Derive every module's patterns (Box-Cox, threshold, match) from its mean attention map."""
+        """Derive every module's patterns (Box-Cox, threshold, match) from its mean attention map (no dynamic
+        heads: :meth:`with_dynamic_heads` adds them)."""
         if not mean_attention:
             raise ValueError("mean_attention is empty: no attention module was captured")
         pcls = {m.shape[-1] for m in mean_attention.values()}
@@ -109,14 +119,55 @@ class DAMProfile:
 
     def rethreshold(self, *, tau: float | None = None, mu: float | None = None,
                     box_cox_lambda: float | None = None) -> "DAMProfile":
-        """The same captured maps with other DAM thresholds (no recapture)."""
-        return DAMProfile.from_mean_attention(
+        """The same captured maps with other DAM thresholds (no recapture); the dynamic heads stay as they are
+        (their held-out recall was measured with the old patterns)."""
+        fresh = DAMProfile.from_mean_attention(
             {n: m.mean_attention for n, m in self.modules.items()},
             {n: m.is_causal for n, m in self.modules.items()},
             box_cox_lambda=self.box_cox_lambda if box_cox_lambda is None else box_cox_lambda,
             tau=self.tau if tau is None else tau, mu=self.mu if mu is None else mu,
             model_fingerprint=self.model_fingerprint, samples=self.samples,
         )
+        return fresh.with_dynamic_heads(
+            {n: m.dynamic_heads for n, m in self.modules.items()},
+            holdout_recall={n: m.holdout_recall for n, m in self.modules.items()},
+            min_recall=self.min_recall, holdout_samples=self.holdout_samples,
+        )
+
+    def with_dynamic_heads(
+        self,
+        dynamic_heads: Mapping[str, Tensor | Sequence[int]],
+        *,
+        holdout_recall: Mapping[str, Tensor] | None = None,
+        min_recall: float | None = None,
+        holdout_samples: int = 0,
+    ) -> "DAMProfile":
+        """A copy whose listed modules run the given heads dynamic (a bool ``[H]`` tensor or head indices per
+        module name; modules not listed keep theirs), e.g. to mark retrieval heads known from elsewhere.
+        ``holdout_recall`` (float ``[H]`` per module; modules not listed keep theirs), ``min_recall`` and
+        ``holdout_samples`` record how they were chosen."""
+        recall = holdout_recall or {}
+        for label, given in (("dynamic_heads", dynamic_heads), ("holdout_recall", recall)):
+            unknown = sorted(set(given) - set(self.modules))
+            if unknown:
+                raise ValueError(f"{label} names modules this profile lacks: {', '.join(unknown[:3])}")
+        modules = dict(self.modules)
+        for name in set(dynamic_heads) | set(recall):
+            module = self.modules[name]
+            heads = dynamic_heads.get(name)
+            modules[name] = dataclasses.replace(
+                module, dynamic_heads=module.dynamic_heads if heads is None else _head_mask(heads, module.heads, name),
+                holdout_recall=recall.get(name, module.holdout_recall),
+            )
+        return dataclasses.replace(self, modules=modules, min_recall=min_recall, holdout_samples=holdout_samples,
+                                   _device_cache={})
+
+    def dynamic_summary(self) -> dict[str, Any]:
+        """``{"dynamic_heads": {module: [heads]} (modules that have any), "dynamic_head_count": "k of N"}``."""
+        lists = {n: m.dynamic_heads.nonzero().flatten().tolist() for n, m in self.modules.items()}
+        total = sum(m.heads for m in self.modules.values())
+        count = sum(len(v) for v in lists.values())
+        return {"dynamic_heads": {n: v for n, v in lists.items() if v}, "dynamic_head_count": f"{count} of {total}"}
 
     def patterns_on(self, name: str, device: torch.device | str) -> HeadPatterns:
         """``name``'s patterns on ``device`` (copied once per device and kept)."""
@@ -143,7 +194,8 @@ class DAMProfile:
             )
 
     def block_density(self, length: int, block_size: int = 128) -> dict[str, Tensor]:
-        """Per module, float ``[H]``: kept blocks over causal-visible blocks of the extended plan at ``length``."""
+        """Per module, float ``[H]``: kept blocks over causal-visible blocks of the extended plan at ``length``
+        (of the patterns: a dynamic head's density depends on the input, at most the backend's ``density``)."""
         densities = {}
         for name, module in self.modules.items():
             p = module.patterns
@@ -155,56 +207,18 @@ class DAMProfile:
         return densities
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the profile as one safetensors file (see the module docstring); returns the path."""
-        from safetensors.torch import save_file
+        """Write the profile as one safetensors file (format: :mod:`dam_compile.profile_file`); returns the path."""
+        from .profile_file import write_profile
 
-        tensors, listed = {}, []
-        for name, module in self.modules.items():
-            tensors[f"{name}/mean_attention"] = module.mean_attention.contiguous()
-            tensors[f"{name}/diagonals"] = module.patterns.diagonals.contiguous()
-            tensors[f"{name}/columns"] = module.patterns.columns.contiguous()
-            tensors[f"{name}/true_mask"] = module.patterns.corner.to(torch.uint8).contiguous()
-            listed.append({"name": name, "heads": module.heads, "is_causal": module.is_causal})
-        metadata = {
-            "format": FORMAT, "version": str(VERSION), "pcl": str(self.pcl),
-            "box_cox_lambda": repr(self.box_cox_lambda), "tau": repr(self.tau), "mu": repr(self.mu),
-            "samples": str(self.samples), "model_fingerprint": self.model_fingerprint,
-            "modules": json.dumps(listed),
-        }
-        path = Path(path)
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        return write_profile(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> "DAMProfile":
-        """Read a profile written by :meth:`save`; with ``model``, also check it was calibrated for it."""
-        from safetensors import safe_open
+        """Read a profile written by :meth:`save` (this version or version 1, which has no dynamic heads); with
+        ``model``, also check it was calibrated for it."""
+        from .profile_file import read_profile
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"profile file {str(path)!r} does not exist")
-        try:
-            handle = safe_open(str(path), framework="pt")
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a DAM profile (not a safetensors file: {err})") from err
-        with handle as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{str(path)!r} is not a DAM profile (format {meta.get('format')!r})")
-            if int(meta.get("version", -1)) != VERSION:
-                raise ValueError(f"{str(path)!r} has profile version {meta.get('version')}; this build reads {VERSION}")
-            modules = {}
-            for entry in json.loads(meta["modules"]):
-                name = entry["name"]
-                patterns = HeadPatterns(
-                    f.get_tensor(f"{name}/diagonals"), f.get_tensor(f"{name}/columns"),
-                    f.get_tensor(f"{name}/true_mask").bool(),
-                )
-                modules[name] = ModuleProfile(f.get_tensor(f"{name}/mean_attention"), patterns, entry["is_causal"])
-        profile = cls(
-            modules, int(meta["pcl"]), float(meta["box_cox_lambda"]), float(meta["tau"]), float(meta["mu"]),
-            meta["model_fingerprint"], int(meta["samples"]),
-        )
+        profile = read_profile(path)
         if model is not None:
             profile.check_model(model)
         return profile
@@ -215,6 +229,23 @@ class DAMProfile:
         from .visuals import plot_profile
 
         return plot_profile(self, Path(directory), length=length or 16 * self.pcl, block_size=block_size)
+
+
+def _head_mask(heads: Tensor | Sequence[int], count: int, module: str) -> Tensor:
+    """bool ``[count]`` from a bool tensor or a sequence of head indices (``dynamic_heads`` of ``module``)."""
+    if isinstance(heads, Tensor):
+        if heads.dtype != torch.bool:
+            raise ValueError(f"dynamic_heads of {module}: a tensor must be bool [{count}], got {heads.dtype}; "
+                             "pass head indices as a list")
+        mask = heads
+    else:
+        index = torch.as_tensor(list(heads), dtype=torch.int64)
+        if index.numel() and (index.min() < 0 or index.max() >= count):
+            raise ValueError(f"dynamic_heads of {module}: head indices must lie in [0, {count}), got {index.tolist()}")
+        mask = torch.zeros(count, dtype=torch.bool).index_fill(0, index, True)
+    if tuple(mask.shape) != (count,):
+        raise ValueError(f"dynamic_heads of {module} must have {count} entries (query heads), got {tuple(mask.shape)}")
+    return mask
 
 
 def as_profile(value: "DAMProfile | str | os.PathLike") -> DAMProfile:

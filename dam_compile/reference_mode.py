@@ -20,29 +20,30 @@ from .kernels.plan import BlockSparsePlan
 from .kernels.reference import block_sparse_attention_reference
 from .module_stack import SDPA_FUNCTIONS
 from .passes.find_sdpa import bind_sdpa_args
-from .passes.insert_mask import DECODE_PLAN, MASK_GENERATORS, decode_generator_args, mask_generator_args
+from .passes.plan_call import plan_call
 
 
 def plan_for(
     config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool, scale: float | None = None,
     attn_mask: torch.Tensor | None = None, patterns: HeadPatterns | None = None,
+    dynamic_heads: torch.Tensor | None = None,
 ) -> BlockSparsePlan:
     """The plan that the mask generation the pass inserts for ``config`` computes for these inputs. The
-    ``calibrated`` source needs the module's ``patterns`` (``profile.patterns_on(name, device)``); its plan
-    carries them as its token pattern, as the rewritten op does. A one-row query gets the decode plan, which
-    also reads ``attn_mask``."""
+    ``calibrated`` source needs the module's ``patterns`` (``profile.patterns_on(name, device)``) and may take
+    its ``dynamic_heads`` (bool ``[H]``; default none); its plan carries the token pattern the rewritten op
+    gets. A one-row query gets the decode plan, which also reads ``attn_mask``."""
     calibrated = config.source == "calibrated"
     if calibrated and patterns is None:
         raise ValueError("patterns: the calibrated source plans from a module's patterns; pass "
                          "profile.patterns_on(module_name, device)")
-    given = (patterns.diagonals, patterns.columns, patterns.corner) if calibrated else ()
-    if query.shape[-2] == 1:
-        counts, indices = DECODE_PLAN(query, key, attn_mask, *(given[:2] or (None, None)),
-                                      *decode_generator_args(config, scale))
-        return BlockSparsePlan(counts, indices, config.block_size)
-    args, kwargs = mask_generator_args(config, is_causal, scale)
-    counts, indices, full_counts, full_indices = MASK_GENERATORS[config.source](query, key, *given, *args, **kwargs)
-    return BlockSparsePlan(counts, indices, config.block_size, full_counts, full_indices, *given)
+    if calibrated and dynamic_heads is None:
+        dynamic_heads = torch.zeros(patterns.diagonals.shape[0], dtype=torch.bool, device=query.device)
+    decode = query.shape[-2] == 1
+    call = plan_call(config.mask_options(), decode=decode, is_causal=is_causal, scale=scale, patterns=patterns,
+                     dynamic=dynamic_heads)
+    lists = call.run(query, key, attn_mask)
+    token = () if decode or not call.patterns else tuple(call.patterns.values())
+    return BlockSparsePlan(*lists[:2], config.block_size, *lists[2:], *token)
 
 
 class SparseReferenceMode(TorchFunctionMode):

@@ -72,10 +72,11 @@ class PlanMeasure(AttentionCallMode):
         return None
 
     def _plan(self, name: str, query: Tensor, key: Tensor, is_causal: bool, scale, mask) -> BlockSparsePlan:
-        config, patterns = self._planning, None
+        config, patterns, dynamic = self._planning, None, None
         if config.source == "calibrated":
             entry = config.profile.find_module(name)
             if entry is None:
                 raise ValueError(f"the profile has no entry for module {name!r}")
             patterns = config.profile.patterns_on(entry, query.device)
-        return plan_for(config, query, key, is_causal, scale, mask, patterns)
+            dynamic = config.profile.modules[entry].dynamic_heads.to(query.device)
+        return plan_for(config, query, key, is_causal, scale, mask, patterns, dynamic)

@@ -6,8 +6,9 @@ attends to a superset of the prefill's token-exact pattern for the same row. By 
 
 - ``dense``: every block up to the row (identical to full attention);
 - ``streaming``: ``sink_blocks`` from the first valid key, ``local_blocks`` ending at the row;
-- ``dynamic``: sink + local, plus the ``ceil(density * Nk)`` blocks of highest estimated mass for this row's
-  query, estimated from a few evenly spaced keys of each block (reads ``samples / block_size`` of the keys);
+- ``dynamic``: sink + local, plus the ``ceil(density * Nk)`` blocks of highest exact attention mass for this
+  row's query (its scores against every key: K is read once, V only in the kept blocks), so a needle the
+  prefill kept is never lost to a sampled estimate;
 - ``calibrated``: the blocks holding the row's DAM keys: ``row - r`` for each diagonal ``r``, each column ``c``
   and, while the row is inside the pattern capture length, every key before it (the true-mask corner).
 
@@ -19,12 +20,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .plan import PATTERN_PAD, num_blocks
 
 DECODE_SOURCES = ("dense", "streaming", "dynamic", "calibrated")
-SAMPLES_PER_BLOCK = 8
 
 
 def decode_block_plan(
@@ -38,9 +39,10 @@ def decode_block_plan(
     block_size: int,
     sink_blocks: int = 1,
     local_blocks: int = 2,
-    density: float = 0.15,
+    density: float = 0.075,
     scale: float | None = None,
     corner_len: int = 0,
+    dynamic_heads: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kept blocks of the row ``query [B, H, 1, E]`` against ``key [B, KVH, Lk, E]``.
 
@@ -48,6 +50,8 @@ def decode_block_plan(
         attn_mask: bool or additive float, broadcastable to ``[B, H, 1, Lk]`` (``None``: every key visible).
         diagonals, columns: the calibrated source's per-head patterns ``[H, R]`` / ``[H, C]`` (int32, padded
             with ``PATTERN_PAD``); ``corner_len``: its pattern capture length.
+        dynamic_heads: calibrated source only, bool ``[H]`` or ``None``: heads the profile marks dynamic
+            (retrieval heads) keep the ``dynamic`` source's blocks instead of their patterns'.
 
     Returns:
         ``(kv_num_blocks [B, H, 1], kv_indices [B, H, 1, Nk])``, int32, kept blocks first in ascending order.
@@ -68,11 +72,14 @@ def decode_block_plan(
     elif source == "streaming":
         keep = always[:, None].expand(batch, heads, nk)
     elif source == "dynamic":
-        keep = always[:, None] | _top_blocks(query, key, visible, block_size, density, scale)
+        keep = always[:, None] | _top_blocks(query, key, first, row, visible, block_size, density, scale)
     else:
         if diagonals is None or columns is None:
             raise ValueError("the calibrated decode plan needs diagonals and columns")
         keep = _pattern_blocks(diagonals, columns, row, nk, block_size, corner_len) & visible[:, None]
+        if dynamic_heads is not None:
+            found = always[:, None] | _top_blocks(query, key, first, row, visible, block_size, density, scale)
+            keep = torch.where(dynamic_heads.to(torch.bool)[None, :, None], found, keep)
     counts = keep.sum(-1, dtype=torch.int32)
     indices = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     return counts[..., None], indices[:, :, None, :]
@@ -95,20 +102,22 @@ def _row_span(attn_mask: Tensor | None, batch: int, kv_len: int, device: torch.d
 
 
 def _top_blocks(
-    query: Tensor, key: Tensor, visible: Tensor, block_size: int, density: float, scale: float | None
+    query: Tensor, key: Tensor, first: Tensor, row: Tensor, visible: Tensor, block_size: int, density: float,
+    scale: float | None,
 ) -> Tensor:
-    """``[B, H, Nk]``: the ``ceil(density * Nk)`` visible blocks of highest estimated mass per head. A block's
-    logit is the log-sum-exp of the row's scores against ``SAMPLES_PER_BLOCK`` evenly spaced keys of it (the
-    ragged last block, when there is one, is left to the local window)."""
+    """``[B, H, Nk]``: the ``ceil(density * Nk)`` visible blocks of highest exact attention mass for this row.
+    A block's logit is the log-sum-exp of the row's scores against its keys in ``[first, row]``: reading all
+    of K (V only for the kept blocks) is what lets a decode step find a needle that a few sampled keys miss."""
     batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    nk, whole = visible.shape[-1], kv_len // block_size
-    stride = max(1, block_size // SAMPLES_PER_BLOCK)
-    sampled = key[:, :, : whole * block_size].unflatten(2, (whole, block_size))[:, :, :, ::stride]
-    q = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()
-    scores = torch.einsum("bkgd,bknsd->bkgns", q, sampled.float()) * (dim**-0.5 if scale is None else scale)
-    logits = torch.logsumexp(scores, dim=-1).reshape(batch, heads, whole)
-    logits = torch.nn.functional.pad(logits, (0, nk - whole), value=float("-inf"))
+    nk = visible.shape[-1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).to(torch.float32) * (dim**-0.5 if scale is None else scale)
+    positions = torch.arange(kv_len, device=query.device)
+    outside = (positions < first[:, None]) | (positions > row[:, None])  # [B, Lk]
+    scores = scores.masked_fill(outside[:, None, None], float("-inf"))
+    scores = F.pad(scores, (0, nk * block_size - kv_len), value=float("-inf"))
+    logits = torch.logsumexp(scores.unflatten(-1, (nk, block_size)), dim=-1).reshape(batch, heads, nk)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     width = torch.sym_min(nk, -(-nk * math.ceil(density * 1000) // 1000))  # ceil(density * nk), symbolic-safe
     top = logits.topk(width, dim=-1)

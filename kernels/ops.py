@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import plan_stats
 from .block_sparse_launch import triton_block_sparse_attention
 from .decode_kernel import triton_sparse_decode
 from .decode_plan import decode_block_plan
@@ -67,6 +68,9 @@ def sparse_attention_op(
     supports neither (``kv_range=None``, ``q_offset=0``), so callers that set them use ``min_seq_len=0``."""
     path, reason = choose_path(query, key, min_seq_len, kernel)
     record(path, reason, key.shape[-2], min_seq_len)
+    if plan_stats.recording():  # a benchmark measuring the plans that ran; one list check otherwise
+        plan = BlockSparsePlan(kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices)
+        plan_stats.record(plan, query.shape[-2], key.shape[-2], is_causal, q_offset, path == "dense")
     if path == "dense":
         if kv_range is not None or q_offset != 0:
             raise ValueError("kv_range and q_offset need the sparse path; this call runs dense: " + reason)
@@ -234,7 +238,7 @@ def dynamic_plan_op(
 ) -> PlanTensors:
     """The dynamic DAM plan (:func:`dynamic_block_plan`) of a ``[B, H, Lq, E]`` query, lists ``[B, H, Mq, K]``;
     when the attention will run dense, a plan that keeps nothing (nothing is computed)."""
-    lists = _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks)
+    lists = _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks, estimator)
     if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
         return _keep_nothing(lists)
     return _planner(dynamic_block_plan, query.device)(
@@ -245,9 +249,9 @@ def dynamic_plan_op(
 
 
 def _dynamic_plan_buffers(query: Tensor, key: Tensor, block_size: int, density: float, sink_blocks: int,
-                          local_blocks: int) -> PlanTensors:
+                          local_blocks: int, estimator: str) -> PlanTensors:
     mq, nk = num_blocks(query.shape[-2], block_size), num_blocks(key.shape[-2], block_size)
-    width = dynamic_plan_width(nk, density, sink_blocks, local_blocks)
+    width = dynamic_plan_width(nk, density, sink_blocks, local_blocks, estimator)
     counts = query.new_empty((*query.shape[:2], mq), dtype=torch.int32)
     indices = query.new_empty((*query.shape[:2], mq, width), dtype=torch.int32)
     return counts, indices, torch.empty_like(counts), torch.empty_like(indices)
@@ -256,7 +260,7 @@ def _dynamic_plan_buffers(query: Tensor, key: Tensor, block_size: int, density: 
 @dynamic_plan_op.register_fake
 def _(query, key, block_size, is_causal, min_seq_len, kernel, scale, tau, box_cox_lambda, mu, density, mass_target,
       sink_blocks, local_blocks, estimator) -> PlanTensors:
-    return _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks)
+    return _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks, estimator)
 
 
 @torch.library.custom_op("dam::decode_plan", mutates_args=())
@@ -264,15 +268,17 @@ def decode_plan_op(
     query: Tensor, key: Tensor, attn_mask: Optional[Tensor], diagonals: Optional[Tensor],
     columns: Optional[Tensor], source: str, block_size: int, min_seq_len: int, kernel: str, sink_blocks: int,
     local_blocks: int, density: float, scale: Optional[float], corner_len: int,
+    dynamic_heads: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Kept blocks of a decode step (:func:`decode_block_plan`): ``([B, H, 1], [B, H, 1, Nk])``; a plan that
-    keeps nothing when the step runs dense (a short cache)."""
+    keeps nothing when the step runs dense (a short cache). ``dynamic_heads`` (bool ``[H]``, calibrated
+    source): heads that select blocks as the dynamic source does."""
     if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
         counts, indices = _decode_plan_buffers(query, key, block_size)
         return torch.zeros_like(counts), indices
     return _planner(decode_block_plan, query.device)(
         query, key, attn_mask, diagonals, columns, source=source, block_size=block_size, sink_blocks=sink_blocks,
-        local_blocks=local_blocks, density=density, scale=scale, corner_len=corner_len,
+        local_blocks=local_blocks, density=density, scale=scale, corner_len=corner_len, dynamic_heads=dynamic_heads,
     )
 
 

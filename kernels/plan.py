@@ -143,12 +143,12 @@ class BlockSparsePlan:
         makes a cached sparse plan small; otherwise they are ``Nk`` wide."""
         if partial.dtype != torch.bool or partial.dim() != 4:
             raise PlanError(f"partial must be a 4-D bool table, got {partial.dtype} {tuple(partial.shape)}")
-        counts, indices = _lists_from_table(partial, compact)
+        counts, indices = lists_from_table(partial, compact)
         if full is None:
             return cls(counts, indices, block_size)
         if full.shape != partial.shape or full.dtype != torch.bool:
             raise PlanError(f"full must be a bool table shaped like partial {tuple(partial.shape)}")
-        full_counts, full_indices = _lists_from_table(full, compact)
+        full_counts, full_indices = lists_from_table(full, compact)
         return cls(counts, indices, block_size, full_counts, full_indices)
 
     def with_token_pattern(self, diagonals: Tensor, columns: Tensor, corner: Tensor | None = None) -> "BlockSparsePlan":
@@ -156,7 +156,8 @@ class BlockSparsePlan:
         return dataclasses.replace(self, token_diagonals=diagonals, token_columns=columns, token_corner=corner)
 
 
-def _lists_from_table(table: Tensor, compact: bool = False) -> tuple[Tensor, Tensor]:
+def lists_from_table(table: Tensor, compact: bool = False) -> tuple[Tensor, Tensor]:
+    """Counts ``[..., Mq]`` and ascending index lists ``[..., Mq, Nk]`` (int32) of a bool table ``[..., Mq, Nk]``."""
     counts = table.sum(-1, dtype=torch.int32)
     # Kept block j goes to slot (number of kept blocks before it): kept indices first, in ascending order.
     # Dropped blocks land in a spare last slot; slots past the count stay 0 (a valid block id, never read).

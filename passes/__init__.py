@@ -5,18 +5,23 @@ verify; ``pipeline`` chains them."""
 from .causal_mask import read_causal_mask
 from .decide import Decision, decide
 from .find_sdpa import SDPASite, find_sdpa_sites, is_sdpa, module_path, normalize_module_path
-from .insert_mask import MASK_GENERATORS, insert_mask_generation
+from .insert_mask import insert_mask_generation
 from .pipeline import RewriteResult, SiteReport, copy_graph_module, rewrite_attention
+from .plan_call import MASK_GENERATORS, PlanCall, plan_call
 from .rewrite import SPARSE_ATTENTION, replace_with_sparse_attention
+from .profile_protocol import ProfileMismatchError, SiteProfile, profile_entry
 from .verify import RewriteCheckError, check_rewrite, fx_to_digraph
 
 __all__ = [
     "MASK_GENERATORS",
     "SPARSE_ATTENTION",
     "Decision",
+    "PlanCall",
+    "ProfileMismatchError",
     "RewriteCheckError",
     "RewriteResult",
     "SDPASite",
+    "SiteProfile",
     "SiteReport",
     "check_rewrite",
     "copy_graph_module",
@@ -27,6 +32,8 @@ __all__ = [
     "is_sdpa",
     "module_path",
     "normalize_module_path",
+    "plan_call",
+    "profile_entry",
     "read_causal_mask",
     "replace_with_sparse_attention",
     "rewrite_attention",

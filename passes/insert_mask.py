@@ -1,16 +1,21 @@
 """Step (c): insert the mask-generation subgraph that computes a site's block-sparse plan at run time.
 
 The subgraph is one plan call on the site's query and key, plus one ``getitem`` per plan tensor; its output
-follows :class:`dam_compile.kernels.BlockSparsePlan`. The call, by ``mask_source``:
+follows :class:`dam_compile.kernels.BlockSparsePlan`. Tensors go to the call by position, every other argument
+by name (:class:`MaskOptions`). The call, by ``mask_source``:
 
 - ``dynamic``: ``dam::dynamic_plan`` (DAM estimated from this input's Q and K);
 - ``calibrated``: ``dam::pattern_plan`` on the module's DAM patterns, which become buffers of the graph module
-  (``get_attr`` nodes) and also feed the sparse op as its token-exact pattern;
+  (``get_attr`` nodes) and also feed the sparse op as its token-exact pattern. A module whose profile marks
+  some heads dynamic (retrieval heads) gets ``dam::hybrid_plan`` instead, on the patterns rewritten by
+  :func:`hybrid_token_pattern` and a bool ``[H]`` buffer of those heads; one whose every head is dynamic gets
+  ``dam::dynamic_plan``;
 - ``dense`` / ``streaming``: ``dam::dense_plan`` / ``dam::streaming_plan``.
 
 A site whose query is one row (a decode step: Dynamo specialises a length of 1) gets ``dam::decode_plan`` for
 every source instead; it also reads the attention mask (which says where the row sits in a static cache) and,
-for ``calibrated``, the diagonals and columns. Its plan has two tensors (no full blocks).
+for ``calibrated``, the diagonals and columns, and the dynamic heads when there are any. Its plan has two
+tensors (no full blocks). :mod:`.plan_call` decides the call; this module puts it into the graph.
 """
 
 from __future__ import annotations
@@ -18,40 +23,33 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
+from torch import Tensor
 from torch._dynamo.source import ConstantSource
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
-from ..config import DAMConfig
-from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.dam.*)
-from ..profile import DAMProfile, ProfileMismatchError
+from ..kernels.mask_options import MaskOptions
 from .decide import example_value, op_scale
 from .find_sdpa import SDPASite
+from .plan_call import plan_call
+from .profile_protocol import SiteProfile
 
 PLAN_TENSORS = 4  # kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices
 DECODE_PLAN_TENSORS = 2  # kv_num_blocks, kv_indices
 # The op's plan arguments: those four, then token_diagonals, token_columns and token_corner (None for
 # block-level sources).
 PLAN_OP_ARGS = 7
-PATTERN_TENSORS = ("diagonals", "columns", "corner")
-
-MASK_GENERATORS: dict[str, Callable[..., Any]] = {
-    "dynamic": torch.ops.dam.dynamic_plan.default,
-    "calibrated": torch.ops.dam.pattern_plan.default,
-    "dense": torch.ops.dam.dense_plan.default,
-    "streaming": torch.ops.dam.streaming_plan.default,
-}
-DECODE_PLAN = torch.ops.dam.decode_plan.default
 
 
 @dataclass
 class MaskSubgraph:
     plan: Node
-    outputs: tuple[Node, ...]
+    outputs: tuple[Node, ...] = ()  # one getitem per plan tensor
     patterns: tuple[Node, ...] = ()  # get_attr nodes of the token-exact pattern (calibrated)
     decode: bool = False  # a decode plan: also reads the mask; its patterns feed only the plan
+    plan_inputs: tuple[Node, ...] = ()  # get_attr nodes only the plan reads, by name (the dynamic heads)
+    dynamic_heads: tuple[int, ...] = ()  # query heads that run the dynamic plan at a calibrated site
 
     @property
     def op_patterns(self) -> tuple[Node, ...]:
@@ -65,54 +63,13 @@ def is_decode(site: SDPASite) -> bool:
     return isinstance(length, int) and length == 1
 
 
-def mask_generator_args(config: DAMConfig, is_causal: bool, scale: float | Node | None) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` after ``(query, key)`` (and, for ``calibrated``, the three pattern tensors) of the
-    ``config.source`` prefill plan call."""
-    common = (config.block_size, is_causal, config.min_seq_len, config.kernel)
-    if config.source == "dynamic":
-        return (*common, scale, config.tau, config.box_cox_lambda, config.mu, config.density, config.mass_target,
-                config.sink_blocks, config.local_blocks, config.estimator), {}
-    if config.source == "streaming":
-        return (*common, config.sink_blocks, config.local_blocks), {}
-    return common, {}
-
-
-def decode_generator_args(config: DAMConfig, scale: float | Node | None) -> tuple:
-    """The arguments of ``dam::decode_plan`` after ``(query, key, attn_mask, diagonals, columns)``."""
-    corner_len = config.profile.pcl if config.source == "calibrated" else 0
-    return (config.source, config.block_size, config.min_seq_len, config.kernel, config.sink_blocks,
-            config.local_blocks, config.density, scale, corner_len)
-
-
-def profile_entry(profile: DAMProfile, site: SDPASite) -> str | None:
-    """The profile's module name for ``site`` (``None`` when it has none). Raises
-    :class:`ProfileMismatchError` when the entry exists but its head count differs from the site's."""
-    name = profile.find_module(site.module_path) if site.module_path else None
-    if name is None:
-        return None
-    heads = example_value(site.query).shape[1]
-    if profile.modules[name].heads != heads:
-        raise ProfileMismatchError(
-            f"the profile's {name} has {profile.modules[name].heads} query heads but the graph's attention at "
-            f"{site.module_path} has {heads}: the profile was calibrated for another model"
-        )
-    return name
-
-
-def _pattern_buffers(
-    gm: GraphModule, site: SDPASite, config: DAMConfig, entry: str, labels: tuple[str, ...] = PATTERN_TENSORS
-) -> tuple[Node, ...]:
-    """Register ``entry``'s patterns (those named in ``labels``) as buffers of ``gm`` on the site's device;
-    ``get_attr`` nodes for them."""
-    device = example_value(site.query).device
-    patterns = config.profile.patterns_on(entry, device)
-    values = dict(diagonals=patterns.diagonals, columns=patterns.columns, corner=patterns.corner)
-    stem = "_dam_" + re.sub(r"\W", "_", entry)
+def _buffer_nodes(gm: GraphModule, stem: str, values: dict[str, Tensor]) -> tuple[Node, ...]:
+    """Register ``values`` as buffers ``<stem>_<label>`` of ``gm`` (once); ``get_attr`` nodes for them."""
     nodes = []
-    for label in labels:
+    for label, value in values.items():
         name = f"{stem}_{label}"
         if not hasattr(gm, name):
-            gm.register_buffer(name, values[label], persistent=False)
+            gm.register_buffer(name, value, persistent=False)
             sources = getattr(gm, "_param_name_to_source", None)
             if sources is not None:  # AOTAutograd wants a source for each buffer of a Dynamo graph
                 sources[name] = ConstantSource(f"__dam_pattern_{name}")
@@ -120,27 +77,31 @@ def _pattern_buffers(
     return tuple(nodes)
 
 
-def insert_mask_generation(gm: GraphModule, site: SDPASite, config: DAMConfig, entry: str | None = None) -> MaskSubgraph:
-    """Insert the plan computation for ``site`` just before it; returns the new nodes. ``entry``: the
-    profile's module name (calibrated source)."""
-    graph: Graph = gm.graph
-    scale = op_scale(site)
-    decode = is_decode(site)
-    calibrated = config.source == "calibrated"
+def insert_mask_generation(
+    gm: GraphModule, site: SDPASite, options: MaskOptions, profile: SiteProfile | None = None,
+    entry: str | None = None,
+) -> MaskSubgraph:
+    """Insert the plan computation for ``site`` just before it; returns the new nodes. ``profile`` and
+    ``entry`` (the profile's module name for the site): the calibrated source's."""
+    decode, patterns, dynamic, stem = is_decode(site), None, None, ""
+    if options.source == "calibrated":
+        if profile is None or entry is None:
+            raise ValueError("the calibrated source needs the profile and the site's entry in it")
+        device = example_value(site.query).device
+        patterns = profile.patterns_on(entry, device)
+        dynamic = profile.modules[entry].dynamic_heads.to(device=device, dtype=torch.bool)
+        stem = "_dam_" + re.sub(r"\W", "_", entry)
+    call = plan_call(options, decode=decode, is_causal=site.is_causal, scale=op_scale(site), patterns=patterns,
+                     dynamic=dynamic)
+    graph = gm.graph
     with graph.inserting_before(site.node):
-        if decode:
-            patterns = _pattern_buffers(gm, site, config, entry, PATTERN_TENSORS[:2]) if calibrated else ()
-            given = (*patterns, *(None,) * (2 - len(patterns)))
-            plan_args = (site.query, site.key, site.attn_mask, *given, *decode_generator_args(config, scale))
-            plan = graph.call_function(DECODE_PLAN, plan_args)
-            count = DECODE_PLAN_TENSORS
-        else:
-            patterns = _pattern_buffers(gm, site, config, entry) if calibrated else ()
-            args, kwargs = mask_generator_args(config, site.is_causal, scale)
-            plan = graph.call_function(MASK_GENERATORS[config.source], (site.query, site.key, *patterns, *args), kwargs)
-            count = PLAN_TENSORS
+        pattern_nodes = _buffer_nodes(gm, stem + call.tag, call.patterns)
+        extra = _buffer_nodes(gm, stem, call.tensor_kwargs)
+        plan = graph.call_function(call.op, call.args(site.query, site.key, site.attn_mask, pattern_nodes),
+                                   {**call.kwargs, **dict(zip(call.tensor_kwargs, extra))})
+        count = DECODE_PLAN_TENSORS if decode else PLAN_TENSORS
         outputs = tuple(graph.call_function(operator.getitem, (plan, i)) for i in range(count))
-    for node in (*patterns, plan, *outputs):
+    for node in (*pattern_nodes, *extra, plan, *outputs):
         node.meta["stack_trace"] = site.node.meta.get("stack_trace")
         node.meta["nn_module_stack"] = site.node.meta.get("nn_module_stack")
-    return MaskSubgraph(plan, outputs, patterns, decode)
+    return MaskSubgraph(plan, outputs, pattern_nodes, decode, extra, call.dynamic_heads)

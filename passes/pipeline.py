@@ -9,14 +9,14 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from ..config import DAMConfig
-from ..profile import ProfileMismatchError
+from ..kernels.mask_options import MaskOptions
 from .causal_mask import read_causal_mask
 from .decide import Decision, decide, example_value
 from .find_sdpa import SDPASite, find_sdpa_sites
 from .gqa import read_before_repeat
-from .insert_mask import insert_mask_generation, profile_entry
+from .insert_mask import insert_mask_generation
 from .rewrite import replace_with_sparse_attention
+from .profile_protocol import ProfileMismatchError, SiteProfile, profile_entry
 from .verify import RewrittenSite, check_rewrite
 
 
@@ -44,6 +44,7 @@ class SiteReport:
     reason: str
     mask_source: str | None
     reaches_min_seq_len: bool = True  # whether its key length can be min_seq_len or more
+    dynamic_heads: list[int] | None = None  # a calibrated site's heads that run the dynamic plan (retrieval heads)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,8 +81,14 @@ def copy_graph_module(gm: GraphModule) -> tuple[GraphModule, dict[Node, Node]]:
     return new_gm, val_map
 
 
-def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
-    """Rewrite every eligible SDPA node of ``gm`` into ``dam::sparse_attention``; ``gm`` is left as it was."""
+def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfile | None = None) -> RewriteResult:
+    """Rewrite every eligible SDPA node of ``gm`` into ``dam::sparse_attention`` with plans built per
+    ``options``; ``profile`` is the calibrated source's (``DAMConfig.mask_options()`` and ``DAMConfig.profile``).
+    ``gm`` is left as it was."""
+    if not isinstance(options, MaskOptions):
+        raise TypeError(f"options must be a MaskOptions (DAMConfig.mask_options()), got {type(options).__name__}")
+    if options.source == "calibrated" and profile is None:
+        raise ValueError("profile: the calibrated source needs the calibrated profile")
     new_gm, val_map = copy_graph_module(gm)
     graph = new_gm.graph
     original = {copy: orig for orig, copy in val_map.items()}
@@ -89,11 +96,11 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
     for site in find_sdpa_sites(graph):
         decision = decide(site)
         entry = None
-        if decision.rewrite and config.source == "calibrated":
-            entry = profile_entry(config.profile, site)
+        if decision.rewrite and options.source == "calibrated":
+            entry = profile_entry(profile, site)
             if entry is None:
                 decision = Decision(False, f"{NO_PROFILE_ENTRY} {site.module_path or '(top level)'!r}")
-        reports.append(_report(site, decision.rewrite, decision.reason, config))
+        reports.append(_report(site, decision.rewrite, decision.reason, options))
         if not decision.rewrite:
             continue
         name = site.node.name
@@ -111,17 +118,19 @@ def rewrite_attention(gm: GraphModule, config: DAMConfig) -> RewriteResult:
         if grouped is not site:
             reports[-1].reason += "; reads K/V before repeat_kv (grouped heads)"
             site = grouped
-        mask = insert_mask_generation(new_gm, site, config, entry)
-        op = replace_with_sparse_attention(graph, site, mask, config)
+        mask = insert_mask_generation(new_gm, site, options, profile, entry)
+        op = replace_with_sparse_attention(graph, site, mask, options)
+        if entry is not None:
+            reports[-1].dynamic_heads = list(mask.dynamic_heads)
         done.append(RewrittenSite(
             name, mask.plan.target, mask.plan, mask.outputs, op, mask.patterns, mask.decode,
             kv_sources=(original[site.key].name, original[site.value].name), mask_dropped=mask_dropped,
-            mask_row=mask_row,
+            mask_row=mask_row, plan_inputs=mask.plan_inputs,
         ))
     unmatched = [r for r in reports if r.reason.startswith(NO_PROFILE_ENTRY)]
     if unmatched and len(unmatched) == len(reports):
         raise ProfileMismatchError(
-            f"the profile's modules ({', '.join(list(config.profile.modules)[:3])}, ...) match none of this "
+            f"the profile's modules ({', '.join(list(profile.modules)[:3])}, ...) match none of this "
             f"graph's attention modules ({', '.join(r.module_path or r.node for r in unmatched[:3])}): it was "
             "calibrated for another model"
         )
@@ -139,7 +148,7 @@ def _describe(arg: Any) -> str:
     return "None" if arg is None else repr(value)
 
 
-def _report(site: SDPASite, rewrite: bool, reason: str, config: DAMConfig) -> SiteReport:
+def _report(site: SDPASite, rewrite: bool, reason: str, options: MaskOptions) -> SiteReport:
     q = example_value(site.query)
     return SiteReport(
         node=site.node.name,
@@ -156,8 +165,8 @@ def _report(site: SDPASite, rewrite: bool, reason: str, config: DAMConfig) -> Si
         enable_gqa=site.enable_gqa if isinstance(site.enable_gqa, bool) else repr(site.enable_gqa),
         decision="sparse" if rewrite else "dense",
         reason=reason,
-        mask_source=config.source if rewrite else None,
-        reaches_min_seq_len=_can_reach(example_value(site.key), config.min_seq_len),
+        mask_source=options.source if rewrite else None,
+        reaches_min_seq_len=_can_reach(example_value(site.key), options.min_seq_len),
     )
 
 

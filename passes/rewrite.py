@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from ..config import DAMConfig
+from ..kernels.mask_options import MaskOptions
 from .decide import op_scale
 from .find_sdpa import SDPASite
 from .insert_mask import PLAN_OP_ARGS, MaskSubgraph
@@ -16,18 +16,17 @@ SPARSE_ATTENTION = torch.ops.dam.sparse_attention.default
 _KEPT_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
-def replace_with_sparse_attention(graph: Graph, site: SDPASite, mask: MaskSubgraph, config: DAMConfig) -> Node:
-    """Swap ``site.node`` for the sparse op; every user of the old node now reads the new one."""
+def replace_with_sparse_attention(graph: Graph, site: SDPASite, mask: MaskSubgraph, options: MaskOptions) -> Node:
+    """Swap ``site.node`` for the sparse op; every user of the old node now reads the new one. Tensors and the
+    scale go by position, the flags and sizes by name."""
     scale = op_scale(site)
     given = (*mask.outputs, *mask.op_patterns)
     plan_args = (*given, *(None,) * (PLAN_OP_ARGS - len(given)))
     with graph.inserting_before(site.node):
         new = graph.call_function(
             SPARSE_ATTENTION,
-            (
-                site.query, site.key, site.value, *plan_args, site.attn_mask, scale,
-                site.is_causal, site.enable_gqa, config.block_size, config.min_seq_len, config.kernel,
-            ),
+            (site.query, site.key, site.value, *plan_args, site.attn_mask, scale),
+            options.attention_kwargs(site.is_causal, site.enable_gqa),
         )
     for key in _KEPT_META:
         if key in site.node.meta:

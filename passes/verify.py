@@ -38,6 +38,7 @@ class RewrittenSite:
     kv_sources: tuple[str, str] | None = None  # original names of the key/value the op reads (before repeat_kv)
     mask_dropped: bool = False  # the original mask was read as is_causal=True: nothing new reads it
     mask_row: Node | None = None  # ... except this key padding row of it (mask[:, :, -1:, :]), which the op reads
+    plan_inputs: tuple[Node, ...] = ()  # get_attr nodes only the plan reads (a calibrated site's dynamic heads)
 
     def roles(self) -> dict[Node, str]:
         roles = {self.plan: f"{self.name}/plan", self.op: f"{self.name}/attn"}
@@ -45,6 +46,7 @@ class RewrittenSite:
             roles[self.mask_row] = f"{self.name}/mask_row"
         roles.update({out: f"{self.name}/plan.{i}" for i, out in enumerate(self.plan_outputs)})
         roles.update({p: f"{self.name}/pattern.{i}" for i, p in enumerate(self.patterns)})
+        roles.update({p: f"{self.name}/plan_input.{i}" for i, p in enumerate(self.plan_inputs)})
         return roles
 
 
@@ -130,14 +132,27 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
                 _add_input(g, role, attn, f"args.{3 + len(site.plan_outputs) + i}")
         if mask is not None:
             _add_input(g, mask, attn, f"args.{3 + PLAN_OP_ARGS}")
-        if isinstance(sdpa.scale, Node):  # a symbolic scale feeds the op, and the plan where it takes one
+        # Buffers only the plan reads, and a symbolic scale (which also feeds the op), go to the plan by name:
+        # their places are read from the plan node.
+        for i, node in enumerate(site.plan_inputs):
+            role = f"{site.name}/plan_input.{i}"
+            g.add_node(role, op="get_attr", target=str(node.target), consts=None)
+            for pos in _positions(site.plan, node):
+                _add_input(g, role, plan, pos)
+        if isinstance(sdpa.scale, Node):
             _add_input(g, sdpa.scale.name, attn, f"args.{4 + PLAN_OP_ARGS}")
-            for pos, arg in _inputs(site.plan.args, "args"):
-                if arg.name == sdpa.scale.name:
-                    _add_input(g, sdpa.scale.name, plan, pos)
+            for pos in _positions(site.plan, sdpa.scale, by_name=True):
+                _add_input(g, sdpa.scale.name, plan, pos)
         for dst, pos in users:
             g.add_edge(attn, dst, pos=pos)
     return g
+
+
+def _positions(user: Node, arg: Node, by_name: bool = False) -> list[str]:
+    """Where ``user`` reads ``arg`` (``args.N`` / ``kwargs.NAME``); ``by_name`` matches a node of the original
+    graph against its copy by name."""
+    found = [*_inputs(user.args, "args"), *_inputs(user.kwargs, "kwargs")]
+    return [pos for pos, node in found if (node.name == arg.name if by_name else node is arg)]
 
 
 def actual_digraph(rewritten_graph: Graph, val_map: dict[Node, Node], sites: list[RewrittenSite]) -> nx.DiGraph:

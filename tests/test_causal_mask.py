@@ -155,7 +155,7 @@ def hf_rewrite(model, padded=False, static=False):
         torch._dynamo.mark_dynamic(t, 1)
     with torch.no_grad():
         (gm,) = capture_graph(lambda **kw: model(**kw, use_cache=False).logits, **inputs)
-    return rewrite_attention(gm, DAMConfig(**CPU_SPARSE))
+    return rewrite_attention(gm, DAMConfig(**CPU_SPARSE).mask_options())
 
 
 def is_key_row(mask):
@@ -178,7 +178,7 @@ def test_hf_prompt_mask_becomes_is_causal(name, padded):
 
 
 def sparse_op_masks(result):
-    return [(node.args[10], node.args[12]) for node in result.graph_module.graph.nodes
+    return [(node.args[10], node.kwargs["is_causal"]) for node in result.graph_module.graph.nodes
             if node.target is torch.ops.dam.sparse_attention.default]
 
 

@@ -62,7 +62,7 @@ def test_a_symbolic_scale_goes_to_the_op_as_it_is():
     results = []
 
     def rewrite_only(gm, example_inputs):
-        results.append(rewrite_attention(gm, DAMConfig(**CPU_SPARSE)))
+        results.append(rewrite_attention(gm, DAMConfig(**CPU_SPARSE).mask_options()))
         return results[-1].graph_module.forward
 
     run = torch.compile(model, backend=rewrite_only, dynamic=True)

@@ -23,7 +23,7 @@ def test_defaults_are_documented_values():
     assert (cfg.tau, cfg.box_cox_lambda, cfg.mu, cfg.sink_blocks, cfg.local_blocks, cfg.strict) == (
         0.3, 0.5, 0.8, 1, 2, False
     )
-    assert (cfg.density, cfg.mass_target, cfg.estimator) == (0.15, 0.95, "pooled")
+    assert (cfg.density, cfg.mass_target, cfg.estimator) == (0.075, 0.95, "adaptive")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.block_size = 64
 

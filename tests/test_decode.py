@@ -125,6 +125,26 @@ def test_dynamic_decode_plan_finds_the_heavy_block_within_budget():
     assert counts.max() <= 3 + -(-64 * 5 // 100)
 
 
+def test_dynamic_decode_plan_keeps_a_one_token_needle_and_ignores_keys_past_the_row():
+    """One key per head matches the row (a needle a few sampled keys per block would miss); a stronger match
+    past the row's last written key (a static cache) must not count."""
+    torch.manual_seed(1)
+    b, h, kvh, kv_len, d, block = 1, 2, 1, 64 * 16, 32, 16
+    q, k, _ = qkv(b, h, kvh, kv_len, d)
+    needles = [16 * 20 + 5, 16 * 33 + 11]
+    for head, pos in enumerate(needles):
+        k[0, 0, pos] = 12 * q[0, head, 0] / q[0, head, 0].norm()
+    mask = torch.zeros(1, 1, 1, kv_len, dtype=torch.bool)
+    mask[..., :800] = True  # 800 keys written
+    k[0, 0, 900] = 30 * q[0, 0, 0] / q[0, 0, 0].norm()
+    counts, indices = decode_block_plan(q, k, mask, source="dynamic", block_size=block, density=0.02,
+                                        sink_blocks=1, local_blocks=1)
+    plans = kept(counts, indices)[0]
+    for head, pos in enumerate(needles):
+        assert pos // block in plans[head]
+        assert max(plans[head]) <= 799 // block
+
+
 def test_calibrated_decode_plan_covers_the_extended_mask_row():
     heads, pcl, kv_len, block = 3, 8, 100, 16
     diagonals = torch.tensor([[0, 1, 20], [0, PATTERN_PAD, PATTERN_PAD], [0, 50, PATTERN_PAD]], dtype=torch.int32)

@@ -33,6 +33,15 @@ def planted(width=1, seed=0):
     return q[None], k[None]
 
 
+def density_bound(cap: float, local_blocks: int, extra_rows_blocks: int = 0) -> float:
+    """The most a head may keep at ``L`` tokens: its sink column and ``local_blocks`` diagonals, plus ``cap`` of
+    its other visible blocks (plus ``extra_rows_blocks`` kept outside the cap)."""
+    nk = L // BLOCK
+    visible = nk * (nk + 1) // 2
+    forced = nk + sum(nk - d for d in range(local_blocks)) - 1  # the sink column and the diagonals share (0, 0)
+    return (forced + math.floor(cap * (visible - forced)) + extra_rows_blocks) / visible
+
+
 def plan_of(q, k, **options):
     counts, indices, full_counts, full_indices = dynamic_block_plan(q, k, block_size=BLOCK, is_causal=True, **options)
     return BlockSparsePlan(counts, indices, BLOCK, full_counts, full_indices)
@@ -40,13 +49,14 @@ def plan_of(q, k, **options):
 
 # Mean pooling dilutes a single key by the block size, so the pooled estimate needs patterns a few tokens wide;
 # the last-block estimate reads exact scores and finds single-token ones (at a higher cost: bench_maskgen.py).
-@pytest.mark.parametrize("estimator, width", [("pooled", 8), ("last_block", 1), ("last_block", 8)])
+@pytest.mark.parametrize("estimator, width", [("pooled", 8), ("last_block", 1), ("last_block", 8), ("adaptive", 1),
+                                              ("adaptive", 8)])
 def test_recovers_planted_column_and_diagonal(estimator, width):
     q, k = planted(width)
-    plan = plan_of(q, k, estimator=estimator, sink_blocks=1, local_blocks=1)
+    plan = plan_of(q, k, estimator=estimator, sink_blocks=1, local_blocks=1, density=0.15)
     plan.validate(batch=1, heads=2, q_len=L, kv_len=L)
     density = density_per_head(plan, L, L, True)[0]
-    assert (density <= 0.15).all(), density
+    assert (density <= density_bound(0.15, local_blocks=1) + 1e-9).all(), density
     # The per-row budget grows with the row's length, so the first rows keep little beyond sink and window;
     # from row 1024 on every row has room for the planted blocks.
     rows = slice(1024, L)
@@ -56,7 +66,7 @@ def test_recovers_planted_column_and_diagonal(estimator, width):
     kept = token_mask(plan, L, L, True)[0]
     rows = torch.arange(1024, L)
     assert kept[0, rows, COLUMN].all()  # the vertical
-    if estimator == "last_block":
+    if estimator != "pooled":
         assert kept[1, rows, rows - OFFSET].all()  # the diagonal
     streaming = streaming_plan(L, L, BLOCK, True, 1, 1)
     assert (attention_mass_recall(q, k, streaming, is_causal=True)[0] < 0.5).all()  # a window misses both
@@ -69,11 +79,64 @@ def plan_rows(plan: BlockSparsePlan, first_row: int) -> BlockSparsePlan:
                            plan.full_kv_num_blocks[..., m:], plan.full_kv_indices[..., m:, :])
 
 
-def test_density_cap_bounds_every_head():
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_density_cap_bounds_every_head(estimator):
     q, k = torch.randn(1, 4, L, D), torch.randn(1, 2, L, D)
-    for cap in (0.1, 0.15, 0.3):
-        plan = plan_of(q, k, density=cap, mass_target=1.0)
-        assert (density_per_head(plan, L, L, True) <= cap).all()
+    for cap in (0.05, 0.1, 0.3):
+        plan = plan_of(q, k, density=cap, mass_target=1.0, estimator=estimator)
+        density = density_per_head(plan, L, L, True)
+        assert (density <= density_bound(cap, local_blocks=2) + 1e-9).all()
+        assert (density >= density_bound(cap, local_blocks=2) - 0.02).all()  # noise needs every block: the cap binds
+
+
+def question_needle(seed=0):
+    """Head 0: only the last 16 queries (the question) attend to key 700 (a one-token needle); every other
+    score is noise. Head 1: noise. q [1, 2, L, D], k [1, 2, L, D]."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 2, L, D, generator=g), torch.randn(1, 2, L, D, generator=g)
+    q[0, 0, -16:] += 3.0 * k[0, 0, 700]
+    return q, k
+
+
+def test_adaptive_last_row_keeps_the_needle_the_question_asks_for():
+    q, k = question_needle()
+    kept = {e: token_mask(plan_of(q, k, estimator=e, density=0.1), L, L, True)[0] for e in ESTIMATORS}
+    assert kept["adaptive"][0, -16:, 700].all()
+    assert not kept["pooled"][0, -16:, 700].any()  # a mean over 32 keys dilutes one key below the noise
+
+
+def test_adaptive_budgets_follow_the_mass():
+    """A head whose rows put their mass on one column keeps fewer blocks than a head of diffuse noise, which
+    fills the cap."""
+    q, k = planted(width=8)
+    q[0, 1] = 0.05 * torch.randn(L, D)  # head 1: nearly uniform attention
+    uncapped = density_per_head(plan_of(q, k, estimator="adaptive", density=1.0), L, L, True)[0]
+    assert uncapped[0] < 0.5 * uncapped[1]
+    capped = density_per_head(plan_of(q, k, estimator="adaptive", density=0.2), L, L, True)[0]
+    assert (capped <= density_bound(0.2, local_blocks=2) + 1e-9).all()
+    assert capped[1] > density_bound(0.2, local_blocks=2) - 0.02
+
+
+def test_adaptive_uses_the_query_aware_estimate_where_the_last_block_supports_it():
+    """Every query block attends to its own key block two blocks back (queries and keys share a per-block
+    direction): the pooled estimate sees it, and the last block's exact mass agrees with pooling there, so the
+    adaptive plan keeps each row's block, which vertical-slash lines from the last block alone would also
+    keep only by its diagonal; a block-dependent target (a permutation) tells them apart."""
+    g = torch.Generator().manual_seed(0)
+    nk = L // BLOCK
+    target = [max(0, m - 2 - (m * 7) % 5) for m in range(nk)]  # varies with the row: not one diagonal
+    directions = torch.nn.functional.normalize(torch.randn(nk, D, generator=g), dim=-1)
+    q = 0.1 * torch.randn(1, 1, L, D, generator=g)
+    k = 0.1 * torch.randn(1, 1, L, D, generator=g)
+    for m, n in enumerate(target):
+        q[0, 0, m * BLOCK:(m + 1) * BLOCK] += 4.0 * directions[m]
+        k[0, 0, n * BLOCK:(n + 1) * BLOCK] += 4.0 * directions[m] if n not in target[:m] else 0.0
+    mask = {e: token_mask(plan_of(q, k, estimator=e, density=0.3), L, L, True)[0, 0]
+            for e in ("adaptive", "last_block")}
+    rows = [m for m in range(8, nk) if target[m] not in target[:m]]
+    hits = {e: sum(bool(t[m * BLOCK, target[m] * BLOCK]) for m in rows) for e, t in mask.items()}
+    assert hits["adaptive"] == len(rows)
+    assert hits["last_block"] < len(rows)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -85,6 +148,8 @@ def test_plans_are_valid_for_the_kernel(causal, q_len, kv_len, heads, kv_heads):
             q, k, block_size=BLOCK, is_causal=causal, estimator=estimator)
         plan = BlockSparsePlan(counts, indices, BLOCK, full_counts, full_indices)
         plan.validate(batch=2, heads=heads, q_len=q_len, kv_len=kv_len)
+        # The op's fake outputs are contiguous; Inductor asserts the real ones' strides match.
+        assert all(t.is_contiguous() for t in (counts, indices, full_counts, full_indices))
 
 
 def test_kernel_runs_a_dynamic_plan_exactly():

@@ -86,49 +86,67 @@ def test_training_rows_ask_several_questions_and_put_the_loss_on_their_answers_o
     assert ((one != ft.PAD).sum(-1) == 256).all()
 
 
-def test_fidelity_bench_smoke_runs_every_variant_and_caches_the_model(tmp_path):
-    """The pipeline only (a 20-step tiny model on the CPU): no accuracy claim."""
-    pytest.importorskip("matplotlib")
-    import bench_fidelity
-
-    args = ["--smoke", "--out", str(tmp_path / "f.json"), "--cache-dir", str(tmp_path / "cache")]
-    first = bench_fidelity.main(args)
-    assert first["training"]["loaded"] is False and (tmp_path / "f.png").is_file()
-    variants = {r["variant"] for r in first["rows"]}
-    assert variants == {"full", "dam-dynamic", "dam-dynamic-last-block", "streaming", "oracle", "random", "dam-calibrated-64"}
-    for r in first["rows"]:
-        assert 0.0 <= r["accuracy"] <= 100.0 and r["samples"] == 2 and r["task"] in ft.TASKS
-        if r["nominal_density"] is not None:  # matched variants land near their density, measured on the plans
-            assert abs(r["density"] - r["nominal_density"]) < 0.1
-            assert all(0.0 < x <= 1.0 for x in r["mass_recall_per_layer"])
-    second = bench_fidelity.main(args)
-    assert second["training"]["loaded"] is True
-    assert [r["accuracy"] for r in second["rows"]] == [r["accuracy"] for r in first["rows"]]
+SMOKE_LABELS = {"full", "dam-default", "dam-pooled@0.3", "dam-last-block@0.3", "dam-calibrated-hybrid",
+                "streaming@matched", "streaming@0.3", "oracle@matched", "oracle@0.3", "random@matched", "random@0.3"}
 
 
-def test_merge_joins_parts_of_one_model_and_recomputes_the_summary(tmp_path):
+def test_fidelity_bench_smoke_scores_through_generate_and_merges_two_seeds(tmp_path, capsys):
+    """The pipeline only (tiny models trained for 16 steps on the CPU): no accuracy claim. Every variant is scored
+    through generate() with its densities measured on the plans our op ran; the quality check fails and says so;
+    the weights go to small shards, load back, and a second seed's parts merge with the first."""
     pytest.importorskip("matplotlib")
     import json
 
     import bench_fidelity
+    from fidelity_weights import SAFE_NAME, SHARD_LIMIT
 
-    full = dict(variant="full", nominal_density=None, task="passkey", samples=4, density=1.0, mass_recall_per_layer=None)
-    dam = dict(variant="dam-dynamic", nominal_density=0.15, task="passkey", samples=4, density=0.12,
-               mass_recall_per_layer=[0.9, 1.0])
-    part = dict(benchmark="fidelity", device="cpu", torch="t", triton="t", python="p", transformers="x",
-                date="2026-01-01T00:00:00", command="python a", config={"lengths": "4096"},
-                training={"recipe": {"steps": 1}, "loaded": False})
-    parts = []
-    for i, (length, accs) in enumerate([(4096, (100.0, 75.0)), (8192, (100.0, 100.0))]):
-        rows = [dict(full, length=length, accuracy=accs[0]), dict(dam, length=length, accuracy=accs[1])]
-        parts.append(tmp_path / f"p{i}.json")
-        parts[-1].write_text(json.dumps(dict(part, rows=rows, training=dict(part["training"], loaded=bool(i)))))
-    merged = bench_fidelity.main(["--merge", *map(str, parts), "--out", str(tmp_path / "m.json")])
-    assert merged["config"]["lengths"] == "4096,8192" and len(merged["rows"]) == 4
-    assert merged["summary"]["max_gap_to_full_at_15pct"] == 25.0 and merged["training"]["loaded"] is False
-    assert (tmp_path / "m.png").is_file()
-    other = json.loads(parts[1].read_text())
-    other["training"]["recipe"] = {"steps": 2}
-    parts[1].write_text(json.dumps(other))
-    with pytest.raises(SystemExit, match="recipe"):
-        bench_fidelity.main(["--merge", *map(str, parts), "--out", str(tmp_path / "m.json")])
+    common = ["--smoke", "--weights-dir", str(tmp_path / "w")]
+    first = bench_fidelity.main([*common, "--out", str(tmp_path / "s0.json")])
+    assert first["training"]["0"]["loaded"] is False and (tmp_path / "s0.png").is_file()
+    rows = first["rows"]
+    assert first["errors"] == [] and {bench_fidelity.row_label(r) for r in rows} == SMOKE_LABELS
+    for r in rows:
+        assert r["seed"] == 0 and r["samples"] == 1 and r["length"] in (256, 512) and r["task"] in ft.TASKS
+        assert 0.0 <= r["accuracy"] <= 100.0 and 0.0 <= r["accuracy_teacher_forced"] <= 100.0
+        assert r["prefill_speedup"] is None and r["speed_note"]  # no timings on the CPU
+        sparse = r["variant"] != "full"  # full attention runs no plan; every other variant's plans were measured
+        assert (0.0 < r["density"] < 1.0 and 0.0 < r["density_decode"] < 1.0) if sparse else \
+            r["density"] == r["density_decode"] == 1.0
+    default = {r["length"]: r for r in rows if r["variant"] == "dam-default"}
+    for r in rows:
+        if r["matched"]:  # the baselines run at the density the default measured, prefill and decode
+            assert abs(r["density"] - default[r["length"]]["density"]) < 0.05
+            assert abs(r["density_decode"] - default[r["length"]]["density_decode"]) < 0.05
+        elif r["variant"] in ("streaming", "oracle", "random"):
+            assert abs(r["density"] - 0.3) < 0.06
+
+    summary = first["summary"]
+    assert summary["scored_through_generate"] is True
+    assert summary["max_gap_to_full_default"] is not None and summary["max_gap_calibrated_hybrid"] is not None
+    assert summary["min_margin_over_streamingllm_default"] is not None
+    assert summary["mean_density_default_32k"] is None and "32768" in summary["notes"]["mean_density_default_32k"]
+    assert set(summary["by_variant"]) == SMOKE_LABELS - {"full"}
+    assert first["quality_check"]["passed"] is False  # 16 steps learn nothing: said in the notes and on stderr
+    assert "UNDER-TRAINED" in summary["notes"]["quality_check"]
+    assert "has not learned the tasks" in capsys.readouterr().err
+    files = list((tmp_path / "w").iterdir())
+    assert files and all(f.is_file() and SAFE_NAME.match(f.name) and f.stat().st_size < SHARD_LIMIT for f in files)
+
+    seed1 = [*common, "--seed", "1", "--variants", "full,dam-default,streaming"]
+    trained = bench_fidelity.main([*seed1, "--train-only"])["training"]
+    assert trained["rounds_done"] == 1 and trained["quality_check"]["passed"] is False
+    # Allowing a second round continues the saved weights' training; an eval-only part then loads them.
+    second = bench_fidelity.main([*seed1, "--max-train-rounds", "2", "--out", str(tmp_path / "s1.json")])
+    again = bench_fidelity.main([*seed1, "--eval-only", "--variants", "full", "--out", str(tmp_path / "s1b.json")])
+    assert second["training"]["1"]["loaded"] is False and second["training"]["1"]["rounds_done"] == 2
+    assert again["training"]["1"]["loaded"] is True and again["training"]["1"]["rounds_done"] == 2
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in second["rows"] if r["variant"] == "full"]
+    assert {r["seed"] for r in second["rows"]} == {1}
+
+    merged = bench_fidelity.main(["--merge", *(str(tmp_path / f) for f in ("s0.json", "s1.json", "s1b.json")),
+                                  "--out", str(tmp_path / "m.json")])
+    assert len(merged["rows"]) == len(rows) + len(second["rows"]) and set(merged["training"]) == {"0", "1"}
+    assert set(merged["quality_check"]["by_seed"]) == {"0", "1"}
+    assert json.loads((tmp_path / "m.json").read_text())["summary"] == merged["summary"]
+    with pytest.raises(SystemExit, match="no weights"):
+        bench_fidelity.main([*common, "--seed", "2", "--eval-only"])

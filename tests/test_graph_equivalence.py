@@ -45,7 +45,7 @@ class NoAttention(torch.nn.Module):
 def test_model_without_attention_compiles_to_an_unchanged_graph():
     model, x = NoAttention().eval(), torch.randn(3, 16)
     (gm,) = capture_graph(model, x)
-    result = rewrite_attention(gm, CFG)
+    result = rewrite_attention(gm, CFG.mask_options())
     assert result.sites == [] and result.graph_module.code == gm.code
     assert isomorphic(fx_to_digraph(gm.graph), fx_to_digraph(result.graph_module.graph))
     out = torch.compile(model, backend="dam", options=CPU_SPARSE)(x)
@@ -55,7 +55,7 @@ def test_model_without_attention_compiles_to_an_unchanged_graph():
 
 def _graphs(model, *args):
     (gm,) = capture_graph(model, *args)
-    return gm, rewrite_attention(gm, CFG)
+    return gm, rewrite_attention(gm, CFG.mask_options())
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])

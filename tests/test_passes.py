@@ -139,7 +139,7 @@ def block_graph():
 def test_rewrite_replaces_only_the_attention_node():
     gm = block_graph()
     before = gm.code
-    result = rewrite_attention(gm, CFG)
+    result = rewrite_attention(gm, CFG.mask_options())
     assert gm.code == before, "the caller's graph module was modified"
     ops = [n.target for n in result.graph_module.graph.nodes if n.op == "call_function"]
     assert SPARSE_ATTENTION in ops and not find_sdpa_sites(result.graph_module.graph)
@@ -149,7 +149,7 @@ def test_rewrite_replaces_only_the_attention_node():
 
 def _rewrite_with_record():
     gm = block_graph()
-    result = rewrite_attention(gm, CFG)
+    result = rewrite_attention(gm, CFG.mask_options())
     return gm, result.graph_module, result.val_map, result.replaced
 
 

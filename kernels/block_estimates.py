@@ -1,0 +1,118 @@
+"""Block attention-mass estimates for the dynamic DAM plan, each ``[B, H, Mq, Nk]`` float32 with every row
+summing to 1 over its visible key blocks (``Mq x Nk`` per head, ``block_size**2`` times smaller than the
+attention). All plain PyTorch, no host sync, no data-dependent shapes.
+
+- :func:`pooled_estimate`: softmax over key blocks of (mean query of the block) . (mean key of the block);
+  query-aware but blind to a needle of a few tokens (the mean dilutes it by the block size).
+- :func:`last_block_estimate` (MInference): the exact attention of the last query block, as per-key-block
+  column mass and per-block-offset diagonal mass, extended to every row (vertical + slash lines).
+- :func:`adaptive_estimate`: per head, FlexPrefill's choice between the two (pooled where the pooled estimate
+  of the last block agrees with its exact mass, vertical-slash elsewhere), and the last query block row set to
+  its exact mass: the rows that ask the question see what they really attend to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dam_patterns import EPS
+
+# Jensen-Shannon distance (the square root of the divergence in nats) under which a head's pooled estimate
+# counts as agreeing with its exact last-block mass (FlexPrefill's query-aware test and threshold).
+QUERY_AWARE_JS_DISTANCE = 0.1
+
+
+def block_sums(x: Tensor, block_size: int) -> Tensor:
+    """``[..., L, D]`` -> float32 ``[..., ceil(L / block), D]`` sums over each block's rows."""
+    length = x.shape[-2]
+    blocks = (length + block_size - 1) // block_size
+    padded = F.pad(x, (0, 0, 0, blocks * block_size - length))
+    return padded.unflatten(-2, (blocks, block_size)).sum(-2, dtype=torch.float32)
+
+
+def block_sizes(length: int, blocks: int, block_size: int, device: torch.device) -> Tensor:
+    """Tokens in each of ``blocks`` blocks (the last may be ragged), float32 ``[blocks]``."""
+    starts = torch.arange(blocks, device=device) * block_size
+    return (length - starts).clamp(max=block_size).to(torch.float32)
+
+
+def visible_blocks(mq: int, nk: int, is_causal: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(visible, offset)`` ``[Mq, Nk]``: block pairs that may attend (causal: ``n <= m``), and ``m - n``."""
+    offset = torch.arange(mq, device=device)[:, None] - torch.arange(nk, device=device)[None, :]
+    visible = offset >= 0 if is_causal else torch.ones_like(offset, dtype=torch.bool)
+    return visible, offset
+
+
+def pooled_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
+    """Estimated block attention mass ``[B, H, Mq, Nk]`` from mean-pooled query and key blocks."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    q_sum, k_sum = block_sums(query, block_size), block_sums(key, block_size)
+    mq, nk = q_sum.shape[-2], k_sum.shape[-2]
+    q_mean = q_sum / block_sizes(q_len, mq, block_size, query.device)[:, None]
+    k_count = block_sizes(kv_len, nk, block_size, key.device)
+    k_mean = (k_sum / k_count[:, None]).repeat_interleave(heads // kv_heads, dim=1)
+    visible, offset = visible_blocks(mq, nk, is_causal, query.device)
+    # A causal diagonal block shows each query about half of its keys.
+    keys_seen = torch.where((offset == 0) & is_causal, (k_count[None, :] + 1) / 2, k_count[None, :])
+    logits = torch.einsum("bhmd,bhnd->bhmn", q_mean, k_mean) * scale + keys_seen.log()
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+def last_rows_block_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
+    """Exact attention mass per key block, averaged over the last ``min(block_size, Lq)`` queries: float32
+    ``[B, H, Nk]`` (sums to 1). Grouped K/V heads are read in place (no repeat: at 128K a repeated float copy
+    of K would take gigabytes)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[-2]
+    rows, group = min(block_size, q_len), heads // kv_heads
+    last_q = query[:, :, q_len - rows:].reshape(batch, kv_heads, group * rows, dim)
+    scores = torch.matmul(last_q, key.transpose(-1, -2)).to(torch.float32) * scale
+    if is_causal:
+        q_pos = torch.arange(q_len - rows, q_len, device=query.device).repeat(group)[:, None]
+        scores = scores.masked_fill(torch.arange(kv_len, device=query.device)[None, :] > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group, rows, kv_len).mean(-2)
+    nk = (kv_len + block_size - 1) // block_size
+    probs = F.pad(probs.reshape(batch, heads, kv_len), (0, nk * block_size - kv_len))
+    return probs.unflatten(-1, (nk, block_size)).sum(-1)
+
+
+def vertical_slash(column: Tensor, mq: int, is_causal: bool) -> Tensor:
+    """Column mass ``[B, H, Nk]`` seen from the last query block, extended to every row ``[B, H, Mq, Nk]``: each
+    block scores its column's mass plus the mass at its block offset (offset ``d`` is key block ``Mq - 1 - d``
+    from the last row), normalised per row."""
+    nk = column.shape[-1]
+    visible, offset = visible_blocks(mq, nk, is_causal, column.device)
+    source = mq - 1 - offset  # the last row's key block at the same offset
+    diagonal = column[..., source.clamp(0, nk - 1)].masked_fill(((source < 0) | (source >= nk)), 0.0)
+    estimate = (column[..., None, :] + diagonal).masked_fill(~visible, 0.0)
+    return estimate / estimate.sum(-1, keepdim=True).clamp_min(EPS)
+
+
+def last_block_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
+    """MInference-style estimate ``[B, H, Mq, Nk]``: the last query block's exact mass as vertical + slash."""
+    mq = (query.shape[-2] + block_size - 1) // block_size
+    return vertical_slash(last_rows_block_mass(query, key, block_size, is_causal, scale), mq, is_causal)
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (nats) of distributions along the last dim."""
+    mid = 0.5 * (p + q)
+    kl = lambda a: (a * (a.clamp_min(EPS) / mid.clamp_min(EPS)).log()).sum(-1)  # noqa: E731
+    return 0.5 * (kl(p) + kl(q))
+
+
+def adaptive_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
+    """Per head the pooled (query-aware) or the vertical-slash estimate, whichever the exact mass of the last
+    query block supports; that last row is the exact mass itself. ``[B, H, Mq, Nk]``."""
+    column = last_rows_block_mass(query, key, block_size, is_causal, scale)
+    pooled = pooled_estimate(query, key, block_size, is_causal, scale)
+    mq = pooled.shape[-2]
+    query_aware = js_divergence(pooled[..., -1, :], column).clamp_min(0).sqrt() < QUERY_AWARE_JS_DISTANCE
+    estimate = torch.where(query_aware[..., None, None], pooled, vertical_slash(column, mq, is_causal))
+    return torch.cat([estimate[..., :-1, :], column[..., None, :]], dim=-2)
+
+
+ESTIMATES = {"adaptive": adaptive_estimate, "pooled": pooled_estimate, "last_block": last_block_estimate}

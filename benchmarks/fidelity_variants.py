@@ -25,6 +25,7 @@ from torch import Tensor
 
 import dam_compile
 from dam_compile.kernels import BlockSparsePlan, num_blocks
+from dam_compile.kernels.block_estimates import last_rows_block_mass
 from dam_compile.kernels.structured_plans import causal_block_tables, density_matched_streaming_plan, random_plan
 from dam_compile.metrics import top_mass_plan
 from dam_compile.module_stack import AttentionCallMode
@@ -63,14 +64,10 @@ def decode_budget(kv_len: int, block_size: int, density: float) -> int:
 
 def row_block_mass(query: Tensor, key: Tensor, block_size: int, scale: float | None) -> Tensor:
     """float32 ``[B, H, Nk]``: the exact softmax mass of the one-row ``query [B, H, 1, E]`` in each key block of
-    ``key [B, KVH, Lk, E]`` (grouped heads allowed)."""
-    batch, heads, _, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[-2]
-    q = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()
-    scores = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * (1 / math.sqrt(dim) if scale is None else scale)
-    probs = torch.softmax(scores, dim=-1).reshape(batch, heads, kv_len)
-    nk = num_blocks(kv_len, block_size)
-    return torch.nn.functional.pad(probs, (0, nk * block_size - kv_len)).unflatten(-1, (nk, block_size)).sum(-1)
+    ``key [B, KVH, Lk, E]`` (grouped heads allowed), in float32."""
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    # The newest row sees every cached key: no causal cut.
+    return last_rows_block_mass(query.float(), key.float(), block_size, False, scale)
 
 
 def decode_plan(kind: str, query: Tensor, key: Tensor, block_size: int, density: float, scale: float | None,

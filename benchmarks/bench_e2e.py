@@ -362,10 +362,12 @@ def summarize(prefill: list[dict], decode: list[dict], paths: list[dict] = ()) -
 
 
 def _latest(rows: list[dict], key: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
-    """Per case, the last measured row (parts in the order given: a later part re-measured it), or its failures
-    where none measured it; the dropped rows apart."""
-    last = {tuple(r.get(k) for k in key): i for i, r in enumerate(rows) if "error" not in r}
-    kept = [r for i, r in enumerate(rows) if last.get(tuple(r.get(k) for k in key), i) == i]
+    """Per case, the last measured row (parts in the order given: a later part re-measured it), or its last
+    failure where none measured it; the dropped rows apart."""
+    case = lambda r: tuple(r.get(k) for k in key)  # noqa: E731
+    last = {case(r): i for i, r in enumerate(rows) if "error" in r}
+    last.update({case(r): i for i, r in enumerate(rows) if "error" not in r})
+    kept = [r for i, r in enumerate(rows) if last[case(r)] == i]
     return kept, [r for r in rows if r not in kept]
 
 

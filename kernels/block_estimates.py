@@ -8,20 +8,39 @@ attention). All plain PyTorch, no host sync, no data-dependent shapes.
   column mass and per-block-offset diagonal mass, extended to every row (vertical + slash lines).
 - :func:`adaptive_estimate`: per head, FlexPrefill's choice between the two (pooled where the pooled estimate
   of the last block agrees with its exact mass, vertical-slash elsewhere), and the last query block row set to
-  its exact mass: the rows that ask the question see what they really attend to.
+  its exact mass; that row also *needs* every block that any of its queries needs to reach ``EXACT_ROW_MASS``
+  of its own attention: the rows that ask the question see what they really attend to, even when one query of
+  the block asks it (a mean over the block's 128 queries dilutes one query's needle below 1%).
+
+Each returns a :class:`BlockEstimate`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .dam_patterns import EPS
+from .last_rows_lse import last_rows_block_lse
 
 # Jensen-Shannon distance (the square root of the divergence in nats) under which a head's pooled estimate
 # counts as agreeing with its exact last-block mass (FlexPrefill's query-aware test and threshold).
 QUERY_AWARE_JS_DISTANCE = 0.1
+# Share of its own attention mass that each query with an exact estimate keeps (the adaptive estimator's last
+# query block, a decode row): its mass is known, so a high target costs one row only.
+EXACT_ROW_MASS = 0.99
+
+
+class BlockEstimate(NamedTuple):
+    """``mass``: float32 ``[B, H, Mq, Nk]``, each row summing to 1 over its visible blocks. ``needed``: bool
+    ``[B, H, Mq, Nk]`` or ``None``: blocks a row is known to need (from exact scores), kept whatever the
+    budget."""
+
+    mass: Tensor
+    needed: Tensor | None = None
 
 
 def block_sums(x: Tensor, block_size: int) -> Tensor:
@@ -61,22 +80,28 @@ def pooled_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool
     return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
 
 
+def last_rows_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
+    """Exact attention mass per key block of each of the last ``R = min(block_size, Lq)`` queries: float32
+    ``[B, H, R, Nk]`` (each query's row sums to 1). Grouped K/V heads are read in place (no repeat: at 128K a
+    repeated float copy of K would take gigabytes)."""
+    batch, heads, q_len = query.shape[:3]
+    block_lse = last_rows_block_lse(query, key, block_size, is_causal, scale)  # [B, KVH, G * R, Nk]
+    mass = (block_lse - block_lse.logsumexp(-1, keepdim=True)).exp()
+    return mass.view(batch, heads, min(block_size, q_len), -1)
+
+
 def last_rows_block_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
     """Exact attention mass per key block, averaged over the last ``min(block_size, Lq)`` queries: float32
-    ``[B, H, Nk]`` (sums to 1). Grouped K/V heads are read in place (no repeat: at 128K a repeated float copy
-    of K would take gigabytes)."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[-2]
-    rows, group = min(block_size, q_len), heads // kv_heads
-    last_q = query[:, :, q_len - rows:].reshape(batch, kv_heads, group * rows, dim)
-    scores = torch.matmul(last_q, key.transpose(-1, -2)).to(torch.float32) * scale
-    if is_causal:
-        q_pos = torch.arange(q_len - rows, q_len, device=query.device).repeat(group)[:, None]
-        scores = scores.masked_fill(torch.arange(kv_len, device=query.device)[None, :] > q_pos, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group, rows, kv_len).mean(-2)
-    nk = (kv_len + block_size - 1) // block_size
-    probs = F.pad(probs.reshape(batch, heads, kv_len), (0, nk * block_size - kv_len))
-    return probs.unflatten(-1, (nk, block_size)).sum(-1)
+    ``[B, H, Nk]`` (sums to 1)."""
+    return last_rows_mass(query, key, block_size, is_causal, scale).mean(-2)
+
+
+def blocks_each_row_needs(row_mass: Tensor, target: float) -> Tensor:
+    """bool ``[..., Nk]``: the union over rows of ``row_mass [..., R, Nk]`` of the fewest blocks holding
+    ``target`` of each row's mass (its blocks by mass, largest first, until the target)."""
+    ordered, order = row_mass.sort(dim=-1, descending=True)
+    wanted = ((ordered.cumsum(-1) - ordered) < target) & (ordered > 0)
+    return torch.zeros_like(wanted).scatter(-1, order, wanted).any(-2)
 
 
 def vertical_slash(column: Tensor, mq: int, is_causal: bool) -> Tensor:
@@ -91,10 +116,17 @@ def vertical_slash(column: Tensor, mq: int, is_causal: bool) -> Tensor:
     return estimate / estimate.sum(-1, keepdim=True).clamp_min(EPS)
 
 
-def last_block_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
+def pooled_block_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
+                          scale: float) -> BlockEstimate:
+    """:func:`pooled_estimate` as a :class:`BlockEstimate`."""
+    return BlockEstimate(pooled_estimate(query, key, block_size, is_causal, scale))
+
+
+def last_block_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> BlockEstimate:
     """MInference-style estimate ``[B, H, Mq, Nk]``: the last query block's exact mass as vertical + slash."""
     mq = (query.shape[-2] + block_size - 1) // block_size
-    return vertical_slash(last_rows_block_mass(query, key, block_size, is_causal, scale), mq, is_causal)
+    return BlockEstimate(vertical_slash(last_rows_block_mass(query, key, block_size, is_causal, scale), mq,
+                                        is_causal))
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -104,15 +136,20 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
     return 0.5 * (kl(p) + kl(q))
 
 
-def adaptive_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
+def adaptive_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> BlockEstimate:
     """Per head the pooled (query-aware) or the vertical-slash estimate, whichever the exact mass of the last
-    query block supports; that last row is the exact mass itself. ``[B, H, Mq, Nk]``."""
-    column = last_rows_block_mass(query, key, block_size, is_causal, scale)
+    query block supports; that last row is the exact mass itself, and needs the blocks that hold
+    ``EXACT_ROW_MASS`` of each of its queries' attention. ``[B, H, Mq, Nk]``."""
+    row_mass = last_rows_mass(query, key, block_size, is_causal, scale)
+    column = row_mass.mean(-2)
     pooled = pooled_estimate(query, key, block_size, is_causal, scale)
     mq = pooled.shape[-2]
     query_aware = js_divergence(pooled[..., -1, :], column).clamp_min(0).sqrt() < QUERY_AWARE_JS_DISTANCE
     estimate = torch.where(query_aware[..., None, None], pooled, vertical_slash(column, mq, is_causal))
-    return torch.cat([estimate[..., :-1, :], column[..., None, :]], dim=-2)
+    # Built without in-place writes: export functionalizes this code.
+    needed = torch.cat([torch.zeros_like(estimate[..., :-1, :], dtype=torch.bool),
+                        blocks_each_row_needs(row_mass, EXACT_ROW_MASS)[..., None, :]], dim=-2)
+    return BlockEstimate(torch.cat([estimate[..., :-1, :], column[..., None, :]], dim=-2), needed)
 
 
-ESTIMATES = {"adaptive": adaptive_estimate, "pooled": pooled_estimate, "last_block": last_block_estimate}
+ESTIMATES = {"adaptive": adaptive_estimate, "pooled": pooled_block_estimate, "last_block": last_block_estimate}

@@ -6,9 +6,10 @@ attends to a superset of the prefill's token-exact pattern for the same row. By 
 
 - ``dense``: every block up to the row (identical to full attention);
 - ``streaming``: ``sink_blocks`` from the first valid key, ``local_blocks`` ending at the row;
-- ``dynamic``: sink + local, plus the ``ceil(density * Nk)`` blocks of highest exact attention mass for this
-  row's query (its scores against every key: K is read once, V only in the kept blocks), so a needle the
-  prefill kept is never lost to a sampled estimate;
+- ``dynamic``: sink + local, plus the blocks of highest exact attention mass for this row's query (its scores
+  against every key: K is read once, V only in the kept blocks): at least ``ceil(density * Nk)`` of them, and
+  as many as hold ``EXACT_ROW_MASS`` of the row's mass, so a needle the prefill kept is never lost to a sampled
+  estimate or a fixed budget (the prefill's last query block keeps the same share);
 - ``calibrated``: the blocks holding the row's DAM keys: ``row - r`` for each diagonal ``r``, each column ``c``
   and, while the row is inside the pattern capture length, every key before it (the true-mask corner).
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .block_estimates import EXACT_ROW_MASS, blocks_each_row_needs
 from .plan import PATTERN_PAD, num_blocks
 
 DECODE_SOURCES = ("dense", "streaming", "dynamic", "calibrated")
@@ -105,8 +107,8 @@ def _top_blocks(
     query: Tensor, key: Tensor, first: Tensor, row: Tensor, visible: Tensor, block_size: int, density: float,
     scale: float | None,
 ) -> Tensor:
-    """``[B, H, Nk]``: the ``ceil(density * Nk)`` visible blocks of highest exact attention mass for this row.
-    A block's logit is the log-sum-exp of the row's scores against its keys in ``[first, row]``: reading all
+    """``[B, H, Nk]``: the visible blocks of highest exact attention mass for this row, at least
+    ``ceil(density * Nk)`` and as many as hold ``EXACT_ROW_MASS`` of its mass. A block's logit is the log-sum-exp of the row's scores against its keys in ``[first, row]``: reading all
     of K (V only for the kept blocks) is what lets a decode step find a needle that a few sampled keys miss."""
     batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
@@ -121,8 +123,8 @@ def _top_blocks(
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     width = torch.sym_min(nk, -(-nk * math.ceil(density * 1000) // 1000))  # ceil(density * nk), symbolic-safe
     top = logits.topk(width, dim=-1)
-    keep = torch.zeros_like(logits, dtype=torch.bool)
-    return keep.scatter(-1, top.indices, top.values > float("-inf"))
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top.indices, top.values > float("-inf"))
+    return keep | blocks_each_row_needs(torch.softmax(logits, dim=-1)[..., None, :], EXACT_ROW_MASS)
 
 
 def _pattern_blocks(

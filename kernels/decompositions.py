@@ -2,7 +2,8 @@
 
 ``dam::sparse_attention`` becomes dense ``scaled_dot_product_attention`` with the plan expanded to a token mask
 (``q_len x kv_len``: what the fused kernel avoids, so use these only where the op itself cannot run). The plan
-ops become the PyTorch code they run. Every decomposition computes what the op computes on the CPU, including
+ops become the PyTorch code they run (``dam::last_rows_block_lse``, which the dynamic plan calls, its
+reference). Every decomposition computes what the op computes on the CPU, including
 the run-time choice of the dense path for short inputs.
 """
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import choose_path
+from .last_rows_lse import last_rows_block_lse_reference
 from .plan import BlockSparsePlan
 from .reference import token_mask
 
@@ -53,4 +55,5 @@ def decomposition_table() -> dict[Any, Callable]:
     table: dict[Any, Callable] = {torch.ops.dam.sparse_attention.default: sparse_attention_as_masked_sdpa}
     for op in (ops.dense_plan_op, ops.streaming_plan_op, ops.pattern_plan_op, ops.dynamic_plan_op, ops.decode_plan_op):
         table[op._opoverload] = op._init_fn
+    table[torch.ops.dam.last_rows_block_lse.default] = last_rows_block_lse_reference
     return table

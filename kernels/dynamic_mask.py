@@ -9,12 +9,13 @@ the attention):
    ``"last_block"``.
 2. **DAM transform**: Box-Cox (``box_cox_lambda``) of the map, shifted to a minimum of 0, thresholded at ``tau``.
 3. **Patterns**: like DAM's step 4 at block level, a block diagonal or column is kept whole when at least
-   ``mu`` of its visible blocks passed the threshold.
+   ``mu`` of its visible blocks passed the threshold. Blocks the estimate knows a row needs (``"adaptive"``:
+   the last query block's, from each query's exact scores) rank with these.
 4. **Always kept**: ``sink_blocks`` leading key blocks and ``local_blocks`` blocks up to the diagonal.
 5. **Budget**: each row takes blocks in order (always-kept, then DAM-kept, then by estimated mass) until their
    estimated mass reaches ``mass_target``. Beyond the always-kept blocks a head keeps at most ``density`` of its
    other visible blocks. ``"adaptive"``: the budget follows the mass: a row keeps what it needs (the last row,
-   exact, first; rows needing more than is left are cut by one common factor). ``"pooled"``/``"last_block"``:
+   exact, first, with every block any of its queries needs; rows needing more than is left are cut by one common factor). ``"pooled"``/``"last_block"``:
    each row gets a fixed share of that budget, by row length.
 
 Written in plain PyTorch with no data-dependent shapes or host syncs, so inside a compiled graph Inductor
@@ -35,7 +36,6 @@ from .plan import lists_from_table
 ESTIMATORS = ("adaptive", "pooled", "last_block")
 DEFAULT_ESTIMATOR = "adaptive"
 _ALWAYS, _DAM = 4.0, 2.0  # selection priorities above any mass estimate (which lies in [0, 1])
-EXACT_ROW_MASS = 0.99  # the adaptive estimator's mass target for the last query block row (its mass is exact)
 
 
 def _dam_threshold(estimate: Tensor, visible: Tensor, tau: float, box_cox_lambda: float) -> Tensor:
@@ -83,13 +83,15 @@ def dynamic_block_plan(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    estimate = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
+    estimate, known = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
     mq, nk = estimate.shape[-2:]
     device = query.device
     visible, offset = visible_blocks(mq, nk, is_causal, device)
 
     dam = _dam_threshold(estimate, visible, tau, box_cox_lambda)
     dam = dam | _block_patterns(dam, visible, offset, mu)
+    if known is not None:  # blocks exact scores say a row needs rank with DAM's
+        dam = dam | known
     local = (offset >= 0) & (offset < local_blocks) if is_causal else offset.abs() < local_blocks
     always = visible & ((torch.arange(nk, device=device) < sink_blocks)[None, :] | local)
     priority = torch.where(always, _ALWAYS, torch.where(dam, _DAM, 0.0)) + estimate
@@ -104,10 +106,7 @@ def dynamic_block_plan(
     # Sorted by priority, the blocks a row needs (always-kept, DAM-kept, then by mass until the target) are a
     # prefix of its list.
     mass_before = top_mass.cumsum(-1) - top_mass
-    # The adaptive last row's estimate is exact: a higher target there costs one row only.
-    last_target = max(mass_target, EXACT_ROW_MASS) if estimator == "adaptive" else mass_target
-    target = torch.where(torch.arange(mq, device=device) == mq - 1, last_target, mass_target)[:, None]
-    needed = ((top_priority >= _DAM) | (mass_before < target)) & top_visible
+    needed = ((top_priority >= _DAM) | (mass_before < mass_target)) & top_visible
     if estimator == "adaptive":
         budget = _mass_budgets(needed.sum(-1), visible, always, density)
     else:

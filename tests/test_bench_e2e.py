@@ -60,7 +60,7 @@ def test_summary_divides_the_faster_dense_baseline_and_spreads_over_the_prefill_
 
 def test_merge_keeps_the_last_measurement_of_a_case():
     rows = [dict(path="generate", ms=2480.0), dict(path="generate", error="x"), dict(path="generate", ms=1385.0),
-            dict(path="static", error="y")]
+            dict(path="static", error="y"), dict(path="static", error="z")]
     kept, dropped = bench_e2e._latest(rows, ("path",))
-    assert kept == [dict(path="generate", ms=1385.0), dict(path="static", error="y")]
-    assert len(dropped) == 2
+    assert kept == [dict(path="generate", ms=1385.0), dict(path="static", error="z")]  # one failure per case
+    assert len(dropped) == 3

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dam_compile.kernels import BlockSparsePlan, PATTERN_PAD
+from dam_compile.kernels.block_estimates import EXACT_ROW_MASS
 from dam_compile.kernels.dam_patterns import HeadPatterns, extended_mask
 from dam_compile.kernels.decode_kernel import merge_partials, triton_sparse_decode
 from dam_compile.kernels.decode_plan import decode_block_plan
@@ -111,18 +112,39 @@ def test_decode_plan_follows_the_row_in_a_static_cache_with_left_padding():
 
 
 def test_dynamic_decode_plan_finds_the_heavy_block_within_budget():
+    """A row whose mass sits in one block keeps that block, the sink and the window, and no more than the
+    density budget."""
     torch.manual_seed(0)
     b, h, kvh, kv_len, d, block = 1, 4, 2, 64 * 16, 32, 16
     q, k, _ = qkv(b, h, kvh, kv_len, d)
     hot = [11, 40, 23, 5]  # one block per query head whose keys align with that head's query
     for head, blk in enumerate(hot):
-        k[0, head // 2, blk * block: (blk + 1) * block] += 4 * q[0, head, 0] / q[0, head, 0].norm()
+        k[0, head // 2, blk * block: (blk + 1) * block] += 40 * q[0, head, 0] / q[0, head, 0].norm()
     counts, indices = decode_block_plan(q, k, source="dynamic", block_size=block, density=0.05, sink_blocks=1,
                                         local_blocks=2)
     plans = kept(counts, indices)[0]
     for head, blk in enumerate(hot):
         assert {0, 62, 63, blk} <= plans[head]
     assert counts.max() <= 3 + -(-64 * 5 // 100)
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0, 3.0])
+def test_dynamic_decode_plan_keeps_the_exact_row_mass_of_a_diffuse_row(spread):
+    """Beyond the density budget, a row whose attention is spread keeps the blocks holding ``EXACT_ROW_MASS``
+    of it (the prefill's last query block keeps the same), and only those: the budget follows the mass."""
+    b, h, kvh, kv_len, d, block = 1, 4, 2, 64 * 16, 32, 16
+    q, k, _ = qkv(b, h, kvh, kv_len, d)
+    q = spread * q
+    counts, indices = decode_block_plan(q, k, source="dynamic", block_size=block, density=0.05, sink_blocks=1,
+                                        local_blocks=2)
+    allowed = token_allowed(counts, indices, block, kv_len)
+    probs = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2)).double() / d**0.5, dim=-1)
+    kept_mass = (probs * allowed).sum(-1).flatten()
+    assert (kept_mass >= EXACT_ROW_MASS).all(), kept_mass
+    # No more than sink, window, the density budget and the fewest blocks that reach the target.
+    ordered = probs.view(b, h, 64, block).sum(-1)[0].sort(-1, descending=True).values
+    fewest = (ordered.cumsum(-1) < EXACT_ROW_MASS).sum(-1) + 1
+    assert (counts.flatten() <= 3 + 4 + fewest).all(), (counts.flatten(), fewest)
 
 
 def test_dynamic_decode_plan_keeps_a_one_token_needle_and_ignores_keys_past_the_row():

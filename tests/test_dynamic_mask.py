@@ -7,6 +7,7 @@ import torch
 
 import dam_compile
 from dam_compile.kernels import BlockSparsePlan, dense_plan, streaming_plan, token_mask
+from dam_compile.kernels.block_estimates import last_rows_mass
 from dam_compile.kernels.dynamic_mask import ESTIMATORS, dynamic_block_plan
 from dam_compile.metrics import attention_mass_recall, density_per_head, output_error
 from dam_compile.reference_mode import SparseReferenceMode
@@ -105,6 +106,46 @@ def test_adaptive_last_row_keeps_the_needle_the_question_asks_for():
     assert not kept["pooled"][0, -16:, 700].any()  # a mean over 32 keys dilutes one key below the noise
 
 
+def test_adaptive_last_row_keeps_a_needle_one_query_of_the_block_asks_for():
+    """The question's last token alone attends to key 700 (about a tenth of its mass); the other 31 queries of the
+    last block attend to the block's first key. Averaged over the block the needle holds under 1% of the mass,
+    so a mass target on the block's mean would drop it; every query's own need keeps it."""
+    g = torch.Generator().manual_seed(0)
+    q, k = 0.1 * torch.randn(1, 1, L, D, generator=g), 0.1 * torch.randn(1, 1, L, D, generator=g)
+    local, needle = torch.zeros(D), torch.zeros(D)
+    local[0], needle[1] = 1.0, 1.0
+    strong = 20.0 * math.sqrt(D)  # 20 nats after the 1/sqrt(D) scale
+    k[0, 0, L - BLOCK] += math.sqrt(strong) * local
+    k[0, 0, 700] += math.sqrt(strong) * needle
+    q[0, 0, L - BLOCK:] += math.sqrt(strong) * local
+    q[0, 0, -1] += math.sqrt(strong - math.log(10) * math.sqrt(D)) * needle  # about 10:1 local to needle
+    kept = token_mask(plan_of(q, k, estimator="adaptive", density=0.1), L, L, True)[0, 0]
+    assert kept[-1, 700]
+    scores = (q[0, 0, L - BLOCK:] @ k[0, 0].T) / math.sqrt(D)
+    probs = torch.softmax(scores.masked_fill(torch.ones(BLOCK, L, dtype=torch.bool).triu(L - BLOCK + 1), -math.inf), -1)
+    assert probs[-1, 700] > 0.1 and probs[:, 700 // BLOCK * BLOCK:][:, :BLOCK].sum(-1).mean() < 0.01
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len, kv_len, heads, kv_heads", [(200, 200, 4, 2), (70, 300, 2, 2), (64, 64, 4, 1)])
+def test_last_rows_mass_is_the_exact_block_mass_of_each_query(causal, q_len, kv_len, heads, kv_heads):
+    """Per-block log-sum-exp of the last block's queries gives each query's exact attention mass per key block
+    (ragged last block, grouped heads, causal rows that see part of the last block)."""
+    g = torch.Generator().manual_seed(q_len + kv_len)
+    q, k = 2 * torch.randn(1, heads, q_len, D, generator=g), 2 * torch.randn(1, kv_heads, kv_len, D, generator=g)
+    got = last_rows_mass(q, k, BLOCK, causal, D**-0.5)
+    rows = min(BLOCK, q_len)
+    scores = (q[:, :, -rows:].double() @ k.double().repeat_interleave(heads // kv_heads, 1).transpose(-1, -2))
+    if causal:  # SDPA's is_causal: query i sees keys up to i (top-left aligned)
+        pos = torch.arange(q_len - rows, q_len)[:, None]
+        scores = scores.masked_fill(torch.arange(kv_len)[None] > pos, -math.inf)
+    probs = torch.softmax(scores * D**-0.5, -1)
+    nk = -(-kv_len // BLOCK)
+    want = torch.nn.functional.pad(probs, (0, nk * BLOCK - kv_len)).unflatten(-1, (nk, BLOCK)).sum(-1)
+    assert got.shape == (1, heads, rows, nk)
+    assert rel_err(got, want) < 1e-5
+
+
 def test_adaptive_budgets_follow_the_mass():
     """A head whose rows put their mass on one column keeps fewer blocks than a head of diffuse noise, which
     fills the cap."""
@@ -153,7 +194,8 @@ def test_plans_are_valid_for_the_kernel(causal, q_len, kv_len, heads, kv_heads):
 
 
 def test_kernel_runs_a_dynamic_plan_exactly():
-    q, k = planted()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernel in the interpreter
+    q, k = (t.to(device) for t in planted())
     v = torch.randn_like(k)
     plan = plan_of(q, k)
     out = dam_compile.sparse_attention(q, k, v, plan, is_causal=True, kernel="triton")

@@ -110,7 +110,8 @@ def test_fidelity_bench_smoke_scores_through_generate_and_merges_two_seeds(tmp_p
         assert 0.0 <= r["accuracy"] <= 100.0 and 0.0 <= r["accuracy_teacher_forced"] <= 100.0
         assert r["prefill_speedup"] is None and r["speed_note"]  # no timings on the CPU
         sparse = r["variant"] != "full"  # full attention runs no plan; every other variant's plans were measured
-        assert (0.0 < r["density"] < 1.0 and 0.0 < r["density_decode"] < 1.0) if sparse else \
+        # A dynamic decode row keeps the blocks holding 99% of its mass: all of them, on a model this diffuse.
+        assert (0.0 < r["density"] < 1.0 and 0.0 < r["density_decode"] <= 1.0) if sparse else \
             r["density"] == r["density_decode"] == 1.0
     default = {r["length"]: r for r in rows if r["variant"] == "dam-default"}
     for r in rows:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dam_patterns import EPS
-from .last_rows_lse import last_rows_block_lse
+from .last_rows_lse import exact_query_rows, last_rows_block_lse
 
 # Jensen-Shannon distance (the square root of the divergence in nats) under which a head's pooled estimate
 # counts as agreeing with its exact last-block mass (FlexPrefill's query-aware test and threshold).
@@ -37,10 +37,11 @@ EXACT_ROW_MASS = 0.99
 class BlockEstimate(NamedTuple):
     """``mass``: float32 ``[B, H, Mq, Nk]``, each row summing to 1 over its visible blocks. ``needed``: bool
     ``[B, H, Mq, Nk]`` or ``None``: blocks a row is known to need (from exact scores), kept whatever the
-    budget."""
+    budget. ``exact_rows``: how many trailing rows have exact mass (they take their budget first)."""
 
     mass: Tensor
     needed: Tensor | None = None
+    exact_rows: int = 0
 
 
 def block_sums(x: Tensor, block_size: int) -> Tensor:
@@ -81,17 +82,18 @@ def pooled_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool
 
 
 def last_rows_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
-    """Exact attention mass per key block of each of the last ``R = min(block_size, Lq)`` queries: float32
+    """Exact attention mass per key block of each of the last ``R = exact_query_rows(Lq, block_size)`` queries
+    (the last query block; the two last when it is ragged): float32
     ``[B, H, R, Nk]`` (each query's row sums to 1). Grouped K/V heads are read in place (no repeat: at 128K a
     repeated float copy of K would take gigabytes)."""
     batch, heads, q_len = query.shape[:3]
     block_lse = last_rows_block_lse(query, key, block_size, is_causal, scale)  # [B, KVH, G * R, Nk]
     mass = (block_lse - block_lse.logsumexp(-1, keepdim=True)).exp()
-    return mass.view(batch, heads, min(block_size, q_len), -1)
+    return mass.view(batch, heads, exact_query_rows(q_len, block_size), -1)
 
 
 def last_rows_block_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
-    """Exact attention mass per key block, averaged over the last ``min(block_size, Lq)`` queries: float32
+    """Exact attention mass per key block, averaged over the last ``exact_query_rows(Lq, block_size)`` queries: float32
     ``[B, H, Nk]`` (sums to 1)."""
     return last_rows_mass(query, key, block_size, is_causal, scale).mean(-2)
 
@@ -138,18 +140,27 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
 
 def adaptive_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> BlockEstimate:
     """Per head the pooled (query-aware) or the vertical-slash estimate, whichever the exact mass of the last
-    query block supports; that last row is the exact mass itself, and needs the blocks that hold
-    ``EXACT_ROW_MASS`` of each of its queries' attention. ``[B, H, Mq, Nk]``."""
-    row_mass = last_rows_mass(query, key, block_size, is_causal, scale)
+    queries supports. The rows of those queries (the last query block; the two last when it is ragged, so a
+    question split over them is covered) are their exact mass, and need the blocks that hold
+    ``EXACT_ROW_MASS`` of each of their queries' attention. ``[B, H, Mq, Nk]``."""
+    q_len = query.shape[-2]
+    row_mass = last_rows_mass(query, key, block_size, is_causal, scale)  # [B, H, R, Nk]
     column = row_mass.mean(-2)
     pooled = pooled_estimate(query, key, block_size, is_causal, scale)
     mq = pooled.shape[-2]
     query_aware = js_divergence(pooled[..., -1, :], column).clamp_min(0).sqrt() < QUERY_AWARE_JS_DISTANCE
     estimate = torch.where(query_aware[..., None, None], pooled, vertical_slash(column, mq, is_causal))
+    # The exact queries by query block: the last block's, and the whole one before it when there are more.
+    last_len = q_len - (mq - 1) * block_size
+    groups = [row_mass[..., row_mass.shape[-2] - last_len:, :]]
+    if row_mass.shape[-2] > last_len:
+        groups.insert(0, row_mass[..., :row_mass.shape[-2] - last_len, :])
+    exact = len(groups)
     # Built without in-place writes: export functionalizes this code.
-    needed = torch.cat([torch.zeros_like(estimate[..., :-1, :], dtype=torch.bool),
-                        blocks_each_row_needs(row_mass, EXACT_ROW_MASS)[..., None, :]], dim=-2)
-    return BlockEstimate(torch.cat([estimate[..., :-1, :], column[..., None, :]], dim=-2), needed)
+    mass = torch.cat([estimate[..., :mq - exact, :], *(g.mean(-2, keepdim=True) for g in groups)], dim=-2)
+    needed = torch.cat([torch.zeros_like(estimate[..., :mq - exact, :], dtype=torch.bool),
+                        *(blocks_each_row_needs(g, EXACT_ROW_MASS)[..., None, :] for g in groups)], dim=-2)
+    return BlockEstimate(mass, needed, exact)
 
 
 ESTIMATES = {"adaptive": adaptive_estimate, "pooled": pooled_block_estimate, "last_block": last_block_estimate}

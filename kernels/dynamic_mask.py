@@ -5,7 +5,8 @@ the attention):
 
 1. **Estimate** the block attention map (``kernels/block_estimates.py``): ``"adaptive"`` (the default: per
    head FlexPrefill's choice between the query-aware pooled estimate and MInference's vertical-slash lines from
-   the exact attention of the last query block, whose own row is that exact mass), ``"pooled"`` or
+   the exact attention of the last query block, whose own row is that exact mass; with the block before it
+   when the last one is ragged), ``"pooled"`` or
    ``"last_block"``.
 2. **DAM transform**: Box-Cox (``box_cox_lambda``) of the map, shifted to a minimum of 0, thresholded at ``tau``.
 3. **Patterns**: like DAM's step 4 at block level, a block diagonal or column is kept whole when at least
@@ -14,8 +15,9 @@ the attention):
 4. **Always kept**: ``sink_blocks`` leading key blocks and ``local_blocks`` blocks up to the diagonal.
 5. **Budget**: each row takes blocks in order (always-kept, then DAM-kept, then by estimated mass) until their
    estimated mass reaches ``mass_target``. Beyond the always-kept blocks a head keeps at most ``density`` of its
-   other visible blocks. ``"adaptive"``: the budget follows the mass: a row keeps what it needs (the last row,
-   exact, first, with every block any of its queries needs; rows needing more than is left are cut by one common factor). ``"pooled"``/``"last_block"``:
+   other visible blocks. ``"adaptive"``: the budget follows the mass: a row keeps what it needs (the exact last
+   rows first, with every block any of their queries needs; rows needing more than is left are cut by one
+   common factor). ``"pooled"``/``"last_block"``:
    each row gets a fixed share of that budget, by row length.
 
 Written in plain PyTorch with no data-dependent shapes or host syncs, so inside a compiled graph Inductor
@@ -83,7 +85,7 @@ def dynamic_block_plan(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    estimate, known = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
+    estimate, known, exact_rows = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
     mq, nk = estimate.shape[-2:]
     device = query.device
     visible, offset = visible_blocks(mq, nk, is_causal, device)
@@ -108,7 +110,7 @@ def dynamic_block_plan(
     mass_before = top_mass.cumsum(-1) - top_mass
     needed = ((top_priority >= _DAM) | (mass_before < mass_target)) & top_visible
     if estimator == "adaptive":
-        budget = _mass_budgets(needed.sum(-1), visible, always, density)
+        budget = _mass_budgets(needed.sum(-1), visible, always, density, exact_rows)
     else:
         budget = _row_budgets(visible, always, density)
     chosen = needed & (torch.arange(width, device=device) < budget[..., None])
@@ -130,18 +132,19 @@ def dynamic_plan_width(nk: int, density: float, sink_blocks: int, local_blocks: 
     return torch.sym_min(nk, (nk * math.ceil(density * 1000) + 999) // 1000 + sink_blocks + local_blocks)
 
 
-def _mass_budgets(need: Tensor, visible: Tensor, always: Tensor, density: float) -> Tensor:
+def _mass_budgets(need: Tensor, visible: Tensor, always: Tensor, density: float, exact_rows: int = 1) -> Tensor:
     """Blocks each row may keep, int64 ``[B, H, Mq]``, from what it needs (``need``: always-kept, DAM-kept and
     the blocks reaching the mass target). Floor: the always-kept blocks. Cap: beyond those, the head keeps at
-    most ``density`` of its other visible blocks; the last row takes what it needs first (its estimate is exact
-    and it is the row that asks the question), and when the other rows need more than is left, each row's extra
-    need is cut by the same factor."""
+    most ``density`` of its other visible blocks; the last ``exact_rows`` rows take what they need first (their
+    estimate is exact and they ask the question), and when the other rows need more than is left, each row's
+    extra need is cut by the same factor."""
     forced = always.sum(-1)  # [Mq]
     extra = (need - forced).clamp_min(0).to(torch.float64)
-    allowance = torch.floor((visible.sum() - forced.sum()) * density) - extra[..., -1:]
-    capped = extra[..., :-1]
+    split = extra.shape[-1] - exact_rows
+    capped, exact = extra[..., :split], extra[..., split:]
+    allowance = torch.floor((visible.sum() - forced.sum()) * density) - exact.sum(-1, keepdim=True)
     factor = (allowance.clamp_min(0) / capped.sum(-1, keepdim=True).clamp_min(1.0)).clamp(max=1.0)
-    extra = torch.cat([torch.floor(capped * factor), extra[..., -1:]], dim=-1)
+    extra = torch.cat([torch.floor(capped * factor), exact], dim=-1)
     return forced + extra.to(torch.int64)
 
 

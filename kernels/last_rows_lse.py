@@ -1,7 +1,8 @@
 """Log-sum-exp of the attention scores of the last query block, per key block: the exact-mass input of the
 adaptive estimator (``kernels/block_estimates.py``).
 
-For each of the last ``R = min(block_size, Lq)`` queries of every head and each key block ``n``, the
+For each of the last ``R`` queries of every head (:func:`exact_query_rows`: the last query block, and the
+whole block before it when the last one is ragged) and each key block ``n``, the
 log-sum-exp of its scaled scores against the block's keys (``-inf`` where it sees none of them). The Triton
 kernel computes ``Q K^T`` tile by tile and reduces it in registers, so the ``[.., R, Lk]`` scores never reach
 memory (as a matmul plus a reduction they did: 2.5 ms of the 32K plan's 2.7 ms on an H200, where the kernel
@@ -23,14 +24,23 @@ LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # back from base 2 to natural log-sum-exp
 
 
+def exact_query_rows(q_len: int, block_size: int) -> int:
+    """How many trailing queries get exact scores: the last query block's, and when that block is ragged the
+    whole block before it too, so a question split over the two blocks is exact in both (at most
+    ``2 * block_size - 1``, never more than ``q_len``)."""
+    tail = q_len % block_size
+    return min(q_len, block_size + tail) if tail else min(q_len, block_size)
+
+
 def last_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
                                   scale: float) -> Tensor:
     """float32 ``[B, KVH, G * R, Nk]`` from query ``[B, H, Lq, E]`` and key ``[B, KVH, Lk, E]`` (``G = H /
-    KVH``; row ``g * R + r`` is query ``Lq - R + r`` of head ``kvh * G + g``). SDPA's ``is_causal``: query
+    KVH``, ``R = exact_query_rows(Lq, block_size)``; row ``g * R + r`` is query ``Lq - R + r`` of head
+    ``kvh * G + g``). SDPA's ``is_causal``: query
     ``i`` sees keys up to ``i``."""
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    rows, group = min(block_size, q_len), heads // kv_heads
+    rows, group = exact_query_rows(q_len, block_size), heads // kv_heads
     last_q = query[:, :, q_len - rows:].reshape(batch, kv_heads, group * rows, dim)
     scores = torch.matmul(last_q, key.transpose(-1, -2))
     if is_causal:
@@ -108,7 +118,7 @@ def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causa
     key = key if key.stride(-1) == 1 else key.contiguous()
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    rows, group = min(block_size, q_len), heads // kv_heads
+    rows, group = exact_query_rows(q_len, block_size), heads // kv_heads
     nk = (kv_len + block_size - 1) // block_size
     upcast = interpreting() and query.dtype == torch.bfloat16
     out = torch.empty((batch, kv_heads, group * rows, nk), device=query.device, dtype=torch.float32)
@@ -131,6 +141,6 @@ def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causa
 def _(query, key, block_size, is_causal, scale):
     batch, heads, q_len = query.shape[:3]
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    rows = torch.sym_min(block_size, q_len)
+    rows = exact_query_rows(q_len, block_size)
     return query.new_empty((batch, kv_heads, heads // kv_heads * rows, (kv_len + block_size - 1) // block_size),
                            dtype=torch.float32)

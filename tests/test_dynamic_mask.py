@@ -8,6 +8,7 @@ import torch
 import dam_compile
 from dam_compile.kernels import BlockSparsePlan, dense_plan, streaming_plan, token_mask
 from dam_compile.kernels.block_estimates import last_rows_mass
+from dam_compile.kernels.last_rows_lse import exact_query_rows
 from dam_compile.kernels.dynamic_mask import ESTIMATORS, dynamic_block_plan
 from dam_compile.metrics import attention_mass_recall, density_per_head, output_error
 from dam_compile.reference_mode import SparseReferenceMode
@@ -126,6 +127,29 @@ def test_adaptive_last_row_keeps_a_needle_one_query_of_the_block_asks_for():
     assert probs[-1, 700] > 0.1 and probs[:, 700 // BLOCK * BLOCK:][:, :BLOCK].sum(-1).mean() < 0.01
 
 
+def test_adaptive_keeps_a_needle_asked_from_the_block_before_a_ragged_last_block():
+    """A prompt 8 tokens past a block boundary: the question's token that asks for key 700 sits in the
+    second-to-last query block (the question is split over the two). That block's queries are exact too."""
+    n = L + 8
+    g = torch.Generator().manual_seed(1)
+    q, k = 0.05 * torch.randn(1, 1, n, D, generator=g), 0.05 * torch.randn(1, 1, n, D, generator=g)
+    local, needle = torch.zeros(D), torch.zeros(D)
+    local[0], needle[1] = 1.0, 1.0
+    strong = 20.0 * math.sqrt(D)
+    start = L - BLOCK  # the second-to-last query block
+    k[0, 0, start] += math.sqrt(strong) * local
+    k[0, 0, 700] += math.sqrt(strong) * needle
+    q[0, 0, start:] += math.sqrt(strong) * local
+    asks = L - 4
+    q[0, 0, asks] += math.sqrt(strong - math.log(10) * math.sqrt(D)) * needle
+    plan = plan_of(q, k, estimator="adaptive", density=0.1)
+    plan.validate(batch=1, heads=1, q_len=n, kv_len=n)
+    kept = token_mask(plan, n, n, True)[0, 0]
+    assert kept[asks, 700]
+    probs = torch.softmax((q[0, 0, asks] @ k[0, 0, :asks + 1].T) / math.sqrt(D), -1)
+    assert probs[700] > 0.05
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("q_len, kv_len, heads, kv_heads", [(200, 200, 4, 2), (70, 300, 2, 2), (64, 64, 4, 1)])
 def test_last_rows_mass_is_the_exact_block_mass_of_each_query(causal, q_len, kv_len, heads, kv_heads):
@@ -134,7 +158,8 @@ def test_last_rows_mass_is_the_exact_block_mass_of_each_query(causal, q_len, kv_
     g = torch.Generator().manual_seed(q_len + kv_len)
     q, k = 2 * torch.randn(1, heads, q_len, D, generator=g), 2 * torch.randn(1, kv_heads, kv_len, D, generator=g)
     got = last_rows_mass(q, k, BLOCK, causal, D**-0.5)
-    rows = min(BLOCK, q_len)
+    rows = exact_query_rows(q_len, BLOCK)  # the last query block, and the one before when it is ragged
+    assert rows == (BLOCK + q_len % BLOCK if q_len % BLOCK and q_len > BLOCK else min(BLOCK, q_len))
     scores = (q[:, :, -rows:].double() @ k.double().repeat_interleave(heads // kv_heads, 1).transpose(-1, -2))
     if causal:  # SDPA's is_causal: query i sees keys up to i (top-left aligned)
         pos = torch.arange(q_len - rows, q_len)[:, None]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dam_compile.kernels.block_sparse_launch import interpreting
-from dam_compile.kernels.last_rows_lse import kernel_runs, last_rows_block_lse, last_rows_block_lse_reference
+from dam_compile.kernels.last_rows_lse import (exact_query_rows, kernel_runs, last_rows_block_lse,
+                                               last_rows_block_lse_reference)
 
 DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -26,7 +27,7 @@ def test_kernel_matches_float64_definition(device, dtype, causal, b, h, kvh, q_l
     assert kernel_runs(q, block)
     out = last_rows_block_lse(q, k, block, causal, d**-0.5)
     want = last_rows_block_lse_reference(q.double(), k.double(), block, causal, d**-0.5).float()
-    rows, nk = min(block, q_len), math.ceil(kv_len / block)
+    rows, nk = exact_query_rows(q_len, block), math.ceil(kv_len / block)
     assert out.shape == (b, kvh, h // kvh * rows, nk)
     seen = torch.isfinite(want)
     assert torch.equal(torch.isfinite(out), seen)  # -inf exactly where a query sees none of the block

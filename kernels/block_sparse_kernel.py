@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .constants import LN2, LOG2E
+
 # Finite floor for additive float masks: bf16/fp32 "minimum" masks (-3.4e38) times log2(e) overflow to -inf,
 # which would zero a row SDPA attends uniformly. -inf entries stay -inf.
 MASK_FLOOR = tl.constexpr(-1.0e30)
@@ -104,7 +106,7 @@ def _attend_blocks(
                 else:
                     tile = tile.to(tl.float32)
                     tile = tl.where(tile == float("-inf"), tile, tl.maximum(tile, MASK_FLOOR))
-                    s = s + tile * 1.4426950408889634
+                    s = s + tile * LOG2E
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -192,7 +194,7 @@ def block_sparse_attention_fwd(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     if HAS_FULL:
         n_full = tl.load(FullCounts + b * stride_fcb + h * stride_fch + plan_row * stride_fcm)
@@ -235,5 +237,5 @@ def block_sparse_attention_fwd(
     o_ptrs = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
     if WRITE_LSE:
-        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(Lse + bh.to(tl.int64) * q_len + offs_m, lse, mask=rows_valid)

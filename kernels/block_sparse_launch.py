@@ -16,6 +16,7 @@ import triton
 from torch import Tensor
 
 from .block_sparse_kernel import block_sparse_attention_fwd
+from .constants import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .plan import BlockSparsePlan, PlanError
 from .reference import check_heads, check_kv_range
 from .token_pattern import pattern_bitmaps
@@ -25,8 +26,6 @@ try:  # host-side TMA descriptors (Triton >= 3.4)
 except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 
 
 class KernelConfig(NamedTuple):

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .block_sparse_launch import _cdiv, _next_power_of_2, interpreting
+from .constants import LOG2E
 from .reference import check_heads
 
 
@@ -49,7 +50,7 @@ def sparse_decode_partials(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0).to(tl.float32)
-    q = q * (scale * 1.4426950408889634)
+    q = q * (scale * LOG2E)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     m_i = tl.full([], float("-inf"), tl.float32)
@@ -69,7 +70,7 @@ def sparse_decode_partials(
                     allowed = tl.load(m_ptr, mask=n_ok, other=0) != 0
                     s = tl.where(allowed, s, float("-inf"))
                 else:
-                    s = s + tl.load(m_ptr, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                    s = s + tl.load(m_ptr, mask=n_ok, other=0.0).to(tl.float32) * LOG2E
             s = tl.where(n_ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no visible key adds nothing

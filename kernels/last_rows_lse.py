@@ -17,11 +17,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_sparse_launch import MAX_HEAD_DIM, interpreting
+from .block_sparse_launch import interpreting
+from .constants import LN2, LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES
 
 ROWS_PER_PROGRAM = 64  # query rows (of one KV head's group) per program
-LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)  # back from base 2 to natural log-sum-exp
 
 
 def exact_query_rows(q_len: int, block_size: int) -> int:
@@ -98,7 +97,7 @@ def kernel_runs(query: Tensor, block_size: int) -> bool:
     """Whether :func:`last_rows_block_lse` runs the Triton kernel for these inputs (CUDA, or the CPU
     interpreter in tests; a power-of-two block of at least 16 keys; a head dim the tiles hold)."""
     return ((query.is_cuda or interpreting()) and block_size >= 16 and block_size & (block_size - 1) == 0
-            and query.shape[-1] <= MAX_HEAD_DIM and query.dtype in (torch.float16, torch.bfloat16, torch.float32))
+            and query.shape[-1] <= MAX_HEAD_DIM and query.dtype in SUPPORTED_DTYPES)
 
 
 def last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
@@ -128,7 +127,7 @@ def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causa
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        q_len, kv_len, rows, group, kv_heads, scale * LOG2E,
+        q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value,
         IS_CAUSAL=is_causal, BLOCK_N=block_size, BLOCK_M=ROWS_PER_PROGRAM, HEAD_DIM=dim,
         DIM_PAD=max(16, triton.next_power_of_2(dim)),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,

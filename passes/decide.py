@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from ..kernels.constants import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .find_sdpa import SDPASite
 
-SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def _refusal(site: SDPASite) -> str | None:
         return f"query/key/value are not 4-D [B, H, L, E] (got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D)"
     if any(t.requires_grad for t in (q, k, v)):
         return "query/key/value require grad (the sparse op is inference-only; run under torch.no_grad())"
-    if q.dtype not in SPARSE_DTYPES or not (q.dtype == k.dtype == v.dtype):
+    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (supported: float16, bfloat16, float32, all alike)"
     static = _static_head_dims(q, k, v)
     if static is None:

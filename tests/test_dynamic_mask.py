@@ -270,3 +270,15 @@ def test_top_mass_plan_keeps_the_most_mass_for_its_budget():
     assert (recall(oracle) >= recall(rand) - 1e-9).all()
     everything = top_mass_plan(q, k, block, torch.full((1, 4, 13), 13))
     assert torch.allclose(recall(everything), torch.ones(1, 4, dtype=torch.float64))
+
+
+@pytest.mark.slow  # traces the plan with dynamic shapes, twice
+def test_plan_traces_with_dynamic_shapes_at_aligned_and_ragged_lengths():
+    """On CUDA the op compiles the plan once with dynamic shapes (kernels/ops.py); the trace (fake tensors, the
+    last-rows kernel op's fake, the ragged-block branch) must give the eager plan at every length."""
+    compiled = torch.compile(dynamic_block_plan, dynamic=True, fullgraph=True, backend="aot_eager")
+    for n in (264, 256):
+        q, k = torch.randn(1, 4, n, D), torch.randn(1, 2, n, D)
+        got = compiled(q, k, block_size=BLOCK, is_causal=True)
+        want = dynamic_block_plan(q, k, block_size=BLOCK, is_causal=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), n

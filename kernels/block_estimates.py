@@ -1,6 +1,7 @@
 """Block attention-mass estimates for the dynamic DAM plan, each ``[B, H, Mq, Nk]`` float32 with every row
 summing to 1 over its visible key blocks (``Mq x Nk`` per head, ``block_size**2`` times smaller than the
-attention). All plain PyTorch, no host sync, no data-dependent shapes.
+attention). Plain PyTorch (the last queries' exact block mass through the ``dam::last_rows_block_lse`` Triton
+op where it runs), no host sync, no data-dependent shapes.
 
 - :func:`pooled_estimate`: softmax over key blocks of (mean query of the block) . (mean key of the block);
   query-aware but blind to a needle of a few tokens (the mean dilutes it by the block size).
@@ -8,9 +9,10 @@ attention). All plain PyTorch, no host sync, no data-dependent shapes.
   column mass and per-block-offset diagonal mass, extended to every row (vertical + slash lines).
 - :func:`adaptive_estimate`: per head, FlexPrefill's choice between the two (pooled where the pooled estimate
   of the last block agrees with its exact mass, vertical-slash elsewhere), and the last query block row set to
-  its exact mass; that row also *needs* every block that any of its queries needs to reach ``EXACT_ROW_MASS``
-  of its own attention: the rows that ask the question see what they really attend to, even when one query of
-  the block asks it (a mean over the block's 128 queries dilutes one query's needle below 1%).
+  its exact mass (with the block before it when the last one is ragged); those rows also *need* every block
+  that any of their queries needs to reach ``EXACT_ROW_MASS`` of its own attention: the rows that ask the
+  question see what they really attend to, even when one query of the block asks it (a mean over the block's
+  128 queries dilutes one query's needle below 1%).
 
 Each returns a :class:`BlockEstimate`.
 """
@@ -30,7 +32,7 @@ from .last_rows_lse import exact_query_rows, last_rows_block_lse
 # counts as agreeing with its exact last-block mass (FlexPrefill's query-aware test and threshold).
 QUERY_AWARE_JS_DISTANCE = 0.1
 # Share of its own attention mass that each query with an exact estimate keeps (the adaptive estimator's last
-# query block, a decode row): its mass is known, so a high target costs one row only.
+# query block or two, a decode row): its mass is known, so a high target costs a row or two only.
 EXACT_ROW_MASS = 0.99
 
 
@@ -83,8 +85,8 @@ def pooled_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool
 
 def last_rows_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
     """Exact attention mass per key block of each of the last ``R = exact_query_rows(Lq, block_size)`` queries
-    (the last query block; the two last when it is ragged): float32
-    ``[B, H, R, Nk]`` (each query's row sums to 1). Grouped K/V heads are read in place (no repeat: at 128K a
+    (the last query block; the two last when it is ragged): float32 ``[B, H, R, Nk]`` (each query's row sums
+    to 1). Grouped K/V heads are read in place (no repeat: at 128K a
     repeated float copy of K would take gigabytes)."""
     batch, heads, q_len = query.shape[:3]
     block_lse = last_rows_block_lse(query, key, block_size, is_causal, scale)  # [B, KVH, G * R, Nk]
@@ -93,8 +95,8 @@ def last_rows_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
 
 
 def last_rows_block_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
-    """Exact attention mass per key block, averaged over the last ``exact_query_rows(Lq, block_size)`` queries: float32
-    ``[B, H, Nk]`` (sums to 1)."""
+    """Exact attention mass per key block, averaged over the last ``exact_query_rows(Lq, block_size)``
+    queries: float32 ``[B, H, Nk]`` (sums to 1)."""
     return last_rows_mass(query, key, block_size, is_causal, scale).mean(-2)
 
 

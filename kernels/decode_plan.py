@@ -108,8 +108,9 @@ def _top_blocks(
     scale: float | None,
 ) -> Tensor:
     """``[B, H, Nk]``: the visible blocks of highest exact attention mass for this row, at least
-    ``ceil(density * Nk)`` and as many as hold ``EXACT_ROW_MASS`` of its mass. A block's logit is the log-sum-exp of the row's scores against its keys in ``[first, row]``: reading all
-    of K (V only for the kept blocks) is what lets a decode step find a needle that a few sampled keys miss."""
+    ``ceil(density * Nk)`` and as many as hold ``EXACT_ROW_MASS`` of its mass. A block's logit is the
+    log-sum-exp of the row's scores against its keys in ``[first, row]``: reading all of K (V only for the kept
+    blocks) is what lets a decode step find a needle that a few sampled keys miss."""
     batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
     nk = visible.shape[-1]

@@ -2,12 +2,11 @@
 adaptive estimator (``kernels/block_estimates.py``).
 
 For each of the last ``R`` queries of every head (:func:`exact_query_rows`: the last query block, and the
-whole block before it when the last one is ragged) and each key block ``n``, the
-log-sum-exp of its scaled scores against the block's keys (``-inf`` where it sees none of them). The Triton
-kernel computes ``Q K^T`` tile by tile and reduces it in registers, so the ``[.., R, Lk]`` scores never reach
-memory (as a matmul plus a reduction they did: 2.5 ms of the 32K plan's 2.7 ms on an H200, where the kernel
-needs only the reads of K). :func:`last_rows_block_lse_reference` is the plain-PyTorch definition, used on
-devices without the kernel.
+whole block before it when the last one is ragged) and each key block ``n``, the log-sum-exp of its scaled
+scores against the block's keys (``-inf`` where it sees none of them). The Triton kernel computes ``Q K^T``
+tile by tile and reduces it in registers, so the ``[.., R, Lk]`` scores never reach memory: at 32K on an H200
+it takes 0.19 ms, where a matmul plus an Inductor reduction took 1.5 ms of the plan's 2.5 ms.
+:func:`last_rows_block_lse_reference` is the plain-PyTorch definition, used on devices without the kernel.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ def last_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, i
                                   scale: float) -> Tensor:
     """float32 ``[B, KVH, G * R, Nk]`` from query ``[B, H, Lq, E]`` and key ``[B, KVH, Lk, E]`` (``G = H /
     KVH``, ``R = exact_query_rows(Lq, block_size)``; row ``g * R + r`` is query ``Lq - R + r`` of head
-    ``kvh * G + g``). SDPA's ``is_causal``: query
-    ``i`` sees keys up to ``i``."""
+    ``kvh * G + g``). SDPA's ``is_causal``: query ``i`` sees keys up to ``i``."""
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
     rows, group = exact_query_rows(q_len, block_size), heads // kv_heads

@@ -101,6 +101,14 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+def dot_options(dtype: torch.dtype) -> dict[str, object]:
+    """The ``DOT_PRECISION`` and ``UPCAST`` constexprs of a kernel whose inputs are ``dtype``: exact float32
+    dots for float32, and under the CPU interpreter (whose ``tl.dot`` mishandles bfloat16) bfloat16 upcast to
+    float32."""
+    upcast = interpreting() and dtype == torch.bfloat16
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
+
+
 # Host time per call matters (hundreds of attention calls per forward): plain-Python helpers instead of Triton's
 # jit-wrapped next_power_of_2 / cdiv, and the device's capability looked up once.
 def _next_power_of_2(n: int) -> int:
@@ -182,7 +190,6 @@ def triton_block_sparse_attention(
     diag_bits, col_bits, pattern_strides, diag_len = _pattern_view(plan, q_len, kv_len, q_offset, query)
     corner, corner_stride, corner_len = _corner_view(plan, query)
 
-    upcast = interpreting() and query.dtype == torch.bfloat16
     tma = _tma_applies(key, value) if use_tma is None else use_tma
     if use_tma and not _tma_applies(key, value):
         raise ValueError("use_tma=True needs a CUDA GPU of compute capability >= 9, head dim 64 or 128 and K/V "
@@ -193,8 +200,7 @@ def triton_block_sparse_attention(
         IS_CAUSAL=is_causal, HAS_FULL=plan.has_full_blocks, HAS_PATTERN=plan.has_token_pattern,
         HAS_MASK=mask is not None, MASK_IS_BOOL=mask_is_bool, HAS_KV_RANGE=kv_range is not None,
         EVEN_N=kv_len % plan.block_size == 0, WRITE_LSE=return_lse,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32",
-        UPCAST=upcast, USE_TMA=tma,
+        USE_TMA=tma, **dot_options(query.dtype),
     )
     args = (
         query, key, value, out, lse,

@@ -69,19 +69,21 @@ def decode_block_plan(
     first_block, row_block = (first // block_size)[:, None], (row // block_size)[:, None]
     visible = (blocks >= first_block) & (blocks <= row_block)  # [B, Nk]
     always = visible & ((blocks < first_block + sink_blocks) | (blocks > row_block - local_blocks))
+    # The dynamic source's blocks (also a calibrated profile's dynamic heads').
+    dynamic = lambda: always[:, None] | _top_blocks(  # noqa: E731
+        query, key, first, row, visible, block_size, density, scale)
     if source == "dense":
         keep = visible[:, None].expand(batch, heads, nk)
     elif source == "streaming":
         keep = always[:, None].expand(batch, heads, nk)
     elif source == "dynamic":
-        keep = always[:, None] | _top_blocks(query, key, first, row, visible, block_size, density, scale)
+        keep = dynamic()
     else:
         if diagonals is None or columns is None:
             raise ValueError("the calibrated decode plan needs diagonals and columns")
         keep = _pattern_blocks(diagonals, columns, row, nk, block_size, corner_len) & visible[:, None]
         if dynamic_heads is not None:
-            found = always[:, None] | _top_blocks(query, key, first, row, visible, block_size, density, scale)
-            keep = torch.where(dynamic_heads.to(torch.bool)[None, :, None], found, keep)
+            keep = torch.where(dynamic_heads.to(torch.bool)[None, :, None], dynamic(), keep)
     counts = keep.sum(-1, dtype=torch.int32)
     indices = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     return counts[..., None], indices[:, :, None, :]

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_sparse_launch import interpreting
+from .block_sparse_launch import _next_power_of_2, dot_options, interpreting
 from .constants import LN2, LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES
 
 ROWS_PER_PROGRAM = 64  # query rows (of one KV head's group) per program
@@ -117,7 +117,6 @@ def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causa
     kv_heads, kv_len = key.shape[1], key.shape[-2]
     rows, group = exact_query_rows(q_len, block_size), heads // kv_heads
     nk = (kv_len + block_size - 1) // block_size
-    upcast = interpreting() and query.dtype == torch.bfloat16
     out = torch.empty((batch, kv_heads, group * rows, nk), device=query.device, dtype=torch.float32)
     grid = (nk, (group * rows + ROWS_PER_PROGRAM - 1) // ROWS_PER_PROGRAM, batch * kv_heads)
     _last_rows_block_lse_kernel[grid](
@@ -127,8 +126,7 @@ def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causa
         out.stride(0), out.stride(1), out.stride(2),
         q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value,
         IS_CAUSAL=is_causal, BLOCK_N=block_size, BLOCK_M=ROWS_PER_PROGRAM, HEAD_DIM=dim,
-        DIM_PAD=max(16, triton.next_power_of_2(dim)),
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+        DIM_PAD=max(16, _next_power_of_2(dim)), **dot_options(query.dtype),
         num_warps=4, num_stages=2,
     )
     return out

@@ -50,7 +50,8 @@ def block_sums(x: Tensor, block_size: int) -> Tensor:
     """``[..., L, D]`` -> float32 ``[..., ceil(L / block), D]`` sums over each block's rows."""
     length = x.shape[-2]
     blocks = (length + block_size - 1) // block_size
-    padded = F.pad(x, (0, 0, 0, blocks * block_size - length))
+    # A view when the length is whole blocks: padding by nothing would still copy x (all of Q, for the plan).
+    padded = x if length == blocks * block_size else F.pad(x, (0, 0, 0, blocks * block_size - length))
     return padded.unflatten(-2, (blocks, block_size)).sum(-2, dtype=torch.float32)
 
 

@@ -21,7 +21,8 @@ the attention):
    each row gets a fixed share of that budget, by row length.
 
 Written in plain PyTorch with no data-dependent shapes or host syncs, so inside a compiled graph Inductor
-traces and fuses it.
+traces and fuses it. This is the definition: on CUDA, ``dam::dynamic_plan`` computes the adaptive plan with the
+Triton kernels of ``kernels/adaptive_plan_kernel.py`` (the same lists, no compile step, a tenth of the host time).
 """
 
 from __future__ import annotations

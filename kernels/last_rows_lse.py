@@ -111,6 +111,12 @@ def last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: 
 @torch.library.custom_op("dam::last_rows_block_lse", mutates_args=())
 def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
     """The Triton kernel; ``query [B, H, Lq, E]``, ``key [B, KVH, Lk, E]`` -> float32 ``[B, KVH, G * R, Nk]``."""
+    return launch_last_rows_block_lse(query, key, block_size, is_causal, scale)
+
+
+def launch_last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
+                               scale: float) -> Tensor:
+    """The kernel's launch, for callers already inside an op (no second dispatch: host time counts)."""
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
     batch, heads, q_len, dim = query.shape

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import plan_stats
+from .adaptive_plan_kernel import adaptive_block_plan, fused_plan_runs
 from .block_sparse_launch import triton_block_sparse_attention
 from .decode_kernel import triton_sparse_decode
 from .decode_plan import decode_block_plan
@@ -238,9 +239,16 @@ def dynamic_plan_op(
 ) -> PlanTensors:
     """The dynamic DAM plan (:func:`dynamic_block_plan`) of a ``[B, H, Lq, E]`` query, lists ``[B, H, Mq, K]``;
     when the attention will run dense, a plan that keeps nothing (nothing is computed)."""
-    lists = _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks, estimator)
-    if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
-        return _keep_nothing(lists)
+    path = choose_path(query, key, min_seq_len, kernel)[0]
+    if path == "dense":
+        return _keep_nothing(_dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks,
+                                                   estimator))
+    if estimator == "adaptive" and path != "reference" and fused_plan_runs(query, block_size):
+        return adaptive_block_plan(
+            query, key, block_size=block_size, is_causal=is_causal, scale=scale, tau=tau,
+            box_cox_lambda=box_cox_lambda, mu=mu, density=density, mass_target=mass_target,
+            sink_blocks=sink_blocks, local_blocks=local_blocks,
+        )
     return _planner(dynamic_block_plan, query.device)(
         query, key, block_size=block_size, is_causal=is_causal, scale=scale, tau=tau,
         box_cox_lambda=box_cox_lambda, mu=mu, density=density, mass_target=mass_target, sink_blocks=sink_blocks,

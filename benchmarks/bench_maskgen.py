@@ -225,6 +225,11 @@ def summarize(overhead: list[dict], fidelity: list[dict]) -> dict:
             notes[name] = f"N={n} was not run (--quick)"
     sel = [r for r in fidelity
            if r["density_cap"] == HEADLINE_DENSITY and r["variant"] == f"dam_dynamic_{DEFAULT_ESTIMATOR}"]
+    if not sel:
+        summary["mass_recall_at_15pct"] = summary["density_at_15pct_cap"] = None
+        notes["mass_recall_at_15pct"] = notes["density_at_15pct_cap"] = "part 2 (fidelity) has not finished"
+        summary["notes"] = notes
+        return summary
     density = sum(r["density"] for r in sel) / len(sel)
     summary["mass_recall_at_15pct"] = round(sum(r["mass_recall"] for r in sel) / len(sel), 4)
     summary["density_at_15pct_cap"] = round(density, 4)
@@ -245,17 +250,17 @@ def main(argv: list[str] | None = None) -> None:
         args.seq_lens = [n for n in args.seq_lens if n <= 32768]
     start = time.perf_counter()
     log = lambda m: tqdm.write(f"[{time.perf_counter() - start:6.1f}s] {m}")  # noqa: E731
-    overhead = overhead_rows(args, log)
-    fidelity, training = fidelity_rows(args, log)
     result = {
         **run_metadata("maskgen"),
         "config": {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "causal": True,
                    "block_size": args.block_size, "densities": DENSITIES, "seed": args.seed},
-        "overhead": overhead,
-        "fidelity": fidelity,
-        "training": training,
-        "summary": summarize(overhead, fidelity),
     }
+    overhead = overhead_rows(args, log)
+    # Written after each part, so a run cut short keeps what it measured.
+    result.update(overhead=overhead, fidelity=[], training=None, summary=summarize(overhead, []))
+    write_result(result, "maskgen", args.quick, args.out)
+    fidelity, training = fidelity_rows(args, log)
+    result.update(fidelity=fidelity, training=training, summary=summarize(overhead, fidelity))
     write_result(result, "maskgen", args.quick, args.out)
 
 

@@ -76,15 +76,19 @@ def maskgen_table(result: dict) -> str:
         lines.append(f"| {r['seq_len'] // 1024}K | {r['cudnn_ms']:.3f} | {timed} | {r['calibrated_cached_ms']:.3f} "
                      f"| {r['calibrated_build_ms']:.1f} |")
     train = result["training"]
-    lines += [
-        "",
-        f"Attention-mass recall on the Q/K of a small Llama trained in the run ({train['steps']} steps on synthetic "
-        f"text, loss {train['loss_first']:.2f} -> {train['loss_last']:.2f}, from random initialization: no pretrained "
-        f"model is available here), {train['train_len']} tokens, mean over layers and heads:",
-        "",
-        "| density cap | variant | measured density | mass recall |",
-        "|---|---|---|---|",
-    ]
+    if train is None:  # a run cut short after the overhead part
+        lines += ["", "Attention-mass recall: not measured (the run ended before its training finished)."]
+    else:
+        lines += [
+            "",
+            f"Attention-mass recall on the Q/K of a small Llama trained in the run ({train['steps']} steps on "
+            f"synthetic text, loss {train['loss_first']:.2f} -> {train['loss_last']:.2f}, from random "
+            f"initialization: no pretrained model is available here), {train['train_len']} tokens, mean over "
+            "layers and heads:",
+            "",
+            "| density cap | variant | measured density | mass recall |",
+            "|---|---|---|---|",
+        ]
     groups: dict = {}
     for r in result["fidelity"]:
         groups.setdefault((r["density_cap"], r["variant"]), []).append(r)

@@ -25,7 +25,9 @@ another order) and the order of exact ties (broken here by block index).
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -384,24 +386,15 @@ def fused_plan_runs(query: Tensor, block_size: int) -> bool:
     return query.is_cuda and kernel_runs(query, block_size)
 
 
-def _chunks(flat: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
-    """Contiguous views of ``flat``, one after the other, of these shapes."""
-    views, start = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        views.append(flat[start:start + size].view(shape))
-        start += size
-    return views
-
-
 def _block_means(x: Tensor, block_size: int) -> Tensor:
     """``[..., L, D]`` -> float32 ``[..., ceil(L / block), D]``, the mean of each block's rows (as
     ``pooled_estimate`` computes them: sums over float32, divided by the block's token count)."""
+    length = x.shape[-2]
+    if length % block_size == 0:  # one reduction (a power-of-two count: the same floats as sum / count)
+        return x.unflatten(-2, (length // block_size, block_size)).mean(-2, dtype=torch.float32)
     sums = block_sums(x, block_size)
     means = sums / block_size
-    tail = x.shape[-2] - (sums.shape[-2] - 1) * block_size
-    if tail != block_size:
-        means[..., -1, :] = sums[..., -1, :] / tail
+    means[..., -1, :] = sums[..., -1, :] / (length - (sums.shape[-2] - 1) * block_size)
     return means
 
 
@@ -416,6 +409,37 @@ def _pooled_logits(query: Tensor, key: Tensor, block_size: int) -> Tensor:
     return torch.matmul(grouped, k_mean.transpose(-1, -2)).reshape(batch * heads, mq, nk)
 
 
+class _Layout(NamedTuple):
+    """What the launches need besides the tensors, computed once per shape (host time counts)."""
+
+    mq: int
+    nk: int
+    rows: int  # exact query rows
+    last_len: int  # queries in the last query block
+    exact: int  # exact query blocks (1, or 2 when the last is ragged)
+    grid: tuple[int, int]  # (row tiles, batch * heads)
+    exact_grid: tuple[int, int]  # (batch * heads, exact-row tiles)
+    exact_rows_per_program: int
+    known_low: bool  # invisible blocks: the map's minimum is 0
+    constexprs: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(batch: int, heads: int, q_len: int, kv_len: int, block_size: int, is_causal: bool,
+            box_cox_lambda: float) -> _Layout:
+    mq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    rows = exact_query_rows(q_len, block_size)
+    last_len = q_len - (mq - 1) * block_size
+    nkp, mqp = max(16, _next_power_of_2(nk)), max(16, _next_power_of_2(mq))
+    bm = max(1, min(16, TILE_ELEMENTS // nkp))
+    known_low = is_causal and nk > 1
+    lam = "log" if box_cox_lambda == 0 else "sqrt" if box_cox_lambda == 0.5 else "pow"
+    return _Layout(mq, nk, rows, last_len, 2 if rows > last_len else 1, (-(-mq // bm), batch * heads),
+                   (batch * heads, -(-rows // bm)), bm, known_low,
+                   dict(IS_CAUSAL=is_causal, LAM=lam, KNOWN_LOW=known_low, BM=bm, NKP=nkp, MQP=mqp,
+                        num_warps=4 if nkp <= 1024 else 8))
+
+
 def adaptive_block_plan(
     query: Tensor, key: Tensor, *, block_size: int, is_causal: bool, scale: float | None, tau: float,
     box_cox_lambda: float, mu: float, density: float, mass_target: float, sink_blocks: int, local_blocks: int,
@@ -426,43 +450,29 @@ def adaptive_block_plan(
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[-2]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    mq, nk = -(-q_len // block_size), -(-kv_len // block_size)
-    rows = exact_query_rows(q_len, block_size)
-    last_len = q_len - (mq - 1) * block_size
-    exact = 2 if rows > last_len else 1
-    bh, device = batch * heads, query.device
-    nkp, mqp = max(16, _next_power_of_2(nk)), max(16, _next_power_of_2(mq))
-    bm = max(1, min(16, TILE_ELEMENTS // nkp))
-    warps = 4 if nkp <= 1024 else 8
-    grid = (-(-mq // bm), bh)
-    known_low = is_causal and nk > 1  # invisible blocks: the map's minimum is 0
-    dam = dict(IS_CAUSAL=is_causal, LAM="log" if box_cox_lambda == 0 else "sqrt" if box_cox_lambda == 0.5 else
-               "pow", KNOWN_LOW=known_low, BM=bm, NKP=nkp, MQP=mqp, num_warps=warps)
+    lay = _layout(batch, heads, q_len, kv_len, block_size, is_causal, box_cox_lambda)
+    mq, nk, bh, dam = lay.mq, lay.nk, batch * heads, lay.constexprs
+    ints, floats = dict(device=query.device, dtype=torch.int32), dict(device=query.device, dtype=torch.float32)
 
     lse = launch_last_rows_block_lse(query, key, block_size, is_causal, scale)  # [B, KVH, G * R, Nk] = [BH, R, Nk]
-    # Scratch in two allocations (host time counts): zeroed per-head threshold counts (diagonals, columns) and
-    # the two exact rows' needed blocks; the column, group masses, estimate, row minima and mass thresholds.
-    counts, known = _chunks(torch.zeros(bh * (mq + 4 * nk - 1), device=device, dtype=torch.int32),
-                            (bh, mq + 2 * nk - 1), (bh, 2, nk))
-    column, group_mass, est, row_min, threshold = _chunks(
-        torch.empty(bh * (3 * nk + mq * nk + 2 * mq), device=device, dtype=torch.float32),
-        (bh, nk), (bh, 2, nk), (bh, mq, nk), (bh, mq), (bh, mq))
-    br = max(1, min(16, TILE_ELEMENTS // nkp))
-    _exact_rows_kernel[(bh, -(-rows // br))](lse, column, group_mass, known, rows, last_len, nk, EXACT_ROW_MASS,
-                                            BR=br, NKP=nkp, num_warps=warps)
+    column, group_mass = torch.empty((bh, nk), **floats), torch.empty((bh, 2, nk), **floats)
+    known = torch.zeros((bh, 2, nk), **ints)  # union of atomic maxima
+    _exact_rows_kernel[lay.exact_grid](lse, column, group_mass, known, lay.rows, lay.last_len, nk, EXACT_ROW_MASS,
+                                       BR=lay.exact_rows_per_program, NKP=dam["NKP"], num_warps=dam["num_warps"])
     logits = _pooled_logits(query, key, block_size)
-    _estimate_kernel[grid](logits, column, group_mass, est, row_min, counts, mq, nk, kv_len, block_size, exact,
-                           scale, QUERY_AWARE_JS_DISTANCE, box_cox_lambda, tau, **dam)
-    if not known_low:
-        _threshold_kernel[grid](est, row_min, counts, mq, nk, box_cox_lambda, tau,
-                                **{k: v for k, v in dam.items() if k != "KNOWN_LOW"})
-    need, always, seen = torch.empty((3, bh, mq), device=device, dtype=torch.int32)
-    _need_kernel[grid](est, row_min, counts, known, need, threshold, always, seen, mq, nk, exact, sink_blocks,
-                       local_blocks, box_cox_lambda, tau, mu, mass_target, **dam)
-    outputs = (torch.empty((batch, heads, mq), device=device, dtype=torch.int32),
-               torch.empty((batch, heads, mq, nk), device=device, dtype=torch.int32),
-               torch.empty((batch, heads, mq), device=device, dtype=torch.int32),
-               torch.empty((batch, heads, mq, nk), device=device, dtype=torch.int32))
-    _lists_kernel[grid](est, row_min, counts, known, threshold, need, always, seen, *outputs, mq, nk, exact,
-                        sink_blocks, local_blocks, box_cox_lambda, tau, mu, density, **dam)
+    est, row_min = torch.empty((bh, mq, nk), **floats), torch.empty((bh, mq), **floats)
+    counts = torch.zeros((bh, mq + 2 * nk - 1), **ints)  # per head: block diagonals, then columns
+    _estimate_kernel[lay.grid](logits, column, group_mass, est, row_min, counts, mq, nk, kv_len, block_size,
+                               lay.exact, scale, QUERY_AWARE_JS_DISTANCE, box_cox_lambda, tau, **dam)
+    if not lay.known_low:
+        _threshold_kernel[lay.grid](est, row_min, counts, mq, nk, box_cox_lambda, tau,
+                                    **{k: v for k, v in dam.items() if k != "KNOWN_LOW"})
+    need, always, seen = torch.empty((3, bh, mq), **ints)
+    threshold = torch.empty((bh, mq), **floats)
+    _need_kernel[lay.grid](est, row_min, counts, known, need, threshold, always, seen, mq, nk, lay.exact,
+                           sink_blocks, local_blocks, box_cox_lambda, tau, mu, mass_target, **dam)
+    outputs = (torch.empty((batch, heads, mq), **ints), torch.empty((batch, heads, mq, nk), **ints),
+               torch.empty((batch, heads, mq), **ints), torch.empty((batch, heads, mq, nk), **ints))
+    _lists_kernel[lay.grid](est, row_min, counts, known, threshold, need, always, seen, *outputs, mq, nk, lay.exact,
+                            sink_blocks, local_blocks, box_cox_lambda, tau, mu, density, **dam)
     return outputs

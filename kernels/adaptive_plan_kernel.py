@@ -63,7 +63,7 @@ def _tile(m0, mq, nk, IS_CAUSAL: tl.constexpr, BM: tl.constexpr, NKP: tl.constex
 @triton.jit
 def _box_cox(x, lam, LAM: tl.constexpr):
     """DAM's Box-Cox of ``max(x, 1e-10)`` (``kernels/dam_patterns.box_cox``); ``LAM``: ``"log"`` (lambda 0),
-    ``"sqrt"`` (0.5, the default: a correctly rounded power) or ``"pow"``."""
+    ``"sqrt"`` (0.5, the default: torch computes that power as a square root too) or ``"pow"``."""
     x = tl.maximum(x, _EPS)
     if LAM == "log":
         return tl.log(x)

@@ -413,7 +413,7 @@ def main(argv=None) -> None:
     result["config"] = dict(dtype="bfloat16", weights="random (from the released configs)", use_cache=False,
                             logits_to_keep=1, inductor_caches="disabled (cold compiles)",
                             dam_options={k: getattr(defaults, k) for k in (
-                                "block_size", "min_seq_len", "density", "estimator", "mass_target")},
+                                "block_size", "min_seq_len", "density", "estimator", "mass_target", "dense_layers")},
                             calibration="dam_compile.calibrate on 4 random-token samples, PCL 128")
     result.update(prefill=prefill, decode=decode, paths=paths)
     out = result_path("e2e", args.quick, args.out)

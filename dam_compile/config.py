@@ -47,6 +47,11 @@ class DAMConfig:
             the last two with a fixed per-row share of ``density``.
         sink_blocks: leading key blocks every query keeps (streaming and dynamic).
         local_blocks: key blocks up to and including the diagonal that every query keeps (streaming, dynamic).
+        dense_layers: attention in the model's first this many layers runs dense at every length, whatever the
+            source (a layer is the first integer in the attention module's path, ``model.layers.0.self_attn``;
+            a path with none is not counted). The first layer's attention is broad, and what its plan drops
+            later layers still need: the fidelity bench loses a 32K passkey through layer 0's plan alone. One
+            dense layer of a 32-layer model costs about 3% of a dense prefill; 0 makes every layer sparse.
         kernel: ``"auto"`` (the fastest exact path this build has for the device; dense SDPA where it has
             no sparse kernel) or ``"reference"`` (the PyTorch block-sparse reference on any device; slow).
         inner_backend: what compiles the rewritten graph: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
@@ -67,6 +72,7 @@ class DAMConfig:
     estimator: str = DEFAULT_ESTIMATOR
     sink_blocks: int = 1
     local_blocks: int = 2
+    dense_layers: int = 1
     kernel: str = "auto"
     inner_backend: str = "inductor"
     dump_dir: str | None = None
@@ -79,6 +85,7 @@ class DAMConfig:
         _require_int("min_seq_len", self.min_seq_len, minimum=0)
         _require_int("sink_blocks", self.sink_blocks, minimum=0)
         _require_int("local_blocks", self.local_blocks, minimum=1)
+        _require_int("dense_layers", self.dense_layers, minimum=0)
         if self.profile is not None:
             try:
                 object.__setattr__(self, "profile", as_profile(self.profile))
@@ -140,7 +147,7 @@ class DAMConfig:
             source=self.source, block_size=self.block_size, min_seq_len=self.min_seq_len, kernel=self.kernel,
             tau=self.tau, box_cox_lambda=self.box_cox_lambda, mu=self.mu, density=self.density,
             mass_target=self.mass_target, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
-            estimator=self.estimator, corner_len=self.profile.pcl if self.source == "calibrated" else 0,
+            estimator=self.estimator, dense_layers=self.dense_layers, corner_len=self.profile.pcl if self.source == "calibrated" else 0,
         )
 
     def describe(self) -> dict[str, Any]:

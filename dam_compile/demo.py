@@ -96,7 +96,7 @@ def run_demo(
         if mask_source == "dense":
             expected = model(ids)
         else:
-            with SparseReferenceMode(options):
+            with SparseReferenceMode(options, model):
                 expected = model(ids)
         eager_ms = _median_ms(lambda: model(ids), repeats, dev)
         compiled_ms = _median_ms(lambda: compiled(ids), repeats, dev)

@@ -20,14 +20,14 @@ class AttentionCallMode(TorchFunctionMode, abc.ABC):
     """Subclasses implement ``on_attention(module_name, args)`` (args bound by name) and return ``None`` to let
     the call run unchanged, or a tensor to use as its output."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module | None) -> None:
         super().__init__()
-        self.model = model
+        self.model = model  # None: no module names (every call gets "")
         self._stack: list[str] = []
         self._hooks = ExitStack()
 
     def __enter__(self):
-        for name, module in self.model.named_modules():
+        for name, module in self.model.named_modules() if self.model is not None else ():
             pre = module.register_forward_pre_hook(lambda _m, _a, n=name: self._stack.append(n))
             post = module.register_forward_hook(lambda _m, _a, _o: self._leave())
             self._hooks.callback(pre.remove)

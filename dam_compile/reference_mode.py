@@ -11,15 +11,14 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from .config import DAMConfig
 from .kernels.dam_patterns import HeadPatterns
 from .kernels.dispatch import choose_path
 from .kernels.plan import BlockSparsePlan
 from .kernels.reference import block_sparse_attention_reference
-from .module_stack import SDPA_FUNCTIONS
-from .passes.find_sdpa import bind_sdpa_args
+from .module_stack import AttentionCallMode
+from .passes.dense_layers import dense_layer_reason
 from .passes.plan_call import plan_call
 
 
@@ -46,26 +45,29 @@ def plan_for(
     return BlockSparsePlan(*lists[:2], config.block_size, *lists[2:], *token)
 
 
-class SparseReferenceMode(TorchFunctionMode):
-    """``with SparseReferenceMode({"mask_source": "streaming", "kernel": "reference"}): model(x)`` runs
+class SparseReferenceMode(AttentionCallMode):
+    """``with SparseReferenceMode({"mask_source": "streaming", "kernel": "reference"}, model): model(x)`` runs
     attention block-sparse, choosing sparse or dense per call exactly as the op does under those options (so
     ``kernel="auto"`` on a device without a sparse kernel stays dense). Calls the rewrite would leave dense
-    (dropout) run unchanged.
+    (dropout) run unchanged, as do those of the first ``dense_layers`` layers, which ``model`` names; without
+    ``model`` the options must set ``dense_layers=0``.
     """
 
-    def __init__(self, options: DAMConfig | Mapping[str, Any] | None = None) -> None:
-        super().__init__()
-        self.config = options if isinstance(options, DAMConfig) else DAMConfig.from_options(options)
+    def __init__(self, options: DAMConfig | Mapping[str, Any] | None = None,
+                 model: torch.nn.Module | None = None) -> None:
+        config = options if isinstance(options, DAMConfig) else DAMConfig.from_options(options)
+        if model is None and config.dense_layers:
+            raise ValueError(f"model: SparseReferenceMode keeps the first dense_layers={config.dense_layers} "
+                             "layers dense and needs the model to know them; pass model= or dense_layers=0")
+        super().__init__(model)
+        self.config = config
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in SDPA_FUNCTIONS:
-            return func(*args, **kwargs)
-        a = bind_sdpa_args(args, kwargs)
+    def on_attention(self, module_name: str, a: dict[str, Any]) -> torch.Tensor | None:
         query = a["query"]
         path, _ = choose_path(query, a["key"], self.config.min_seq_len, self.config.kernel)
-        if a["dropout_p"] != 0 or path == "dense" or (query.shape[-2] == 1 and a["is_causal"]):
-            return func(*args, **kwargs)
+        if (a["dropout_p"] != 0 or path == "dense" or (query.shape[-2] == 1 and a["is_causal"])
+                or dense_layer_reason(module_name, self.config.dense_layers) is not None):
+            return None
         if self.config.source == "calibrated":
             raise ValueError("SparseReferenceMode runs the dynamic, dense and streaming sources; for a profile use "
                              "dam_compile.kernels.pattern_plan with the module's patterns")

@@ -17,8 +17,10 @@ from .config import DAMConfig
 from .kernels.dispatch import choose_path
 from .kernels.plan import BlockSparsePlan
 from .kernels.reference import density_per_head
+from .kernels.structured_plans import dense_plan
 from .metrics import attention_mass_recall
 from .module_stack import AttentionCallMode
+from .passes.dense_layers import dense_layer_reason
 from .reference_mode import plan_for
 
 
@@ -61,6 +63,9 @@ class PlanMeasure(AttentionCallMode):
             recall = attention_mass_recall(query, key, plan, is_causal=is_causal, scale=a["scale"],
                                            enable_gqa=gqa).mean(0).tolist()
         path, reason = choose_path(query, key, self.config.min_seq_len, self.config.kernel)
+        kept_dense = dense_layer_reason(name, self.config.dense_layers)
+        if kept_dense is not None:
+            path, reason = "dense", kept_dense
         partial, full = plan.block_tables(kv_len)
         blocks = (partial[0].to(torch.int8) + 2 * full[0].to(torch.int8)).cpu()
         heads = query.shape[1]
@@ -73,6 +78,8 @@ class PlanMeasure(AttentionCallMode):
 
     def _plan(self, name: str, query: Tensor, key: Tensor, is_causal: bool, scale, mask) -> BlockSparsePlan:
         config, patterns, dynamic = self._planning, None, None
+        if dense_layer_reason(name, config.dense_layers) is not None:  # the op runs dense: every visible block
+            return dense_plan(query.shape[-2], key.shape[-2], config.block_size, is_causal, query.device)
         if config.source == "calibrated":
             entry = config.profile.find_module(name)
             if entry is None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .block_sparse_launch import interpreting
+from .constants import ALWAYS_DENSE
 
 log = logging.getLogger("dam_compile")
 
@@ -55,6 +56,8 @@ def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str) -> tu
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     decode = query.shape[-2] == 1
+    if min_seq_len >= ALWAYS_DENSE:
+        return "dense", "the site's layer is kept dense (dense_layers)"
     if key.shape[-2] < min_seq_len:
         what = "decode step: KV cache" if decode else "sequence"
         return "dense", f"{what} shorter than min_seq_len={min_seq_len}"

@@ -19,7 +19,8 @@ class MaskOptions:
     """What a site's plan and its sparse op are built from (meanings and defaults: ``DAMConfig``'s, whose
     ``mask_options()`` is the usual way to get one; here every value is required, so there is one set of defaults).
 
-    ``corner_len``: the calibrated source's pattern capture length (its decode plan keeps every key before the
+    ``dense_layers``: sites of the model's first this many layers run dense at every length (the pass gives
+    them ``min_seq_len=ALWAYS_DENSE``). ``corner_len``: the calibrated source's pattern capture length (its decode plan keeps every key before the
     row while the row is inside it); 0 for the other sources. ``scale`` arguments below are the site's SDPA
     scale: ``None``, a float, or an FX node of a symbolic float.
     """
@@ -36,6 +37,7 @@ class MaskOptions:
     sink_blocks: int
     local_blocks: int
     estimator: str
+    dense_layers: int
     corner_len: int = 0
 
     def __post_init__(self) -> None:

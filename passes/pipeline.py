@@ -3,15 +3,17 @@ structurally before it is handed on. The caller's graph module is never modified
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from ..kernels.constants import ALWAYS_DENSE
 from ..kernels.mask_options import MaskOptions
 from .causal_mask import read_causal_mask
 from .decide import Decision, decide, example_value
+from .dense_layers import dense_layer_reason
 from .find_sdpa import SDPASite, find_sdpa_sites
 from .gqa import read_before_repeat
 from .insert_mask import insert_mask_generation
@@ -103,6 +105,12 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
         reports.append(_report(site, decision.rewrite, decision.reason, options))
         if not decision.rewrite:
             continue
+        site_options, kept_dense = options, dense_layer_reason(site.module_path, options.dense_layers)
+        if kept_dense is not None:
+            # Still rewritten (the op's dense path is SDPA): its calls are counted and checked like the others'.
+            site_options = replace(options, min_seq_len=ALWAYS_DENSE)
+            reports[-1].decision, reports[-1].reason, reports[-1].mask_source = "dense", kept_dense, None
+            reports[-1].reaches_min_seq_len = False
         name = site.node.name
         causal = read_causal_mask(site)
         mask_dropped = causal is not site
@@ -118,8 +126,8 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
         if grouped is not site:
             reports[-1].reason += "; reads K/V before repeat_kv (grouped heads)"
             site = grouped
-        mask = insert_mask_generation(new_gm, site, options, profile, entry)
-        op = replace_with_sparse_attention(graph, site, mask, options)
+        mask = insert_mask_generation(new_gm, site, site_options, profile, entry)
+        op = replace_with_sparse_attention(graph, site, mask, site_options)
         if entry is not None:
             reports[-1].dynamic_heads = list(mask.dynamic_heads)
         done.append(RewrittenSite(

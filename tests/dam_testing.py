@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Options that make the rewritten graph run the sparse reference on a CPU at small sizes.
-CPU_SPARSE = {"mask_source": "dense", "kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager"}
+# dense_layers=0: every layer takes the sparse path these tests check (tests/test_dense_layers.py: the default).
+CPU_SPARSE = {"mask_source": "dense", "kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager",
+              "dense_layers": 0}
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:

@@ -15,7 +15,7 @@ from dam_testing import rel_err
 from hf_models import VOCAB, build, ids_for
 
 PCL = 16
-OPTIONS = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager"}
+OPTIONS = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager", "dense_layers": 0}
 
 
 def samples(n=3, batch=2, length=24, seed=0):

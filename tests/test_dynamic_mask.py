@@ -232,11 +232,11 @@ def test_compiled_dynamic_model_equals_eager_with_the_same_plans():
     model = build("llama")
     x = ids_for("llama", n=96)
     options = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager",
-               "density": 0.5}
+               "density": 0.5, "dense_layers": 0}
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model, backend="dam", options=options)(x).logits
-        with SparseReferenceMode(options):
+        with SparseReferenceMode(options, model):
             expected = model(x).logits
     assert [s.mask_source for s in dam_compile.graph_reports()[-1].sites] == ["dynamic", "dynamic"]
     assert rel_err(out, expected) < 1e-5

@@ -26,7 +26,7 @@ def test_ten_prompt_lengths_compile_at_most_twice():
     with torch.no_grad():
         for n in (40, 57, 64, 90, 33, 120, 71, 48, 100, 129):
             x = ids_for("llama", n=n)
-            with SparseReferenceMode(DYNAMIC):
+            with SparseReferenceMode(DYNAMIC, model):
                 expected = model(x).logits
             assert rel_err(compiled(x).logits, expected) < 1e-5, n
     assert compiled_graphs() <= 2  # the first length, then one graph with a symbolic length
@@ -46,7 +46,7 @@ def test_sparse_generate_equals_its_eager_oracle(name):
     """Streaming masks change the tokens; the compiled model must change them exactly as the eager oracle does."""
     model, x = build(name), ids_for(name, n=48)
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    with SparseReferenceMode(STREAMING):
+    with SparseReferenceMode(STREAMING, model):
         expected = model.generate(x, **kwargs)
     model.forward = torch.compile(model.forward, backend="dam", options=STREAMING)
     out = model.generate(x, **kwargs)

@@ -17,7 +17,7 @@ from dam_compile import cli
 from dam_testing import sdpa
 from hf_models import build, ids_for
 
-TINY = dict(block_size=16, inner_backend="aot_eager", kernel="reference")
+TINY = dict(block_size=16, inner_backend="aot_eager", kernel="reference", dense_layers=0)
 
 
 def llama_report(**options):
@@ -43,6 +43,18 @@ def test_explain_lists_exactly_the_sdpa_sites_of_a_tiny_llama():
     assert "model.layers.1.self_attn" in str(report)
     assert json.loads(report.to_json())["sites"][0]["module_path"] == "model.layers.0.self_attn"
     assert not model.training and type(model).__name__ == "LlamaForCausalLM"  # not wrapped, not switched
+
+
+def test_explain_shows_the_dense_first_layer_as_it_runs():
+    """Default dense_layers=1: layer 0 is reported dense (density and recall 1, the dense path and why), layer 1
+    with its plan."""
+    _model, report = llama_report(mask_source="streaming", sink_blocks=1, local_blocks=1, min_seq_len=0,
+                                  dense_layers=1)
+    first, second = report.measures["model.layers.0.self_attn"], report.measures["model.layers.1.self_attn"]
+    assert first.density == pytest.approx([1.0] * 4) and first.recall == pytest.approx([1.0] * 4)
+    assert first.path == "dense" and "dense_layers=1" in first.path_reason
+    assert second.density == pytest.approx([0.7] * 4)
+    assert [s.decision for s in report.sites] == ["dense", "sparse"]
 
 
 def test_explain_measures_a_sparse_mask_per_head():

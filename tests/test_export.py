@@ -28,7 +28,7 @@ def test_exported_program_computes_what_the_backend_computes(source, decompose):
     options = {**OPTIONS, "mask_source": source}
     program = export_rewritten(model, example_kwargs=inputs(), decompose=decompose, **options)
     assert dam_targets(program) == (set() if decompose else {"dam.sparse_attention.default", f"dam.{source}_plan.default"})
-    with torch.no_grad(), SparseReferenceMode(options):
+    with torch.no_grad(), SparseReferenceMode(options, model):
         expected = model(**inputs()).logits
     assert rel_err(program.module()(**inputs()).logits, expected) < 1e-5
 

@@ -116,7 +116,11 @@ def test_fidelity_bench_smoke_scores_through_generate_and_merges_two_seeds(tmp_p
     default = {r["length"]: r for r in rows if r["variant"] == "dam-default"}
     for r in rows:
         if r["matched"]:  # the baselines run at the density the default measured, prefill and decode
-            assert abs(r["density"] - default[r["length"]]["density"]) < 0.05
+            wanted = default[r["length"]]["density"]
+            if r["variant"] == "streaming":  # rows shorter than the window keep fewer: at most what was asked
+                assert wanted - 0.15 < r["density"] <= wanted + 0.01
+            else:
+                assert abs(r["density"] - wanted) < 0.05
             assert abs(r["density_decode"] - default[r["length"]]["density_decode"]) < 0.05
         elif r["variant"] in ("streaming", "oracle", "random"):
             assert abs(r["density"] - 0.3) < 0.06

@@ -29,7 +29,7 @@ def test_single_sequence(name):
 
         torch._dynamo.reset()
         out = main_output(torch.compile(model, backend="dam", options=STREAMING)(x))
-        with SparseReferenceMode(STREAMING):
+        with SparseReferenceMode(STREAMING, model):
             expected = main_output(model(x))
     assert rel_err(out, expected) < 1e-5
     assert rel_err(out, eager) > 1e-3  # the sparse plan really changed the attention
@@ -100,6 +100,6 @@ def test_llama_through_inductor():
         eager = model(x).logits
         options = {**STREAMING, "inner_backend": "inductor"}
         out = torch.compile(model, backend="dam", options=options)(x).logits
-        with SparseReferenceMode(options):
+        with SparseReferenceMode(options, model):
             expected = model(x).logits
     assert rel_err(out, expected) < 1e-5 and rel_err(out, eager) > 1e-3

@@ -21,7 +21,8 @@ from hf_models import build, ids_for
 from planted_heads import PlantedModel, needle_samples
 from test_graph_equivalence import isomorphic
 
-OPTIONS = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager", "density": 0.3}
+OPTIONS = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager", "density": 0.3,
+           "dense_layers": 0}
 LAYER0, LAYER1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
 
 

@@ -16,7 +16,7 @@ from hf_models import llama
 
 WORLD = 2
 SEQ = 256
-OPTIONS = dict(kernel="reference", min_seq_len=0, block_size=16, strict=True)
+OPTIONS = dict(kernel="reference", min_seq_len=0, block_size=16, strict=True, dense_layers=0)
 TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
            "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
            "mlp.down_proj": "rowwise"}

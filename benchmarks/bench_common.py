@@ -72,3 +72,18 @@ def write_result(result: dict, name: str, quick: bool, out: Path | None) -> Path
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {path}")
     return path
+
+
+def filled_static_cache(model, kv_len: int, room: int, device) -> tuple:
+    """``(cache, token)``: a static KV cache of ``kv_len + room`` positions whose layers hold random keys and
+    values (the decode benchmarks time steps over it), and a ``[1, 1]`` input token for those steps."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=kv_len + room)
+    ids = torch.randint(1, model.config.vocab_size, (1, 16), device=device)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)  # allocates the cache layers
+        for layer in cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
+    return cache, ids[:, -1:]

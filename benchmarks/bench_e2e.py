@@ -32,7 +32,7 @@ import torch
 import torch._inductor.config
 from tqdm import tqdm
 
-from bench_common import merged_header, result_path, run_metadata, write_result
+from bench_common import filled_static_cache, merged_header, result_path, run_metadata, write_result
 from e2e_paths import ANSWER_TOKENS, PATHS, PREFILL_PATHS, generate, mark_dynamic, path_runner
 
 import dam_compile
@@ -246,10 +246,7 @@ def path_rows(name: str, paths: list[str], lengths: list[int], layers: int | Non
 
 def decode_rows(name: str, kv_lengths: list[int], steps: int, bar, rows: list, save) -> list[dict]:
     """Decode steps on a static cache filled with random keys/values up to each length."""
-    from transformers import StaticCache
-
     model = build(name)
-    vocab = model.config.vocab_size
     for variant in ("inductor", "dam-dynamic"):
         torch._dynamo.reset()
         for kv_len in kv_lengths:
@@ -258,15 +255,8 @@ def decode_rows(name: str, kv_lengths: list[int], steps: int, bar, rows: list, s
             try:
                 backend = dict(backend="dam") if variant == "dam-dynamic" else {}
                 step = torch.compile(model.forward, mode="reduce-overhead", **backend)
-                cache = StaticCache(config=model.config, max_cache_len=kv_len + steps + 8)
-                ids = torch.randint(1, vocab, (1, 16), device="cuda")
+                cache, token = filled_static_cache(model, kv_len, steps + 8, "cuda")
                 with torch.no_grad():
-                    model(ids, past_key_values=cache, use_cache=True)  # allocates the cache layers
-                    for layer in cache.layers:
-                        layer.keys.normal_()
-                        layer.values.normal_()
-                    token = ids[:, -1:]
-
                     def one(pos):
                         position = torch.tensor([pos], device="cuda")
                         return step(token, past_key_values=cache, cache_position=position,

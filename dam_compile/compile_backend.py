@@ -21,6 +21,7 @@ from .kernels.dispatch import warn_dense_once
 from .dump import write_dump
 from .profile import ProfileMismatchError
 from .passes.pipeline import SiteReport, rewrite_attention
+from .tensor_parallel import profile_for_graph
 
 log = logging.getLogger("dam_compile")
 
@@ -70,7 +71,7 @@ def compile_graph(
     _graph_counter += 1
     start = time.perf_counter()
     try:
-        result = rewrite_attention(gm, config.mask_options(), config.profile)
+        result = rewrite_attention(gm, config.mask_options(), profile_for_graph(config.profile, gm))
         compiled_gm, report.sites = result.graph_module, result.sites
     except ProfileMismatchError:
         raise  # a wrong profile is the user's to fix, not a reason to run dense quietly

@@ -159,6 +159,7 @@ class DAMConfig:
             p = self.profile
             values["profile"] = {"modules": len(p.modules), "pcl": p.pcl, "tau": p.tau, "mu": p.mu,
                                  "box_cox_lambda": p.box_cox_lambda, "model_fingerprint": p.model_fingerprint,
+                                 "head_shard": p.head_shard,
                                  **p.dynamic_summary()}
         return values
 

@@ -89,6 +89,7 @@ class DAMProfile:
     samples: int = 0
     min_recall: float | None = None  # the threshold that chose the dynamic heads (None: none chosen)
     holdout_samples: int = 0
+    head_shard: tuple[int, int] | None = None  # (rank, world_size) of a tensor-parallel slice; None: every head
     _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -162,6 +163,31 @@ class DAMProfile:
         return dataclasses.replace(self, modules=modules, min_recall=min_recall, holdout_samples=holdout_samples,
                                    _device_cache={})
 
+    def shard_heads(self, rank: int, world_size: int) -> "DAMProfile":
+        """The profile a tensor-parallel rank's graph needs: every module's heads ``[rank * H / world_size,
+        (rank + 1) * H / world_size)``, the contiguous slice that column-wise sharding of the query projection
+        gives rank ``rank`` (HuggingFace's ``tp_plan="auto"``, PyTorch's ``ColwiseParallel``). The backend
+        takes it on its own when the default process group is the tensor-parallel group; pass this for another
+        mesh, with the rank in the tensor-parallel dimension."""
+        if self.head_shard is not None:
+            raise ValueError(f"this profile is already rank {self.head_shard[0]}'s slice of {self.head_shard[1]}; "
+                             "shard the whole profile")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        uneven = sorted(n for n, m in self.modules.items() if m.heads % world_size)
+        if uneven:
+            raise ValueError(f"world_size={world_size} does not divide the query heads of {', '.join(uneven[:3])} "
+                             f"({self.modules[uneven[0]].heads})")
+        modules = {}
+        for name, m in self.modules.items():
+            part = slice(rank * m.heads // world_size, (rank + 1) * m.heads // world_size)
+            patterns = HeadPatterns(m.patterns.diagonals[part], m.patterns.columns[part], m.patterns.corner[part])
+            modules[name] = ModuleProfile(m.mean_attention[part], patterns, m.is_causal, m.dynamic_heads[part],
+                                          m.holdout_recall[part])
+        return dataclasses.replace(self, modules=modules, head_shard=(rank, world_size), _device_cache={})
+
     def dynamic_summary(self) -> dict[str, Any]:
         """``{"dynamic_heads": {module: [heads]} (modules that have any), "dynamic_head_count": "k of N"}``."""
         lists = {n: m.dynamic_heads.nonzero().flatten().tolist() for n, m in self.modules.items()}
@@ -210,6 +236,8 @@ class DAMProfile:
         """Write the profile as one safetensors file (format: :mod:`dam_compile.profile_file`); returns the path."""
         from .profile_file import write_profile
 
+        if self.head_shard is not None:
+            raise ValueError("a tensor-parallel slice is not saved: save the whole profile (every rank slices it)")
         return write_profile(self, path)
 
     @classmethod

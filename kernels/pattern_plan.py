@@ -131,11 +131,13 @@ def cached_pattern_plan(
 ) -> BlockSparsePlan:
     """:func:`pattern_plan` for top-left aligned queries, built once per (patterns, length bucket): lengths
     are rounded up to whole blocks, which is exact (see the module docstring). Keyed by the pattern tensors'
-    storage and version (patterns edited in place are rebuilt); the plan holds the tensors, so no other tensor
+    storage, version (patterns edited in place are rebuilt) and layout; the plan holds the tensors, so no other tensor
     can take their storage while the entry lives."""
     mq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
     tensors = [t for t in (diagonals, columns, corner) if t is not None]
-    key = (*((t.data_ptr(), t._version, t.device) for t in tensors), mq, nk, block_size, is_causal)
+    # Shape and strides too: views of one storage (a tensor-parallel rank's head slice) share a data pointer.
+    key = (*((t.data_ptr(), t._version, t.device, tuple(t.shape), t.stride()) for t in tensors), mq, nk, block_size,
+           is_causal)
     plan = _CACHE.get(key)
     if plan is None:
         plan = pattern_plan(diagonals, columns, corner, mq * block_size, nk * block_size, block_size, is_causal)

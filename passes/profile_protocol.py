@@ -54,9 +54,13 @@ def profile_entry(profile: SiteProfile, site: SDPASite) -> str | None:
     if name is None:
         return None
     heads = example_value(site.query).shape[1]
-    if profile.modules[name].heads != heads:
+    whole = profile.modules[name].heads
+    if whole != heads:
+        sliced = isinstance(heads, int) and heads < whole and whole % heads == 0
         raise ProfileMismatchError(
-            f"the profile's {name} has {profile.modules[name].heads} query heads but the graph's attention at "
-            f"{site.module_path} has {heads}: the profile was calibrated for another model"
+            f"the profile's {name} has {whole} query heads but the graph's attention at {site.module_path} has "
+            f"{heads}: " + (f"on a tensor-parallel rank, pass profile.shard_heads(tp_rank, {whole // heads}) (the "
+                            "backend slices it itself only when the default process group is the tensor-parallel "
+                            "one)" if sliced else "the profile was calibrated for another model")
         )
     return name

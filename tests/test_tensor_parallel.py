@@ -2,37 +2,34 @@
 ``parallelize_module`` (attention and MLP projections column/row-wise, as HF's ``tp_plan`` does) and compiled
 with ``backend="dam"`` on each rank. Each rank's graph sees its local heads; its output must equal the unsharded
 model compiled with the same options: the dense source within float tolerance of full attention, the dynamic
-source with the same per-head plans as one process (its sparsity changes the output, so the test can tell)."""
+source with the same per-head plans as one process (its sparsity changes the output, so the test can tell), and
+a calibrated profile of the whole model (some heads dynamic) sliced by the backend to each rank's heads."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from hf_models import llama
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if not (BENCHMARKS / "bench_tp.py").exists():
+    pytest.skip("benchmarks/ is not in this checkout", allow_module_level=True)
+sys.path.insert(0, str(BENCHMARKS))
+from bench_tp import shard  # noqa: E402  (the sharding the benchmark measures: HF's tp_plan for Llama)
+
 WORLD = 2
 SEQ = 256
 OPTIONS = dict(kernel="reference", min_seq_len=0, block_size=16, strict=True, dense_layers=0)
-TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
-           "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
-           "mlp.down_proj": "rowwise"}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def _sharded(model, mesh):
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    plan = {f"model.layers.{i}.{name}": styles[style]()
-            for i in range(len(model.model.layers)) for name, style in TP_PLAN.items()}
-    return parallelize_module(model, mesh, plan)
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
@@ -46,16 +43,21 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         ids = torch.randint(0, 96, (1, SEQ), generator=torch.Generator().manual_seed(1))
         result = {}
-        for source in ("dense", "dynamic"):
-            backend = dam_compile.backend(mask_source=source, **OPTIONS)
+        for source in ("dense", "dynamic", "calibrated"):
+            options = dict(OPTIONS, mask_source=source)
             torch.manual_seed(0)
             single = llama().eval()
+            if source == "calibrated":  # the whole model's profile; heads 1 and 2 of layer 1 lie on both ranks
+                calibration = [torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+                profile = dam_compile.calibrate(single, calibration, pcl=16, min_recall=None, progress=False)
+                options["profile"] = profile.with_dynamic_heads({"model.layers.1.self_attn": [1, 2]})
+            backend = dam_compile.backend(**options)
             with torch.no_grad():
                 full = single(ids).logits
                 one = torch.compile(single, backend=backend)(ids).logits
             torch._dynamo.reset()
             torch.manual_seed(0)
-            model = _sharded(llama().eval(), mesh)
+            model = shard(llama().eval(), mesh)
             dam_compile.kernels.reset_runtime_stats()
             with torch.no_grad():
                 tp = torch.compile(model, backend=backend)(ids).logits
@@ -69,7 +71,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two processes, four compiles each
+@pytest.mark.slow  # two processes, six compiles each
 def test_tensor_parallel_ranks_compute_what_one_process_computes(tmp_path):
     pytest.importorskip("torch.distributed.tensor.parallel")
     if not torch.distributed.is_gloo_available():
@@ -84,3 +86,4 @@ def test_tensor_parallel_ranks_compute_what_one_process_computes(tmp_path):
             assert r["tp_vs_one"] < 1e-5, (source, r)
         assert result["dense"]["one_vs_full"] < 1e-5
         assert result["dynamic"]["one_vs_full"] > 1e-2  # the dynamic plans are sparse here: equality means something
+        assert result["calibrated"]["one_vs_full"] > 1e-2

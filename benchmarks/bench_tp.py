@@ -1,0 +1,298 @@
+"""Tensor-parallel prefill and decode with ``backend="dam"``, against the same tensor-parallel model run by eager
+HuggingFace (SDPA) and by inductor, and against one GPU in the same run.
+
+    torchrun --nproc-per-node 2 benchmarks/bench_tp.py                  # Llama-3.1-8B shape, bf16, 2 GPUs
+    torchrun --nproc-per-node 2 benchmarks/bench_tp.py --smoke          # CPU, gloo, a tiny Llama: the flow only
+
+Every rank builds the model from its released config (random weights, one seed, so every rank and the one-GPU
+copy hold the same weights) and shards it as HuggingFace's ``tp_plan="auto"`` does for Llama (q/k/v and
+gate/up column-wise, o/down row-wise; ``parallelize_module``), then compiles it on every rank. Per case: the
+median prefill time (rank 0's clock; the ranks meet in every all-reduce), the peak memory of the busiest rank,
+and for decode the tokens/s over a static cache. Rank 0 then runs the unsharded model alone for the one-GPU
+speedup and the dense-source equivalence check, and writes ``results/tp_<gpu>.json`` with the ``summary`` of
+``../shared/RESULTS.md`` (tp section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+import torch.distributed as dist
+
+from bench_common import RESULTS, filled_static_cache, run_metadata, write_result
+
+import dam_compile
+from dam_compile.model_specs import build_from_config, hf_config
+
+K = 1024
+HEADLINE_MODEL = "llama-3.1-8b"
+# HuggingFace's tp_plan for Llama-family decoder layers (config.base_model_tp_plan), as parallelize_module styles.
+TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+           "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+           "mlp.down_proj": "rowwise"}
+VARIANTS = ("eager", "inductor", "dam-dynamic")
+SMOKE_OPTIONS = dict(kernel="reference", min_seq_len=0, block_size=16, inner_backend="aot_eager")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=HEADLINE_MODEL)
+    p.add_argument("--lengths", default="32768,131072", help="prefill lengths")
+    p.add_argument("--decode-kv", default="131072", help="decode KV lengths ('' for none)")
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--check-length", type=int, default=8192, help="length of the dense-source equivalence check")
+    p.add_argument("--smoke", action="store_true", help="CPU, gloo, a 2-layer Llama, the reference kernel")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.decode_kv, args.decode_steps, args.check_length = "96", "128", 2, 64
+    return args
+
+
+def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """``model`` with every decoder layer's projections sharded per :data:`TP_PLAN` (in place; returned)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {f"model.layers.{i}.{name}": styles[style]()
+            for i in range(len(model.model.layers)) for name, style in TP_PLAN.items()}
+    return parallelize_module(model, mesh, plan)
+
+
+class Clock:
+    """Times and peak memory on the run's device: CUDA events and allocator statistics, or the CPU's clock."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def ms(self, fn, warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(1000 * (time.perf_counter() - start))
+        return median(times)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+
+def build(args: argparse.Namespace, device: str):
+    config = hf_config(args.model, layers=2 if args.smoke else None)
+    if args.smoke:
+        config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 96, 4
+        config.num_key_value_heads, config.head_dim, config.vocab_size = 2, 16, 96
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    return build_from_config(config, device=device, dtype=dtype, seed=0)
+
+
+def runner(model, variant: str, args: argparse.Namespace):
+    """The prefill for ``variant`` (``use_cache=False``, last logits only)."""
+    def forward(ids):
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    if variant == "eager":
+        return forward
+    if variant == "inductor":
+        return torch.compile(forward)
+    return torch.compile(forward, backend=dam_backend(variant, args))
+
+
+def dam_backend(variant: str, args: argparse.Namespace):
+    """The ``dam`` backend for ``dam-<source>`` (the defaults but the source; the smoke's CPU options)."""
+    source = variant.removeprefix("dam-")
+    return dam_compile.backend(**(dict(SMOKE_OPTIONS, mask_source=source) if args.smoke else dict(mask_source=source)))
+
+
+def repeats_for(length: int) -> tuple[int, int]:
+    return (1, 2) if length >= 96 * K else (1, 3) if length >= 48 * K else (2, 5)
+
+
+def prompt(vocab: int, length: int, device: str) -> torch.Tensor:
+    return torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+
+
+def busiest(value: float | None) -> float | None:
+    """The largest of every rank's ``value`` (peak memory: the rank that needs most)."""
+    if value is None:
+        return None
+    got = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(got, op=dist.ReduceOp.MAX)
+    return float(got)
+
+
+def prefill_rows(model, args: argparse.Namespace, clock: Clock, device: str, tp: int) -> list[dict]:
+    rows = []
+    for variant in VARIANTS:
+        torch._dynamo.reset()
+        run = runner(model, variant, args)
+        for length in [int(n) for n in args.lengths.split(",") if n]:
+            row = dict(model=args.model, tp=tp, variant=variant, length=length)
+            ids = prompt(model.config.vocab_size, length, device)
+            try:
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    run(ids)
+                    clock.sync()
+                    row["first_call_s"] = time.perf_counter() - start
+                    clock.reset_peak()
+                    warmup, repeats = repeats_for(length)
+                    row["ms"] = clock.ms(lambda: run(ids), warmup, repeats)
+                    row["peak_mem_gb"] = busiest(clock.peak_gb())
+            except torch.OutOfMemoryError as exc:  # inductor's explicit-mask path at 128K, as on one GPU
+                row["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0][:200]}"
+            if variant.startswith("dam"):
+                row["paths"] = dam_compile.runtime_stats()
+                dam_compile.reset_runtime_stats()
+            rows.append(row)
+            release()
+    return rows
+
+
+def decode_rows(model, args: argparse.Namespace, clock: Clock, device: str, tp: int) -> list[dict]:
+    """Decode steps over a static cache filled with random keys and values up to each length."""
+    rows = []
+    for variant in ("inductor", "dam-dynamic"):
+        for kv_len in [int(n) for n in args.decode_kv.split(",") if n]:
+            torch._dynamo.reset()
+            row = dict(model=args.model, tp=tp, variant=variant, kv_len=kv_len, steps=args.decode_steps)
+            backend = dict(backend=dam_backend(variant, args)) if variant.startswith("dam") else {}
+            step = torch.compile(model.forward, mode="reduce-overhead" if device == "cuda" else None, **backend)
+            cache, token = filled_static_cache(model, kv_len, args.decode_steps + 8, device)
+            with torch.no_grad():
+                positions = iter(range(kv_len, kv_len + args.decode_steps + 8))
+
+                def one():
+                    position = torch.tensor([next(positions)], device=device)
+                    return step(token, past_key_values=cache, cache_position=position, position_ids=position[None],
+                                use_cache=True).logits
+
+                clock.reset_peak()
+                row["ms_per_token"] = clock.ms(one, 3, args.decode_steps)
+                row["tokens_per_s"] = 1000 / row["ms_per_token"]
+                row["peak_mem_gb"] = busiest(clock.peak_gb())
+            rows.append(row)
+            del cache
+            release()
+    return rows
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def one_gpu(args: argparse.Namespace, clock: Clock, device: str, tp_logits: dict[int, torch.Tensor]) -> dict:
+    """Rank 0 alone: the unsharded model's prefill (eager and ours) at the longest length, and its dense-source
+    logits against the tensor-parallel ones."""
+    model = build(args, device)
+    longest = max(int(n) for n in args.lengths.split(",") if n)
+    out = dict(length=longest)
+    with torch.no_grad():
+        for variant in ("eager", "dam-dynamic"):
+            torch._dynamo.reset()
+            run = runner(model, variant, args)
+            ids = prompt(model.config.vocab_size, longest, device)
+            run(ids)
+            warmup, repeats = repeats_for(longest)
+            out[f"{variant}_ms"] = clock.ms(lambda: run(ids), warmup, repeats)
+        torch._dynamo.reset()
+        dense = runner(model, "dam-dense", args)
+        ids = prompt(model.config.vocab_size, args.check_length, device)
+        single = dense(ids).float()
+        out["dense_rel_err"] = float((tp_logits[args.check_length].float() - single).norm() / single.norm())
+    torch._dynamo.reset()
+    del model
+    release()
+    return out
+
+
+def summarize(prefill: list[dict], single: dict) -> dict:
+    """The tp headline (``../shared/RESULTS.md``); ``None`` with a reason where not measured."""
+    def row(variant: str, length: int) -> dict | None:
+        return next((r for r in prefill if r["variant"] == variant and r["length"] == length and "ms" in r), None)
+
+    longest = single["length"]
+    ours, dense = row("dam-dynamic", longest), [r for r in (row("eager", longest), row("inductor", longest)) if r]
+    best = min(dense, key=lambda r: r["ms"]) if dense else None
+    summary = {"tp_max_rel_err_dense": single["dense_rel_err"]}
+    notes = {"tp_max_rel_err_dense": "TP logits of the dense source vs one GPU's, same weights and prompt"}
+    if ours and best:
+        tp_speedup, one_speedup = best["ms"] / ours["ms"], single["eager_ms"] / single["dam-dynamic_ms"]
+        summary["tp_speedup_retention_128k"] = tp_speedup / one_speedup
+        notes["tp_speedup_retention_128k"] = (f"TP {tp_speedup:.2f}x over {best['variant']} / one GPU "
+                                              f"{one_speedup:.2f}x over eager, at {longest}")
+        summary["tp_peak_mem_ratio_128k"] = (ours["peak_mem_gb"] / best["peak_mem_gb"]
+                                             if ours.get("peak_mem_gb") and best.get("peak_mem_gb") else None)
+        notes["tp_peak_mem_ratio_128k"] = f"busiest rank, against {best['variant']}"
+    else:
+        summary["tp_speedup_retention_128k"] = summary["tp_peak_mem_ratio_128k"] = None
+        notes["tp_speedup_retention_128k"] = notes["tp_peak_mem_ratio_128k"] = f"no prefill of ours and a dense baseline at {longest}"
+    if longest != 128 * K:
+        notes["length"] = f"the longest prefill measured is {longest}, not 131072"
+    summary["notes"] = notes
+    return summary
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    clock = Clock(device)
+    try:
+        model = shard(build(args, device), init_device_mesh(device, (tp,)))
+        prefill = prefill_rows(model, args, clock, device, tp)
+        decode = decode_rows(model, args, clock, device, tp)
+        torch._dynamo.reset()
+        with torch.no_grad():  # the dense source on every rank, for the equivalence check on rank 0
+            check = runner(model, "dam-dense", args)(prompt(model.config.vocab_size, args.check_length, device))
+        torch._dynamo.reset()
+        del model
+        release()
+        dist.barrier()
+        if rank == 0:
+            single = one_gpu(args, clock, device, {args.check_length: check})
+            import transformers
+
+            result = run_metadata("tp")
+            result.update(
+                transformers=transformers.__version__,
+                config=dict(model=args.model, tp=tp, dtype="float32" if args.smoke else "bfloat16",
+                            weights="random (from the released config)", smoke=args.smoke,
+                            sharding="parallelize_module: " + ", ".join(f"{k} {v}" for k, v in TP_PLAN.items()),
+                            dam_options=dam_compile.DAMConfig().describe() if not args.smoke else SMOKE_OPTIONS),
+                prefill=prefill, decode=decode, one_gpu=single,
+            )
+            result["summary"] = summarize(prefill, single)
+            write_result(result, "tp", quick=False, out=args.out or (RESULTS / "tp_smoke.json" if args.smoke else None))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

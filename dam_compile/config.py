@@ -51,7 +51,8 @@ class DAMConfig:
             source (a layer is the first integer in the attention module's path, ``model.layers.0.self_attn``;
             a path with none is not counted). The first layer's attention is broad, and what its plan drops
             later layers still need: the fidelity bench loses a 32K passkey through layer 0's plan alone. One
-            dense layer of a 32-layer model costs about 3% of a dense prefill; 0 makes every layer sparse.
+            dense layer of a 32-layer model adds a thirty-second of its dense attention time (at 128K on an
+            H200 about 0.22 s of the 4.3 s prefill); 0 makes every layer sparse.
         kernel: ``"auto"`` (the fastest exact path this build has for the device; dense SDPA where it has
             no sparse kernel) or ``"reference"`` (the PyTorch block-sparse reference on any device; slow).
         inner_backend: what compiles the rewritten graph: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.

@@ -16,7 +16,6 @@ speedup and the dense-source equivalence check, and writes ``results/tp_<gpu>.js
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 from pathlib import Path
@@ -26,12 +25,11 @@ import torch
 import torch.distributed as dist
 
 from bench_common import RESULTS, filled_static_cache, run_metadata, write_result
+from bench_e2e import HEADLINE_MODEL, K, release_memory, repeats_for
 
 import dam_compile
 from dam_compile.model_specs import build_from_config, hf_config
 
-K = 1024
-HEADLINE_MODEL = "llama-3.1-8b"
 # HuggingFace's tp_plan for Llama-family decoder layers (config.base_model_tp_plan), as parallelize_module styles.
 TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
            "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
@@ -122,10 +120,6 @@ def dam_backend(variant: str, args: argparse.Namespace):
     return dam_compile.backend(**(dict(SMOKE_OPTIONS, mask_source=source) if args.smoke else dict(mask_source=source)))
 
 
-def repeats_for(length: int) -> tuple[int, int]:
-    return (1, 2) if length >= 96 * K else (1, 3) if length >= 48 * K else (2, 5)
-
-
 def prompt(vocab: int, length: int, device: str) -> torch.Tensor:
     return torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
 
@@ -163,7 +157,7 @@ def prefill_rows(model, args: argparse.Namespace, clock: Clock, device: str, tp:
                 row["paths"] = dam_compile.runtime_stats()
                 dam_compile.reset_runtime_stats()
             rows.append(row)
-            release()
+            release_memory()
     return rows
 
 
@@ -191,19 +185,13 @@ def decode_rows(model, args: argparse.Namespace, clock: Clock, device: str, tp: 
                 row["peak_mem_gb"] = busiest(clock.peak_gb())
             rows.append(row)
             del cache
-            release()
+            release_memory()
     return rows
 
 
-def release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def one_gpu(args: argparse.Namespace, clock: Clock, device: str, tp_logits: dict[int, torch.Tensor]) -> dict:
+def one_gpu(args: argparse.Namespace, clock: Clock, device: str, tp_logits: torch.Tensor) -> dict:
     """Rank 0 alone: the unsharded model's prefill (eager and ours) at the longest length, and its dense-source
-    logits against the tensor-parallel ones."""
+    logits against ``tp_logits``, the tensor-parallel ones at ``--check-length``."""
     model = build(args, device)
     longest = max(int(n) for n in args.lengths.split(",") if n)
     out = dict(length=longest)
@@ -219,10 +207,10 @@ def one_gpu(args: argparse.Namespace, clock: Clock, device: str, tp_logits: dict
         dense = runner(model, "dam-dense", args)
         ids = prompt(model.config.vocab_size, args.check_length, device)
         single = dense(ids).float()
-        out["dense_rel_err"] = float((tp_logits[args.check_length].float() - single).norm() / single.norm())
+        out["dense_rel_err"] = float((tp_logits.float() - single).norm() / single.norm())
     torch._dynamo.reset()
     del model
-    release()
+    release_memory()
     return out
 
 
@@ -246,7 +234,8 @@ def summarize(prefill: list[dict], single: dict) -> dict:
         notes["tp_peak_mem_ratio_128k"] = f"busiest rank, against {best['variant']}"
     else:
         summary["tp_speedup_retention_128k"] = summary["tp_peak_mem_ratio_128k"] = None
-        notes["tp_speedup_retention_128k"] = notes["tp_peak_mem_ratio_128k"] = f"no prefill of ours and a dense baseline at {longest}"
+        missing = f"no prefill of ours and a dense baseline at {longest}"
+        notes["tp_speedup_retention_128k"] = notes["tp_peak_mem_ratio_128k"] = missing
     if longest != 128 * K:
         notes["length"] = f"the longest prefill measured is {longest}, not 131072"
     summary["notes"] = notes
@@ -272,10 +261,10 @@ def main(argv=None) -> None:
             check = runner(model, "dam-dense", args)(prompt(model.config.vocab_size, args.check_length, device))
         torch._dynamo.reset()
         del model
-        release()
+        release_memory()
         dist.barrier()
         if rank == 0:
-            single = one_gpu(args, clock, device, {args.check_length: check})
+            single = one_gpu(args, clock, device, check)
             import transformers
 
             result = run_metadata("tp")

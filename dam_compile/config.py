@@ -148,7 +148,8 @@ class DAMConfig:
             source=self.source, block_size=self.block_size, min_seq_len=self.min_seq_len, kernel=self.kernel,
             tau=self.tau, box_cox_lambda=self.box_cox_lambda, mu=self.mu, density=self.density,
             mass_target=self.mass_target, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
-            estimator=self.estimator, dense_layers=self.dense_layers, corner_len=self.profile.pcl if self.source == "calibrated" else 0,
+            estimator=self.estimator, dense_layers=self.dense_layers,
+            corner_len=self.profile.pcl if self.source == "calibrated" else 0,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -54,7 +54,11 @@ class PlanMeasure(AttentionCallMode):
         if query.shape[-2] == 1 or a["dropout_p"] or query.dim() != 4:
             return None  # decode steps and training calls are not measured
         is_causal, mask = bool(a["is_causal"]), a["attn_mask"]
-        plan = self._plan(name, query, key, is_causal, a["scale"], mask)
+        kept_dense = dense_layer_reason(name, self.config.dense_layers)
+        if kept_dense is not None:  # the op runs dense: every visible block
+            plan = dense_plan(query.shape[-2], key.shape[-2], self.config.block_size, is_causal, query.device)
+        else:
+            plan = self._plan(name, query, key, is_causal, a["scale"], mask)
         q_len, kv_len = query.shape[-2], key.shape[-2]
         gqa = key.shape[1] != query.shape[1]
         density = density_per_head(plan, q_len, kv_len, is_causal).mean(0)
@@ -62,10 +66,8 @@ class PlanMeasure(AttentionCallMode):
         if mask is None:
             recall = attention_mass_recall(query, key, plan, is_causal=is_causal, scale=a["scale"],
                                            enable_gqa=gqa).mean(0).tolist()
-        path, reason = choose_path(query, key, self.config.min_seq_len, self.config.kernel)
-        kept_dense = dense_layer_reason(name, self.config.dense_layers)
-        if kept_dense is not None:
-            path, reason = "dense", kept_dense
+        path, reason = ("dense", kept_dense) if kept_dense is not None else choose_path(
+            query, key, self.config.min_seq_len, self.config.kernel)
         partial, full = plan.block_tables(kv_len)
         blocks = (partial[0].to(torch.int8) + 2 * full[0].to(torch.int8)).cpu()
         heads = query.shape[1]
@@ -78,8 +80,6 @@ class PlanMeasure(AttentionCallMode):
 
     def _plan(self, name: str, query: Tensor, key: Tensor, is_causal: bool, scale, mask) -> BlockSparsePlan:
         config, patterns, dynamic = self._planning, None, None
-        if dense_layer_reason(name, config.dense_layers) is not None:  # the op runs dense: every visible block
-            return dense_plan(query.shape[-2], key.shape[-2], config.block_size, is_causal, query.device)
         if config.source == "calibrated":
             entry = config.profile.find_module(name)
             if entry is None:

@@ -20,9 +20,9 @@ class MaskOptions:
     ``mask_options()`` is the usual way to get one; here every value is required, so there is one set of defaults).
 
     ``dense_layers``: sites of the model's first this many layers run dense at every length (the pass gives
-    them ``min_seq_len=ALWAYS_DENSE``). ``corner_len``: the calibrated source's pattern capture length (its decode plan keeps every key before the
-    row while the row is inside it); 0 for the other sources. ``scale`` arguments below are the site's SDPA
-    scale: ``None``, a float, or an FX node of a symbolic float.
+    them ``min_seq_len=ALWAYS_DENSE``). ``corner_len``: the calibrated source's pattern capture length (its
+    decode plan keeps every key before the row while the row is inside it); 0 for the other sources. ``scale``
+    arguments below are the site's SDPA scale: ``None``, a float, or an FX node of a symbolic float.
     """
 
     source: str

@@ -6,11 +6,15 @@ HuggingFace (SDPA) and by inductor, and against one GPU in the same run.
 
 Every rank builds the model from its released config (random weights, one seed, so every rank and the one-GPU
 copy hold the same weights) and shards it as HuggingFace's ``tp_plan="auto"`` does for Llama (q/k/v and
-gate/up column-wise, o/down row-wise; ``parallelize_module``), then compiles it on every rank. Per case: the
+gate/up column-wise, o/down row-wise; ``parallelize_module``), then compiles it on every rank, with the
+sequence dimension marked dynamic as ``bench_e2e`` does (one compile serves every length). Per case: the
 median prefill time (rank 0's clock; the ranks meet in every all-reduce), the peak memory of the busiest rank,
 and for decode the tokens/s over a static cache. Rank 0 then runs the unsharded model alone for the one-GPU
-speedup and the dense-source equivalence check, and writes ``results/tp_<gpu>.json`` with the ``summary`` of
-``../shared/RESULTS.md`` (tp section).
+speedup. The dense-source equivalence check runs the first ``--check-layers`` layers of the same model (same
+seed) sharded and alone: what it checks is per layer, and a short model compiles in seconds.
+
+Phases run in the order prefill, check and one GPU, decode; rank 0 rewrites ``results/tp_<gpu>.json`` (with the
+``summary`` of ``../shared/RESULTS.md``, tp section) after each, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.distributed as dist
 
 from bench_common import RESULTS, filled_static_cache, run_metadata, write_result
 from bench_e2e import HEADLINE_MODEL, K, release_memory, repeats_for
+from e2e_paths import mark_dynamic
 
 import dam_compile
 from dam_compile.model_specs import build_from_config, hf_config
@@ -43,13 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=HEADLINE_MODEL)
     p.add_argument("--lengths", default="32768,131072", help="prefill lengths")
     p.add_argument("--decode-kv", default="131072", help="decode KV lengths ('' for none)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="prefill variants, of " + ", ".join(VARIANTS))
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--check-length", type=int, default=8192, help="length of the dense-source equivalence check")
+    p.add_argument("--check-layers", type=int, default=4, help="decoder layers of the equivalence check's model")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, a 2-layer Llama, the reference kernel")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.smoke:
-        args.lengths, args.decode_kv, args.decode_steps, args.check_length = "96", "128", 2, 64
+        args.lengths, args.decode_kv, args.decode_steps, args.check_length, args.check_layers = "96", "128", 2, 64, 2
     return args
 
 
@@ -93,8 +100,17 @@ class Clock:
         return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
 
 
-def build(args: argparse.Namespace, device: str):
-    config = hf_config(args.model, layers=2 if args.smoke else None)
+def log(message: str) -> None:
+    """Rank 0's progress line, with the seconds since the run started (a GPU run is cut at a time limit)."""
+    if dist.get_rank() == 0:
+        print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", flush=True)
+
+
+STARTED = time.perf_counter()
+
+
+def build(args: argparse.Namespace, device: str, layers: int | None = None):
+    config = hf_config(args.model, layers=2 if args.smoke else layers)
     if args.smoke:
         config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 96, 4
         config.num_key_value_heads, config.head_dim, config.vocab_size = 2, 16, 96
@@ -104,14 +120,14 @@ def build(args: argparse.Namespace, device: str):
 
 def runner(model, variant: str, args: argparse.Namespace):
     """The prefill for ``variant`` (``use_cache=False``, last logits only)."""
-    def forward(ids):
-        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+    def forward(input_ids):
+        return model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
 
     if variant == "eager":
         return forward
-    if variant == "inductor":
-        return torch.compile(forward)
-    return torch.compile(forward, backend=dam_backend(variant, args))
+    backend = {} if variant == "inductor" else dict(backend=dam_backend(variant, args))
+    compiled = torch.compile(forward, **backend)
+    return lambda ids: compiled(mark_dynamic(dict(input_ids=ids))["input_ids"])
 
 
 def dam_backend(variant: str, args: argparse.Namespace):
@@ -135,7 +151,7 @@ def busiest(value: float | None) -> float | None:
 
 def prefill_rows(model, args: argparse.Namespace, clock: Clock, device: str, tp: int) -> list[dict]:
     rows = []
-    for variant in VARIANTS:
+    for variant in [v for v in args.variants.split(",") if v]:
         torch._dynamo.reset()
         run = runner(model, variant, args)
         for length in [int(n) for n in args.lengths.split(",") if n]:
@@ -156,6 +172,7 @@ def prefill_rows(model, args: argparse.Namespace, clock: Clock, device: str, tp:
             if variant.startswith("dam"):
                 row["paths"] = dam_compile.runtime_stats()
                 dam_compile.reset_runtime_stats()
+            log(f"prefill {variant} {length}: {row.get('ms', row.get('error'))} ms")
             rows.append(row)
             release_memory()
     return rows
@@ -183,18 +200,38 @@ def decode_rows(model, args: argparse.Namespace, clock: Clock, device: str, tp: 
                 row["ms_per_token"] = clock.ms(one, 3, args.decode_steps)
                 row["tokens_per_s"] = 1000 / row["ms_per_token"]
                 row["peak_mem_gb"] = busiest(clock.peak_gb())
+            log(f"decode {variant} {kv_len}: {row['ms_per_token']:.2f} ms/token")
             rows.append(row)
             del cache
             release_memory()
     return rows
 
 
+def dense_check_logits(args: argparse.Namespace, device: str, mesh=None) -> torch.Tensor:
+    """The dense source's last logits at ``--check-length`` on the first ``--check-layers`` layers of the model,
+    sharded over ``mesh`` (every rank must call it) or, without one, alone."""
+    model = build(args, device, layers=args.check_layers)
+    if mesh is not None:
+        model = shard(model, mesh)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = runner(model, "dam-dense", args)(prompt(model.config.vocab_size, args.check_length, device)).float()
+    torch._dynamo.reset()
+    del model
+    release_memory()
+    return logits
+
+
 def one_gpu(args: argparse.Namespace, clock: Clock, device: str, tp_logits: torch.Tensor) -> dict:
-    """Rank 0 alone: the unsharded model's prefill (eager and ours) at the longest length, and its dense-source
-    logits against ``tp_logits``, the tensor-parallel ones at ``--check-length``."""
+    """Rank 0 alone: the unsharded model's prefill (eager and ours) at the longest length, and the check model's
+    dense-source logits against ``tp_logits``, its tensor-parallel ones."""
+    single = dense_check_logits(args, device)
+    out = dict(dense_rel_err=float((tp_logits - single).norm() / single.norm()), check_layers=args.check_layers,
+               check_length=args.check_length)
+    log(f"dense-source check: relative error {out['dense_rel_err']:.2e}")
     model = build(args, device)
     longest = max(int(n) for n in args.lengths.split(",") if n)
-    out = dict(length=longest)
+    out["length"] = longest
     with torch.no_grad():
         for variant in ("eager", "dam-dynamic"):
             torch._dynamo.reset()
@@ -203,11 +240,7 @@ def one_gpu(args: argparse.Namespace, clock: Clock, device: str, tp_logits: torc
             run(ids)
             warmup, repeats = repeats_for(longest)
             out[f"{variant}_ms"] = clock.ms(lambda: run(ids), warmup, repeats)
-        torch._dynamo.reset()
-        dense = runner(model, "dam-dense", args)
-        ids = prompt(model.config.vocab_size, args.check_length, device)
-        single = dense(ids).float()
-        out["dense_rel_err"] = float((tp_logits.float() - single).norm() / single.norm())
+            log(f"one GPU {variant} {longest}: {out[f'{variant}_ms']:.1f} ms")
     torch._dynamo.reset()
     del model
     release_memory()
@@ -215,15 +248,18 @@ def one_gpu(args: argparse.Namespace, clock: Clock, device: str, tp_logits: torc
 
 
 def summarize(prefill: list[dict], single: dict) -> dict:
-    """The tp headline (``../shared/RESULTS.md``); ``None`` with a reason where not measured."""
+    """The tp headline (``../shared/RESULTS.md``); ``None`` with a reason where not measured (``single`` is
+    empty before rank 0's one-GPU phase has run)."""
     def row(variant: str, length: int) -> dict | None:
         return next((r for r in prefill if r["variant"] == variant and r["length"] == length and "ms" in r), None)
 
-    longest = single["length"]
+    summary = {"tp_max_rel_err_dense": single.get("dense_rel_err")}
+    notes = {"tp_max_rel_err_dense": (f"TP logits of the dense source vs one GPU's, same weights and prompt "
+                                      f"({single['check_layers']} layers, {single['check_length']} tokens)"
+                                      if single else "the one-GPU phase did not run")}
+    longest = single.get("length")
     ours, dense = row("dam-dynamic", longest), [r for r in (row("eager", longest), row("inductor", longest)) if r]
     best = min(dense, key=lambda r: r["ms"]) if dense else None
-    summary = {"tp_max_rel_err_dense": single["dense_rel_err"]}
-    notes = {"tp_max_rel_err_dense": "TP logits of the dense source vs one GPU's, same weights and prompt"}
     if ours and best:
         tp_speedup, one_speedup = best["ms"] / ours["ms"], single["eager_ms"] / single["dam-dynamic_ms"]
         summary["tp_speedup_retention_128k"] = tp_speedup / one_speedup
@@ -234,9 +270,9 @@ def summarize(prefill: list[dict], single: dict) -> dict:
         notes["tp_peak_mem_ratio_128k"] = f"busiest rank, against {best['variant']}"
     else:
         summary["tp_speedup_retention_128k"] = summary["tp_peak_mem_ratio_128k"] = None
-        missing = f"no prefill of ours and a dense baseline at {longest}"
+        missing = f"no prefill of ours, a dense baseline and one GPU at {longest}"
         notes["tp_speedup_retention_128k"] = notes["tp_peak_mem_ratio_128k"] = missing
-    if longest != 128 * K:
+    if longest is not None and longest != 128 * K:
         notes["length"] = f"the longest prefill measured is {longest}, not 131072"
     summary["notes"] = notes
     return summary
@@ -250,34 +286,37 @@ def main(argv=None) -> None:
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     from torch.distributed.device_mesh import init_device_mesh
+    import transformers
 
-    clock = Clock(device)
+    clock, mesh = Clock(device), init_device_mesh(device, (tp,))
+    result = run_metadata("tp")
+    result.update(
+        transformers=transformers.__version__,
+        config=dict(model=args.model, tp=tp, dtype="float32" if args.smoke else "bfloat16",
+                    weights="random (from the released config)", smoke=args.smoke,
+                    sharding="parallelize_module: " + ", ".join(f"{k} {v}" for k, v in TP_PLAN.items()),
+                    dam_options=dam_compile.DAMConfig().describe() if not args.smoke else SMOKE_OPTIONS),
+        prefill=[], decode=[], one_gpu={},
+    )
+
+    def save() -> None:
+        if rank == 0:
+            result["summary"] = summarize(result["prefill"], result["one_gpu"])
+            write_result(result, "tp", quick=False, out=args.out or (RESULTS / "tp_smoke.json" if args.smoke else None))
+
     try:
-        model = shard(build(args, device), init_device_mesh(device, (tp,)))
-        prefill = prefill_rows(model, args, clock, device, tp)
-        decode = decode_rows(model, args, clock, device, tp)
-        torch._dynamo.reset()
-        with torch.no_grad():  # the dense source on every rank, for the equivalence check on rank 0
-            check = runner(model, "dam-dense", args)(prompt(model.config.vocab_size, args.check_length, device))
-        torch._dynamo.reset()
-        del model
-        release_memory()
+        model = shard(build(args, device), mesh)
+        log("model built and sharded")
+        result["prefill"] = prefill_rows(model, args, clock, device, tp)
+        save()
+        check = dense_check_logits(args, device, mesh)  # every rank; compared on rank 0
         dist.barrier()
         if rank == 0:
-            single = one_gpu(args, clock, device, check)
-            import transformers
-
-            result = run_metadata("tp")
-            result.update(
-                transformers=transformers.__version__,
-                config=dict(model=args.model, tp=tp, dtype="float32" if args.smoke else "bfloat16",
-                            weights="random (from the released config)", smoke=args.smoke,
-                            sharding="parallelize_module: " + ", ".join(f"{k} {v}" for k, v in TP_PLAN.items()),
-                            dam_options=dam_compile.DAMConfig().describe() if not args.smoke else SMOKE_OPTIONS),
-                prefill=prefill, decode=decode, one_gpu=single,
-            )
-            result["summary"] = summarize(prefill, single)
-            write_result(result, "tp", quick=False, out=args.out or (RESULTS / "tp_smoke.json" if args.smoke else None))
+            result["one_gpu"] = one_gpu(args, clock, device, check)
+        save()
+        dist.barrier()
+        result["decode"] = decode_rows(model, args, clock, device, tp)
+        save()
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -189,6 +189,58 @@ def e2e_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+TP_TARGETS = {  # ../shared/RESULTS.md, tp section
+    "tp_max_rel_err_dense": "<= 2e-2",
+    "tp_speedup_retention_128k": ">= 0.9",
+    "tp_peak_mem_ratio_128k": "<= 1.0",
+}
+
+
+def tp_table(result: dict) -> str:
+    cfg, single = result["config"], result["one_gpu"]
+    lines = [
+        f"{result['device']} x{cfg['tp']}, torch {result['torch']}, Triton {result['triton']}, transformers "
+        f"{result['transformers']}, {result['date'][:10]}; {cfg['model']} shape, {cfg['weights']}, {cfg['dtype']}, "
+        f"TP={cfg['tp']} ({cfg['sharding']}); `use_cache=False`, `logits_to_keep=1`, sequence dim marked dynamic. "
+        f"Command, in `benchmarks/`: "
+        f"`torchrun --nproc-per-node {cfg['tp']} {_portable(result['command']).removeprefix('python ')}`.",
+        "",
+        "| N | variant | prefill ms (TP) | fastest dense / this | peak GB (busiest rank) | first call s "
+        "| attention paths |", "|---|---|---|---|---|---|---|",
+    ]
+    fastest = {}
+    for r in result["prefill"]:
+        if "ms" in r and not r["variant"].startswith("dam"):
+            fastest[r["length"]] = min(fastest.get(r["length"], r["ms"]), r["ms"])
+    for r in sorted(result["prefill"], key=lambda r: (r["length"], r["variant"])):
+        if "ms" not in r:
+            lines.append(f"| {r['length'] // 1024}K | {r['variant']} | {r.get('error', '')[:90]} | | | | |")
+            continue
+        paths = ", ".join(f"{k} x{v}" for k, v in r.get("paths", {}).items())
+        ratio = f"{fastest[r['length']] / r['ms']:.2f}x" if r["length"] in fastest else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "-"
+        lines.append(f"| {r['length'] // 1024}K | {r['variant']} | {r['ms']:.1f} | {ratio} | {mem} "
+                     f"| {r['first_call_s']:.0f} | {paths} |")
+    if single:
+        lines += ["", f"One GPU, same run (rank 0, unsharded): eager {single['eager_ms']:.1f} ms, ours "
+                      f"{single['dam-dynamic_ms']:.1f} ms at {single['length'] // 1024}K "
+                      f"({single['eager_ms'] / single['dam-dynamic_ms']:.2f}x)."]
+    if result["decode"]:
+        lines += ["", "| decode: KV | variant | ms / token | tokens/s | peak GB (busiest rank) |",
+                  "|---|---|---|---|---|"]
+        for r in sorted(result["decode"], key=lambda r: (r["kv_len"], r["variant"])):
+            lines.append(f"| {r['kv_len'] // 1024}K | {r['variant']} | {r['ms_per_token']:.2f} | "
+                         f"{r['tokens_per_s']:.1f} | {r['peak_mem_gb']:.1f} |")
+    else:
+        lines += ["", "Decode: not measured in this run."]
+    lines += ["", "| headline (`summary`) | measured | target |", "|---|---|---|"]
+    for field, target in TP_TARGETS.items():
+        value, note = result["summary"].get(field), result["summary"]["notes"].get(field, "")
+        shown = f"{value:.3g} ({note})" if value is not None else "not measured: " + note
+        lines.append(f"| `{field}` | {shown} | {target} |")
+    return "\n".join(lines)
+
+
 FIDELITY_TARGETS = {  # ../shared/RESULTS.md
     "max_gap_to_full_default": "<= 1.0",
     "mean_density_default_16k": "<= 0.15",
@@ -344,6 +396,7 @@ TABLES = {
     "maskgen": ("maskgen_*.json", maskgen_table),
     "e2e": ("e2e_h*.json", e2e_table),
     "fidelity": ("fidelity_h*.json", fidelity_table),
+    "tp": ("tp_h*.json", tp_table),
 }
 RENDERABLE = {"fidelity": scored_through_generate}  # files of a layout the table functions read
 

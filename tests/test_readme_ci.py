@@ -1,5 +1,7 @@
 """CI must run exactly the README's quick-start commands; the README's benchmark tables match the results."""
 
+import importlib
+import json
 import re
 import subprocess
 import sys
@@ -8,6 +10,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def bench_modules(*names: str) -> list:
+    """The benchmark scripts ``names`` as modules (they import each other from their folder); skips outside a
+    source checkout, where there are no benchmarks."""
+    if not all((BENCHMARKS / f"{name}.py").exists() for name in names):
+        pytest.skip("not run from a source checkout")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def test_ci_runs_the_readme_commands():
@@ -23,9 +38,9 @@ def test_ci_runs_the_readme_commands():
 
 def test_readme_benchmark_tables_match_the_results_files():
     """The README's benchmark tables are generated from benchmarks/results/*.json, never edited by hand."""
-    if not (ROOT / "benchmarks" / "readme_tables.py").exists():
+    if not (BENCHMARKS / "readme_tables.py").exists():
         pytest.skip("not run from a source checkout")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "--check"],
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "readme_tables.py"), "--check"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -33,21 +48,25 @@ def test_readme_benchmark_tables_match_the_results_files():
 def test_a_maskgen_run_cut_short_keeps_its_overhead_and_says_what_is_missing():
     """bench_maskgen writes its file after the overhead part too: that file summarizes and renders, with the
     mass recall (part 2) marked as not measured rather than made up."""
-    import json
-
-    benchmarks = ROOT / "benchmarks"
-    if not (benchmarks / "bench_maskgen.py").exists():
-        pytest.skip("not run from a source checkout")
-    sys.path.insert(0, str(benchmarks))
-    try:
-        import bench_maskgen
-        import readme_tables
-    finally:
-        sys.path.remove(str(benchmarks))
-    full = json.loads((benchmarks / "results" / "maskgen_h100.json").read_text())
+    bench_maskgen, readme_tables = bench_modules("bench_maskgen", "readme_tables")
+    full = json.loads((BENCHMARKS / "results" / "maskgen_h100.json").read_text())
     cut = dict(full, fidelity=[], training=None, summary=bench_maskgen.summarize(full["overhead"], []))
     assert cut["summary"]["overhead_vs_dense_32k"] == full["summary"]["overhead_vs_dense_32k"]
     assert cut["summary"]["mass_recall_at_15pct"] is None and "not finished" in cut["summary"]["notes"]["mass_recall_at_15pct"]
     table = readme_tables.maskgen_table(cut)
     assert "| `mass_recall_at_15pct` | not measured |" in table
     assert f"({full['overhead'][1]['dynamic_adaptive_over_dense']:.1%})" in table
+
+
+def test_a_tp_run_cut_before_one_gpu_summarizes_and_renders_without_made_up_numbers():
+    """bench_tp writes its file after each phase: cut after the sharded prefill, the headline fields that need
+    the one-GPU phase are null with a reason, and the table renders them as not measured."""
+    bench_tp, readme_tables = bench_modules("bench_tp", "readme_tables")
+    full = json.loads((BENCHMARKS / "results" / "tp_h200.json").read_text())
+    assert bench_tp.summarize(full["prefill"], full["one_gpu"]) == full["summary"]
+    cut = dict(full, one_gpu={}, decode=[], summary=bench_tp.summarize(full["prefill"], {}))
+    assert all(cut["summary"][f] is None for f in readme_tables.TP_TARGETS)
+    table = readme_tables.tp_table(cut)
+    assert "| `tp_speedup_retention_128k` | not measured: no prefill of ours" in table
+    assert "| `tp_max_rel_err_dense` | not measured: the one-GPU phase did not run |" in table
+    assert "One GPU" not in table and "Decode: not measured" in table

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_kernel.py                 # B=1 H=32 KVH=8 D=128 bf16 causal, N = 8K, 32K, 128K
     python benchmarks/bench_kernel.py --quick         # 8K and 32K only
+    python benchmarks/bench_kernel.py --parts host,decode   # only the host-time and decode parts
+
+Parts: ``attention`` (the table below), ``host`` (CPU microseconds per call through
+``torch.ops.dam.sparse_attention`` at 8K, a 10% plan: the launch path without CUDA graphs) and ``decode`` (the
+decode kernel over kept blocks of a 32K and 128K KV cache: bytes of kept K/V read per second, against this GPU's
+copy bandwidth measured in the same run).
 
 Writes ``benchmarks/results/kernel_<gpu>.json`` (device, versions, date, command, every row, and the
 ``summary`` of ``shared/RESULTS.md``). Densities are counted over causal blocks; random plans always keep the
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
@@ -23,10 +30,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
-from dam_compile.kernels import dense_plan, plan_density, random_plan, triton_block_sparse_attention
+from dam_compile.kernels import dense_plan, plan_density, random_plan, sparse_attention, triton_block_sparse_attention
 from dam_compile.kernels.block_sparse_launch import _tuned_kernel
+from dam_compile.kernels.decode_kernel import triton_sparse_decode
 
 SPARSE_DENSITIES = (0.3, 0.1, 0.03)
+PARTS = ("attention", "host", "decode")
+DECODE_DENSITIES = (1.0, 0.1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="8K and 32K only")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of " + ", ".join(PARTS))
+    p.add_argument("--decode-kv", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/kernel_<gpu>.json")
     return p.parse_args(argv)
 
@@ -73,8 +85,34 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    tqdm.write(f"[{time.perf_counter() - STARTED:6.1f}s] {message}")
+
+
 def run(args: argparse.Namespace) -> dict:
+    parts = [part for part in args.parts.split(",") if part]
+    if unknown := set(parts) - set(PARTS):
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     torch.manual_seed(0)
+    rows = attention_rows(args) if "attention" in parts else []
+    host = host_time(args) if "host" in parts else None
+    decode = decode_rows(args) if "decode" in parts else []
+    return {
+        **run_metadata("kernel"),
+        "config": {"batch": 1, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                   "dtype": "bfloat16", "causal": True, "block_size": args.block_size, "parts": parts},
+        "rows": rows,
+        "host": host,
+        "decode": decode,
+        "summary": summarize(rows, host, decode),
+    }
+
+
+def attention_rows(args: argparse.Namespace) -> list[dict]:
+    """Ours, FlexAttention on the same plan, cuDNN and flash SDPA, per length and density."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     h, kvh, d, block = args.heads, args.kv_heads, args.head_dim, args.block_size
     seq_lens = [n for n in args.seq_lens if n <= 32768] if args.quick else args.seq_lens
@@ -82,11 +120,6 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     cases = [(n, dens) for n in seq_lens for dens in args.densities]
     bar = tqdm(total=len(cases) + 2 * len(seq_lens), desc="kernel bench")
-    start = time.perf_counter()
-
-    def log(message: str) -> None:
-        tqdm.write(f"[{time.perf_counter() - start:6.1f}s] {message}")
-
     for n in seq_lens:
         q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, kvh, n, d, device="cuda", dtype=torch.bfloat16)
@@ -146,17 +179,91 @@ def run(args: argparse.Namespace) -> dict:
         del q, k, v, reference_out
         torch.cuda.empty_cache()
     bar.close()
-    return {
-        **run_metadata("kernel"),
-        "config": {"batch": 1, "heads": h, "kv_heads": kvh, "head_dim": d, "dtype": "bfloat16", "causal": True,
-                   "block_size": block},
-        "rows": rows,
-        "summary": summarize(rows),
-    }
+    return rows
 
 
-def summarize(rows: list[dict]) -> dict:
-    """The headline fields of shared/RESULTS.md, from this run's rows (null with a reason when not measured)."""
+def host_time(args: argparse.Namespace, length: int = 8192, calls: int = 200) -> dict:
+    """CPU microseconds per call through ``torch.ops.dam.sparse_attention`` (a 10% plan at ``length``): the
+    loop's wall time between synchronisations, with fewer launches queued than the GPU's queue holds, so the
+    CPU never waits for the GPU. Median of 5 loops."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, args.heads, length, args.head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, args.kv_heads, length, args.head_dim, device="cuda", dtype=torch.bfloat16)
+    plan = random_plan(length, length, args.block_size, 0.1, args.heads, True, "cuda", gen)
+
+    def call():
+        return sparse_attention(q, k, k, plan, is_causal=True, enable_gqa=True)
+
+    for _ in range(20):
+        call()
+    loops = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        loops.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    gpu_ms = bench_ms(call)
+    log(f"host time at {length}: {median(loops):.1f} us per call (GPU {gpu_ms * 1e3:.0f} us)")
+    return {"seq_len": length, "density": 0.1, "host_us": median(loops), "host_us_loops": loops, "gpu_us": gpu_ms * 1e3}
+
+
+def copy_bandwidth_gbs(bytes_: int = 2**30) -> float:
+    """This GPU's device-to-device copy bandwidth, GB/s, counting the bytes read and written."""
+    src = torch.empty(bytes_, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * bytes_ / ms / 1e6
+
+
+def decode_plan_per_kv_head(kv_len: int, block: int, density: float, heads: int, kv_heads: int, gen):
+    """``(counts [1, H, 1], indices [1, H, 1, K], kept blocks per KV head)``: one random set of blocks per KV
+    head (with the first and the last block), shared by the query heads of its group, so the bytes the kernel
+    must read are exactly KVH x kept x block x D x 2 tensors."""
+    nk = -(-kv_len // block)
+    keep = max(2, round(density * nk))
+    scores = torch.rand(kv_heads, nk, device="cuda", generator=gen)
+    scores[:, 0] = scores[:, -1] = 2.0
+    chosen = scores.topk(keep, dim=-1).indices.sort(-1).values.to(torch.int32)
+    indices = chosen.repeat_interleave(heads // kv_heads, dim=0)[None, :, None, :].contiguous()
+    counts = torch.full((1, heads, 1), keep, dtype=torch.int32, device="cuda")
+    return counts, indices, keep
+
+
+def decode_rows(args: argparse.Namespace) -> list[dict]:
+    """The decode kernel over kept blocks, against the copy bandwidth; dense decode through SDPA for scale."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    h, kvh, d, block = args.heads, args.kv_heads, args.head_dim, args.block_size
+    copy_gbs = copy_bandwidth_gbs()
+    log(f"copy bandwidth {copy_gbs:.0f} GB/s")
+    rows = []
+    for kv_len in args.decode_kv:
+        q = torch.randn(1, h, 1, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, kvh, kv_len, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            sdpa_ms = bench_ms(dense)
+        for density in DECODE_DENSITIES:
+            counts, indices, keep = decode_plan_per_kv_head(kv_len, block, density, h, kvh, gen)
+            ms = bench_ms(lambda: triton_sparse_decode(q, k, v, counts, indices, block, enable_gqa=True))
+            kept_bytes = kvh * min(keep * block, kv_len) * d * 2 * k.element_size()
+            row = {"kv_len": kv_len, "density": keep / -(-kv_len // block), "ours_ms": ms,
+                   "kept_kv_bytes": kept_bytes, "achieved_gbs": kept_bytes / ms / 1e6, "copy_gbs": copy_gbs,
+                   "bw_fraction": kept_bytes / ms / 1e6 / copy_gbs, "sdpa_flash_dense_ms": sdpa_ms,
+                   "sdpa_dense_bw_fraction": kvh * kv_len * d * 2 * k.element_size() / sdpa_ms / 1e6 / copy_gbs}
+            rows.append(row)
+            log(f"decode KV={kv_len} d={row['density']:.3f}: {ms * 1e3:.1f} us, {row['achieved_gbs']:.0f} GB/s "
+                f"({row['bw_fraction']:.2f} of copy); flash SDPA dense {sdpa_ms * 1e3:.1f} us")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(rows: list[dict], host: dict | None = None, decode: list[dict] | None = None) -> dict:
+    """The headline fields of shared/RESULTS.md (kernel section), from this run (null with a reason when not
+    measured). "d" is each row's measured density."""
     notes = {}
 
     def row(n, dens):
@@ -168,6 +275,26 @@ def summarize(rows: list[dict]) -> dict:
         summary[name] = None if r is None else round(r["ours_tflops"] / r["cudnn_tflops"], 3)
         if r is None:
             notes[name] = f"N={n} at density 1.0 was not run"
+    for n, name in ((131072, "sparse_vs_cudnn_128k"), (32768, "sparse_vs_cudnn_32k")):
+        sparse = [row(n, dens) for dens in SPARSE_DENSITIES]
+        if all(sparse):
+            summary[name] = round(max(r["ours_ms"] / (r["density"] * r["cudnn_ms"]) for r in sparse), 3)
+        else:
+            summary[name] = None
+            notes[name] = f"N={n} at densities {SPARSE_DENSITIES} not all run"
+    against_flex = [row(n, dens) for n in (32768, 131072) for dens in SPARSE_DENSITIES]
+    summary["vs_flex_min"] = round(min(r["speedup_vs_flex"] for r in against_flex), 3) if all(against_flex) else None
+    if summary["vs_flex_min"] is None:
+        notes["vs_flex_min"] = "N=32K and 128K at every sparse density not all run"
+    summary["host_us_8k"] = None if host is None else round(host["host_us"], 1)
+    if host is None:
+        notes["host_us_8k"] = "the host part was not run"
+    at_128k = [r for r in decode or [] if r["kv_len"] == 131072 and r["density"] < 1.0]
+    summary["decode_bw_fraction_128k"] = round(max(r["bw_fraction"] for r in at_128k), 3) if at_128k else None
+    if at_128k:
+        notes["decode_bw_fraction_128k"] = f"kept blocks at density {at_128k[0]['density']:.3f} of a 128K cache"
+    else:
+        notes["decode_bw_fraction_128k"] = "the decode part did not run at 128K KV"
     sparse = [row(131072, dens) for dens in SPARSE_DENSITIES]
     if all(r is not None and r["time_over_density_x_dense"] is not None for r in sparse):
         summary["sparse_efficiency_128k"] = round(max(r["time_over_density_x_dense"] for r in sparse), 3)
@@ -184,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernel needs a CUDA GPU")
     write_result(run(args), "kernel", args.quick, args.out)
+
 
 if __name__ == "__main__":
     main()

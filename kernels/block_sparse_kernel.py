@@ -4,11 +4,15 @@ Structure follows Triton's fused-attention tutorial (FlashAttention-2 online sof
 ``exp2`` with the scale folded in), with the key loop driven by the plan's block lists instead of a range:
 
 - one program per (query tile of ``BLOCK_M`` rows, batch x head); the heaviest query tiles start first;
-- it walks the *full* key blocks of its plan row without any masking, then the ragged last key block (if it
-  is listed) with bounds checks only, then the *partial* blocks with the causal and token-pattern tests;
+- it walks its plan row's key blocks three times (the tutorial's ``STAGE``; here ``WALK``): the *full* blocks
+  without any masking, then the ragged last key block (if it is listed) with bounds checks only, then the
+  *partial* blocks with the causal and token-pattern tests;
 - a plan block of ``PLAN_BLOCK`` keys is visited as ``PLAN_BLOCK // BLOCK_N`` tiles in one flat loop, so the
   software pipeliner sees a single loop, with the block index loaded one iteration ahead;
 - query head ``h`` reads KV head ``h // (H // KVH)``: K/V are never repeated.
+
+Pointers travel with their strides as tuples (``(Q, (batch, head, row, dim) strides)``, the plan's lists, the
+mask, the token pattern), so one argument names one operand.
 
 ``UPCAST`` (set only under the CPU interpreter, whose ``tl.dot`` mishandles bfloat16) does the dots in
 float32 on bfloat16 data.
@@ -28,27 +32,49 @@ from .constants import LN2, LOG2E
 # which would zero a row SDPA attends uniformly. -inf entries stay -inf.
 MASK_FLOOR = tl.constexpr(-1.0e30)
 
+# The walks over a plan row (the ``WALK`` constexpr of _attend_blocks).
+WALK_FULL = tl.constexpr(1)  # full blocks inside the keys: no test at all
+WALK_RAGGED = tl.constexpr(2)  # the listed full block that the keys' end cuts: bounds checks only
+WALK_PARTIAL = tl.constexpr(3)  # partial blocks: causal and token-pattern tests (and bounds unless EVEN_N)
+
 
 @triton.jit
-def _attend_blocks(
-    acc, l_i, m_i, q,
-    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, desc_k, desc_v, b, kvh,
-    idx_base, first, last,
-    rows, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale,
-    kv_lo, kv_hi,
-    mask_base, stride_mask_m, stride_mask_n,
-    diag_base, col_base, diag_len, corner_base, corner_len,
-    PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PATTERN: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_KV_RANGE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """Fold the key tiles of list entries ``[first, last)`` into the running ``(acc, l_i, m_i)``.
+def _attend_blocks(acc, l_i, m_i, row, walk_list, WALK: tl.constexpr, SHAPE: tl.constexpr, MODE: tl.constexpr):
+    """Fold the key tiles of the list entries ``walk_list = (indices, first, last)`` into the running
+    ``(acc, l_i, m_i)`` of one query tile.
 
-    ``rows``: query row indices ``[BLOCK_M]`` (``rows_valid``: those below ``q_len``); ``positions``: their key
-    positions (row + q_offset)."""
+    ``row``: what every walk of the tile reads, ``(q, qk_scale, keys, kv_bounds, tile, mask, pattern)``.
+
+    ``SHAPE``: ``(PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D)``; ``MODE``: the kernel's mode constexprs
+    (see :func:`block_sparse_attention_fwd`); ``WALK``: one of the ``WALK_*`` constants.
+    ``keys``: ``(k_base, v_base, (stride_kn, stride_kd), (stride_vn, stride_vd), desc_k, desc_v, b, kvh)``;
+    ``kv_bounds``: ``(kv_len, kv_lo, kv_hi)``; ``tile``: ``(rows [BLOCK_M], rows_valid, positions, offs_n,
+    offs_d)`` with positions the rows' key positions (row + q_offset); ``mask``: ``(base, (stride_m,
+    stride_n))``; ``pattern``: ``(diag_base, col_base, diag_len, corner_base, corner_len)``."""
+    # Constexpr tuples are read item by item: unpacking them would turn the items into runtime values.
+    PLAN_BLOCK: tl.constexpr = SHAPE[0]
+    BLOCK_M: tl.constexpr = SHAPE[1]
+    BLOCK_N: tl.constexpr = SHAPE[2]
+    HEAD_DIM: tl.constexpr = SHAPE[3]
+    BLOCK_D: tl.constexpr = SHAPE[4]
+    IS_CAUSAL: tl.constexpr = MODE[0]
+    HAS_PATTERN: tl.constexpr = MODE[1]
+    HAS_MASK: tl.constexpr = MODE[2]
+    MASK_IS_BOOL: tl.constexpr = MODE[3]
+    HAS_KV_RANGE: tl.constexpr = MODE[4]
+    EVEN_N: tl.constexpr = MODE[5]
+    DOT_PRECISION: tl.constexpr = MODE[6]
+    UPCAST: tl.constexpr = MODE[7]
+    USE_TMA: tl.constexpr = MODE[8]
     SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N
+    PARTIAL: tl.constexpr = WALK == WALK_PARTIAL
+    BOUNDS: tl.constexpr = (WALK == WALK_RAGGED) or (PARTIAL and not EVEN_N)
     MASKED: tl.constexpr = PARTIAL or BOUNDS or HAS_MASK or HAS_KV_RANGE
+    q, qk_scale, keys, kv_bounds, tile, mask, pattern = row
+    k_base, v_base, k_strides, v_strides, desc_k, desc_v, b, kvh = keys
+    kv_len, kv_lo, kv_hi = kv_bounds
+    idx_base, first, last = walk_list
+    rows, rows_valid, positions, offs_n, offs_d = tile
     # The next tile's block index is loaded one iteration ahead, so the K/V address of the next tile is known
     # early and the pipeliner can prefetch it (measured on H100: 455 -> 504 TFLOP/s dense causal at 16K).
     next_block = tl.load(idx_base + first, mask=first < last, other=0)
@@ -58,8 +84,8 @@ def _attend_blocks(
         start_n = block * PLAN_BLOCK + (it % SUB) * BLOCK_N
         cols = start_n + offs_n
         kv_valid = cols < kv_len
-        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        k_ptrs = k_base + cols[:, None] * k_strides[0] + offs_d[None, :] * k_strides[1]
+        v_ptrs = v_base + cols[:, None] * v_strides[0] + offs_d[None, :] * v_strides[1]
         # TMA zero-fills rows and columns past the tensor's end. Otherwise unmasked loads where nothing can be
         # out of range: they pipeline and vectorise best.
         if USE_TMA:
@@ -87,26 +113,18 @@ def _attend_blocks(
                 if IS_CAUSAL:
                     keep = keep & (cols[None, :] <= positions[:, None])
                 if HAS_PATTERN:
-                    diag = positions[:, None] - cols[None, :] + kv_len - 1
-                    on_diag = tl.load(diag_base + diag, mask=(diag >= 0) & (diag < diag_len), other=0)
-                    on_col = tl.load(col_base + cols, mask=kv_valid, other=0)
-                    on_pattern = (on_diag != 0) | (on_col != 0)[None, :]
-                    # Inside the PCL x PCL corner, the true mask decides (corner_len is 0 without one).
-                    in_corner = (positions[:, None] < corner_len) & (cols[None, :] < corner_len)
-                    corner_at = tl.where(in_corner, positions[:, None] * corner_len + cols[None, :], 0)
-                    on_corner = tl.load(corner_base + corner_at, mask=in_corner, other=0)
-                    keep = keep & tl.where(in_corner, on_corner != 0, on_pattern)
+                    keep = keep & _on_token_pattern(pattern, positions, cols, kv_valid, kv_len)
             if HAS_MASK:
-                tile = tl.load(
-                    mask_base + rows[:, None].to(tl.int64) * stride_mask_m + cols[None, :] * stride_mask_n,  # N x N masks pass 2**31
+                tile_mask = tl.load(  # int64 rows: N x N masks pass 2**31 elements
+                    mask[0] + rows[:, None].to(tl.int64) * mask[1][0] + cols[None, :] * mask[1][1],
                     mask=rows_valid[:, None] & kv_valid[None, :], other=0,
                 )
                 if MASK_IS_BOOL:
-                    keep = keep & (tile != 0)
+                    keep = keep & (tile_mask != 0)
                 else:
-                    tile = tile.to(tl.float32)
-                    tile = tl.where(tile == float("-inf"), tile, tl.maximum(tile, MASK_FLOOR))
-                    s = s + tile * LOG2E
+                    tile_mask = tile_mask.to(tl.float32)
+                    tile_mask = tl.where(tile_mask == float("-inf"), tile_mask, tl.maximum(tile_mask, MASK_FLOOR))
+                    s = s + tile_mask * LOG2E
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,17 +150,33 @@ def _attend_blocks(
 
 
 @triton.jit
+def _on_token_pattern(pattern, positions, cols, kv_valid, kv_len):
+    """``[BLOCK_M, BLOCK_N]``: which (row, key) pairs DAM's token pattern keeps: on a kept diagonal or column,
+    or, inside the PCL x PCL corner, in the true mask (``corner_len`` is 0 without one)."""
+    diag_base, col_base, diag_len, corner_base, corner_len = pattern
+    diag = positions[:, None] - cols[None, :] + kv_len - 1
+    on_diag = tl.load(diag_base + diag, mask=(diag >= 0) & (diag < diag_len), other=0)
+    on_col = tl.load(col_base + cols, mask=kv_valid, other=0)
+    on_pattern = (on_diag != 0) | (on_col != 0)[None, :]
+    in_corner = (positions[:, None] < corner_len) & (cols[None, :] < corner_len)
+    corner_at = tl.where(in_corner, positions[:, None] * corner_len + cols[None, :], 0)
+    on_corner = tl.load(corner_base + corner_at, mask=in_corner, other=0)
+    return tl.where(in_corner, on_corner != 0, on_pattern)
+
+
+@triton.jit
+def _plan_row(lists, b, h, plan_row):
+    """``(count, indices pointer)`` of one plan row; ``lists``: ``(Counts, (b, h, m) strides, Indices, (b, h, m)
+    strides)`` (stride 0 on broadcast dims)."""
+    counts, count_strides, indices, index_strides = lists
+    count = tl.load(counts + b * count_strides[0] + h * count_strides[1] + plan_row * count_strides[2])
+    return count, indices + b * index_strides[0] + h * index_strides[1] + plan_row * index_strides[2]
+
+
+@triton.jit
 def block_sparse_attention_fwd(
-    Q, K, V, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    Counts, Indices, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
-    FullCounts, FullIndices, stride_fcb, stride_fch, stride_fcm, stride_fib, stride_fih, stride_fim,
-    Mask, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    DiagBits, ColBits, stride_diag_h, stride_col_h, diag_len, Corner, stride_corner_h, corner_len,
-    KvRange, DescK, DescV,
+    Q, q_strides, K, k_strides, V, v_strides, Out, o_strides, Lse,
+    partial_lists, full_lists, mask, pattern, KvRange, DescK, DescV,
     heads, group, q_len, kv_len, q_offset, sm_scale, tune_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PLAN_BLOCK: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_FULL: tl.constexpr, HAS_PATTERN: tl.constexpr,
@@ -151,7 +185,10 @@ def block_sparse_attention_fwd(
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(q_len, BLOCK_M))``. Shapes: Q ``[B, H, Lq, E]``, K/V ``[B, KVH, Lk, E]``,
-    Out ``[B, H, Lq, E]``, Lse ``[B, H, Lq]`` (fp32, natural log). Plan strides are 0 on broadcast dims."""
+    Out ``[B, H, Lq, E]``, Lse ``[B, H, Lq]`` (fp32, natural log); ``*_strides``: ``(batch, head, row, dim)``.
+    ``partial_lists`` / ``full_lists``: ``(Counts [B, H, Mq], its strides, Indices [B, H, Mq, K], its first
+    three strides)``, stride 0 on broadcast dims. ``mask``: ``(Mask, (b, h, m, n) strides)``. ``pattern``:
+    ``(DiagBits, ColBits, (diag, col) head strides, diag_len, Corner, corner head stride, corner_len)``."""
     tl.static_assert(PLAN_BLOCK % BLOCK_M == 0)
     tl.static_assert(PLAN_BLOCK % BLOCK_N == 0)
     bh = tl.program_id(0)
@@ -167,74 +204,62 @@ def block_sparse_attention_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     rows_valid = offs_m < q_len
     positions = offs_m + q_offset
+    tile = (offs_m, rows_valid, positions, offs_n, offs_d)
 
-    q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = (Q + b64 * q_strides[0] + h.to(tl.int64) * q_strides[1] + offs_m[:, None] * q_strides[2]
+              + offs_d[None, :] * q_strides[3])
     q = tl.load(q_ptrs, mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    keys = (K + b64 * k_strides[0] + kvh.to(tl.int64) * k_strides[1],
+            V + b64 * v_strides[0] + kvh.to(tl.int64) * v_strides[1],
+            (k_strides[2], k_strides[3]), (v_strides[2], v_strides[3]), DescK, DescV, b, kvh)
 
     kv_lo = 0
     kv_hi = kv_len
     if HAS_KV_RANGE:
         kv_lo = tl.load(KvRange + 2 * b)
         kv_hi = tl.load(KvRange + 2 * b + 1)
-    mask_base = Mask
+    kv_bounds = (kv_len, kv_lo, kv_hi)
+    mask_base = mask[0]
     if HAS_MASK:
-        mask_base = Mask + b64 * stride_mask_b + h.to(tl.int64) * stride_mask_h
-    diag_base = DiagBits
-    col_base = ColBits
-    corner_base = Corner
+        mask_base = mask[0] + b64 * mask[1][0] + h.to(tl.int64) * mask[1][1]
+    row_mask = (mask_base, (mask[1][2], mask[1][3]))
+    diag_base, col_base, pattern_strides, diag_len, corner_base, corner_stride, corner_len = pattern
     if HAS_PATTERN:
-        diag_base = DiagBits + h * stride_diag_h
-        col_base = ColBits + h * stride_col_h
-        corner_base = Corner + h * stride_corner_h
+        diag_base += h * pattern_strides[0]
+        col_base += h * pattern_strides[1]
+        corner_base += h * corner_stride
+    head_pattern = (diag_base, col_base, diag_len, corner_base, corner_len)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
+    row = (q, qk_scale, keys, kv_bounds, tile, row_mask, head_pattern)
+    SHAPE: tl.constexpr = (PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D)
+    MODE: tl.constexpr = (IS_CAUSAL, HAS_PATTERN, HAS_MASK, MASK_IS_BOOL, HAS_KV_RANGE, EVEN_N, DOT_PRECISION,
+                          UPCAST, USE_TMA)
 
     if HAS_FULL:
-        n_full = tl.load(FullCounts + b * stride_fcb + h * stride_fch + plan_row * stride_fcm)
-        full_idx = FullIndices + b * stride_fib + h * stride_fih + plan_row * stride_fim
+        n_full, full_idx = _plan_row(full_lists, b, h, plan_row)
         n_fast = n_full
         if not EVEN_N:
-            # Only the last key block can be ragged; sorted lists put it last.
-            if n_full > 0:
-                last_block = tl.load(full_idx + n_full - 1)
-                if (last_block + 1) * PLAN_BLOCK > kv_len:
-                    n_fast = n_full - 1
-        acc, l_i, m_i = _attend_blocks(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, DescK, DescV, b, kvh,
-            full_idx, 0, n_fast, offs_m, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale, kv_lo, kv_hi,
-            mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len, corner_base, corner_len,
-            PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, False, IS_CAUSAL, HAS_PATTERN,
-            HAS_MASK, MASK_IS_BOOL, HAS_KV_RANGE, DOT_PRECISION, UPCAST, USE_TMA,
-        )
+            # Only the last key block can be ragged; sorted lists put it last. Branch-free: Triton 3.6 loses
+            # the constexpr items of tuples (strides of 1) across a runtime `if`.
+            last_block = tl.load(full_idx + n_full - 1, mask=n_full > 0, other=0)
+            n_fast = tl.where((n_full > 0) & ((last_block + 1) * PLAN_BLOCK > kv_len), n_full - 1, n_full)
+        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, row, (full_idx, 0, n_fast), WALK_FULL, SHAPE, MODE)
         if not EVEN_N:
-            acc, l_i, m_i = _attend_blocks(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, DescK, DescV, b, kvh,
-                full_idx, n_fast, n_full, offs_m, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale, kv_lo, kv_hi,
-                mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len, corner_base, corner_len,
-                PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, True, IS_CAUSAL, HAS_PATTERN,
-                HAS_MASK, MASK_IS_BOOL, HAS_KV_RANGE, DOT_PRECISION, UPCAST, USE_TMA,
-            )
+            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, row, (full_idx, n_fast, n_full), WALK_RAGGED, SHAPE, MODE)
 
-    n_partial = tl.load(Counts + b * stride_cb + h * stride_ch + plan_row * stride_cm)
-    partial_idx = Indices + b * stride_ib + h * stride_ih + plan_row * stride_im
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, DescK, DescV, b, kvh,
-        partial_idx, 0, n_partial, offs_m, rows_valid, positions, offs_n, offs_d, kv_len, qk_scale, kv_lo, kv_hi,
-        mask_base, stride_mask_m, stride_mask_n, diag_base, col_base, diag_len, corner_base, corner_len,
-        PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, not EVEN_N, IS_CAUSAL, HAS_PATTERN,
-        HAS_MASK, MASK_IS_BOOL, HAS_KV_RANGE, DOT_PRECISION, UPCAST, USE_TMA,
-    )
+    n_partial, partial_idx = _plan_row(partial_lists, b, h, plan_row)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, row, (partial_idx, 0, n_partial), WALK_PARTIAL, SHAPE, MODE)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    o_ptrs = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = (Out + b64 * o_strides[0] + h.to(tl.int64) * o_strides[1] + offs_m[:, None] * o_strides[2]
+              + offs_d[None, :] * o_strides[3])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
     if WRITE_LSE:
         lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))

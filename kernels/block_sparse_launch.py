@@ -39,11 +39,11 @@ class KernelConfig(NamedTuple):
     def as_triton(self) -> triton.Config:
         return triton.Config(
             {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps, num_stages=self.num_stages,
-            pre_hook=_set_tma_block_shapes,
+            pre_hook=set_tma_block_shapes,
         )
 
 
-def _set_tma_block_shapes(nargs: dict) -> None:
+def set_tma_block_shapes(nargs: dict) -> None:
     """A K/V descriptor's box is one key tile, whose height the tile config picks."""
     for name in ("DescK", "DescV"):
         desc = nargs[name]
@@ -130,6 +130,17 @@ def interpreter_config(plan_block: int) -> KernelConfig:
     return KernelConfig(size, size, 4, 1)
 
 
+class CallShape(NamedTuple):
+    """The sizes of one call, as :func:`_check_inputs` read them."""
+
+    batch: int
+    heads: int
+    q_len: int
+    head_dim: int
+    kv_heads: int
+    kv_len: int
+
+
 def triton_block_sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -170,65 +181,93 @@ def triton_block_sparse_attention(
         ``out`` ``[B, H, Lq, E]`` in ``query.dtype``; rows that keep no key are zeros. With ``return_lse``,
         ``(out, lse)``.
     """
-    batch, heads, q_len, head_dim, kv_heads, kv_len = _check_inputs(query, key, value, enable_gqa)
-    plan.validate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, check_values=check_plan)
+    shape = _check_call(query, key, value, plan, enable_gqa, kv_range, check_plan, use_tma)
+    if out is None:
+        out = query.new_empty((shape.batch, shape.heads, shape.q_len, shape.head_dim))
+    elif out.shape != (shape.batch, shape.heads, shape.q_len, shape.head_dim) or out.dtype != query.dtype \
+            or out.device != query.device:
+        raise ValueError(f"out must be a {query.dtype} [{shape.batch}, {shape.heads}, {shape.q_len}, "
+                         f"{shape.head_dim}] tensor on {query.device}")
+    lse = query.new_empty(shape[:3], dtype=torch.float32) if return_lse else out
+    tma = _tma_applies(key, value) if use_tma is None else use_tma
+    args = kernel_args(query, key, value, out, lse, plan, shape, attn_mask, kv_range, q_offset, scale, tma)
+    constants = kernel_constants(query.dtype, plan, shape, attn_mask, kv_range, is_causal, return_lse, tma)
+    _launch(args, constants, shape, plan.block_size, config)
+    return (out, lse) if return_lse else out
+
+
+def _check_call(
+    query: Tensor, key: Tensor, value: Tensor, plan: BlockSparsePlan, enable_gqa: bool, kv_range: Tensor | None,
+    check_plan: bool, use_tma: bool | None,
+) -> CallShape:
+    """The call's sizes; raises ``ValueError`` / :class:`PlanError` naming what the kernel cannot take."""
+    shape = _check_inputs(query, key, value, enable_gqa)
+    plan.validate(batch=shape.batch, heads=shape.heads, q_len=shape.q_len, kv_len=shape.kv_len,
+                  check_values=check_plan)
     if plan.kv_num_blocks.device != query.device:
         raise PlanError(f"plan is on {plan.kv_num_blocks.device}, the query on {query.device}")
-    check_kv_range(kv_range, batch, query.device)
+    check_kv_range(kv_range, shape.batch, query.device)
     if plan.block_size < 16 or plan.block_size & (plan.block_size - 1):
         raise PlanError(f"the fused kernel needs a power-of-two plan block_size >= 16, got {plan.block_size}")
-    if out is None:
-        out = query.new_empty((batch, heads, q_len, head_dim))
-    elif out.shape != (batch, heads, q_len, head_dim) or out.dtype != query.dtype or out.device != query.device:
-        raise ValueError(f"out must be a {query.dtype} [{batch}, {heads}, {q_len}, {head_dim}] tensor on {query.device}")
-    lse = query.new_empty((batch, heads, q_len), dtype=torch.float32) if return_lse else out
-
-    counts = _plan_view(plan.kv_num_blocks, plan.kv_indices, batch, heads)
-    full = plan.full_kv_num_blocks, plan.full_kv_indices
-    full_view = _plan_view(*full, batch, heads) if plan.has_full_blocks else counts
-    mask, mask_strides, mask_is_bool = _mask_view(attn_mask, query, batch, heads, q_len, kv_len)
-    diag_bits, col_bits, pattern_strides, diag_len = _pattern_view(plan, q_len, kv_len, q_offset, query)
-    corner, corner_stride, corner_len = _corner_view(plan, query)
-
-    tma = _tma_applies(key, value) if use_tma is None else use_tma
     if use_tma and not _tma_applies(key, value):
         raise ValueError("use_tma=True needs a CUDA GPU of compute capability >= 9, head dim 64 or 128 and K/V "
                          "with a contiguous last dim and 16-byte aligned strides")
+    return shape
+
+
+def kernel_args(
+    query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, plan: BlockSparsePlan, shape: CallShape,
+    attn_mask: Tensor | None, kv_range: Tensor | None, q_offset: int, scale: float | None, tma: bool,
+) -> dict[str, object]:
+    """The kernel's non-constexpr arguments by name: each operand with its strides as one tuple (see
+    :func:`block_sparse_attention_fwd`). Absent operands are stand-in pointers the kernel never reads.
+    With :func:`kernel_constants`, what a launch passes (``benchmarks/kernel_resources.py`` compiles from them)."""
+    partial = _plan_lists(plan.kv_num_blocks, plan.kv_indices, shape)
+    full = _plan_lists(plan.full_kv_num_blocks, plan.full_kv_indices, shape) if plan.has_full_blocks else partial
     desc_k, desc_v = (_descriptor(key), _descriptor(value)) if tma else (key, value)
-    constants = dict(
-        HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), PLAN_BLOCK=plan.block_size,
+    return dict(
+        Q=query, q_strides=query.stride(), K=key, k_strides=key.stride(), V=value, v_strides=value.stride(),
+        Out=out, o_strides=out.stride(), Lse=lse, partial_lists=partial, full_lists=full,
+        mask=_mask_operand(attn_mask, query, shape), pattern=_pattern_operand(plan, shape, q_offset, query),
+        KvRange=query if kv_range is None else kv_range, DescK=desc_k, DescV=desc_v,
+        heads=shape.heads, group=shape.heads // shape.kv_heads, q_len=shape.q_len, kv_len=shape.kv_len,
+        q_offset=q_offset, sm_scale=1.0 / math.sqrt(shape.head_dim) if scale is None else float(scale),
+        tune_len=_next_power_of_2(max(shape.q_len, shape.kv_len, 1024)),
+    )
+
+
+def kernel_constants(
+    dtype: torch.dtype, plan: BlockSparsePlan, shape: CallShape, attn_mask: Tensor | None, kv_range: Tensor | None,
+    is_causal: bool, return_lse: bool, tma: bool,
+) -> dict[str, object]:
+    """The kernel's constexprs but the tile config's ``BLOCK_M`` / ``BLOCK_N``."""
+    return dict(
+        HEAD_DIM=shape.head_dim, BLOCK_D=max(16, _next_power_of_2(shape.head_dim)), PLAN_BLOCK=plan.block_size,
         IS_CAUSAL=is_causal, HAS_FULL=plan.has_full_blocks, HAS_PATTERN=plan.has_token_pattern,
-        HAS_MASK=mask is not None, MASK_IS_BOOL=mask_is_bool, HAS_KV_RANGE=kv_range is not None,
-        EVEN_N=kv_len % plan.block_size == 0, WRITE_LSE=return_lse,
-        USE_TMA=tma, **dot_options(query.dtype),
+        HAS_MASK=attn_mask is not None, MASK_IS_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+        HAS_KV_RANGE=kv_range is not None, EVEN_N=shape.kv_len % plan.block_size == 0, WRITE_LSE=return_lse,
+        USE_TMA=tma, **dot_options(dtype),
     )
-    args = (
-        query, key, value, out, lse,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        counts[0], counts[1], *counts[0].stride(), *counts[1].stride()[:3],
-        full_view[0], full_view[1], *full_view[0].stride(), *full_view[1].stride()[:3],
-        query if mask is None else mask, *mask_strides,
-        diag_bits, col_bits, *pattern_strides, diag_len, corner, corner_stride, corner_len,
-        query if kv_range is None else kv_range, desc_k, desc_v,
-        heads, heads // kv_heads, q_len, kv_len, q_offset,
-        1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-        _next_power_of_2(max(q_len, kv_len, 1024)),
-    )
+
+
+def _launch(
+    args: dict[str, object], constants: dict[str, object], shape: CallShape, plan_block: int,
+    config: KernelConfig | None,
+) -> None:
+    """Run the kernel: autotuned on CUDA, the interpreter's one config on the CPU, or the forced ``config``."""
     if config is None and interpreting():
-        config = interpreter_config(plan.block_size)
+        config = interpreter_config(plan_block)
     if config is None:
-        grid = lambda meta: (batch * heads, _cdiv(q_len, meta["BLOCK_M"]))  # noqa: E731
-        _tuned_kernel[grid](*args, **constants)
-    else:
-        if plan.block_size % config.block_m or plan.block_size % config.block_n:
-            raise ValueError(f"config tiles {config[:2]} must divide the plan block_size {plan.block_size}")
-        grid = (batch * heads, _cdiv(q_len, config.block_m))
-        _set_tma_block_shapes({"DescK": desc_k, "DescV": desc_v, "BLOCK_N": config.block_n, **constants})
-        block_sparse_attention_fwd[grid](
-            *args, **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-    return (out, lse) if return_lse else out
+        grid = lambda meta: (shape.batch * shape.heads, _cdiv(shape.q_len, meta["BLOCK_M"]))  # noqa: E731
+        _tuned_kernel[grid](**args, **constants)
+        return
+    if plan_block % config.block_m or plan_block % config.block_n:
+        raise ValueError(f"config tiles {config[:2]} must divide the plan block_size {plan_block}")
+    set_tma_block_shapes({**args, **constants, "BLOCK_N": config.block_n})
+    block_sparse_attention_fwd[(shape.batch * shape.heads, _cdiv(shape.q_len, config.block_m))](
+        **args, **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
 
 
 def _tma_applies(key: Tensor, value: Tensor) -> bool:
@@ -243,11 +282,11 @@ def _tma_applies(key: Tensor, value: Tensor) -> bool:
 
 
 def _descriptor(t: Tensor) -> "TensorDescriptor":
-    # The box is set per tile config (see _set_tma_block_shapes); this one is a placeholder.
+    # The box is set per tile config (see set_tma_block_shapes); this one is a placeholder.
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[-1]])
 
 
-def _check_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[int, ...]:
+def _check_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> CallShape:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D [B, heads, L, E] tensor, got {getattr(t, 'shape', type(t))}")
@@ -264,50 +303,51 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is over {MAX_HEAD_DIM}")
     check_heads(heads, kv_heads, enable_gqa)
-    return batch, heads, q_len, head_dim, kv_heads, kv_len
+    return CallShape(batch, heads, q_len, head_dim, kv_heads, kv_len)
 
 
-def _plan_view(counts: Tensor, indices: Tensor, batch: int, heads: int) -> tuple[Tensor, Tensor]:
-    """Counts ``[B, H, Mq]`` and indices ``[B, H, Mq, K]`` as strided views (stride 0 on broadcast dims)."""
+def _plan_lists(counts: Tensor, indices: Tensor, shape: CallShape) -> tuple:
+    """``(counts [B, H, Mq], its strides, indices [B, H, Mq, K], its first three strides)``, as strided views
+    (stride 0 on broadcast dims): one of the kernel's list operands."""
     mq = counts.shape[-1]
-    return counts.expand(batch, heads, mq), indices.expand(batch, heads, mq, indices.shape[-1])
+    counts = counts.expand(shape.batch, shape.heads, mq)
+    indices = indices.expand(shape.batch, shape.heads, mq, indices.shape[-1])
+    return counts, counts.stride(), indices, indices.stride()[:3]
 
 
-def _mask_view(
-    attn_mask: Tensor | None, query: Tensor, batch: int, heads: int, q_len: int, kv_len: int
-) -> tuple[Tensor | None, tuple[int, int, int, int], bool]:
+def _mask_operand(attn_mask: Tensor | None, query: Tensor, shape: CallShape) -> tuple:
+    """``(mask [B, H, Lq, Lk] view, its strides)``; the query as a stand-in without a mask."""
     if attn_mask is None:
-        return None, (0, 0, 0, 0), False
+        return query, (0, 0, 0, 0)
     if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
         raise ValueError(f"attn_mask must be bool or {query.dtype} (the query's dtype), got {attn_mask.dtype}")
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device}, the query on {query.device}")
     try:
-        view = attn_mask.expand(batch, heads, q_len, kv_len)
+        view = attn_mask.expand(shape.batch, shape.heads, shape.q_len, shape.kv_len)
     except RuntimeError as err:
         raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to "
-                         f"[{batch}, {heads}, {q_len}, {kv_len}]") from err
-    return view, view.stride(), attn_mask.dtype == torch.bool
+                         f"[{shape.batch}, {shape.heads}, {shape.q_len}, {shape.kv_len}]") from err
+    return view, view.stride()
 
 
-def _pattern_view(
-    plan: BlockSparsePlan, q_len: int, kv_len: int, q_offset: int, query: Tensor
-) -> tuple[Tensor, Tensor, tuple[int, int], int]:
+def _pattern_operand(plan: BlockSparsePlan, shape: CallShape, q_offset: int, query: Tensor) -> tuple:
+    """``(diagonal bits, column bits, their head strides, diagonal length, corner, its head stride, corner
+    length)`` of the plan's token pattern (head stride 0 when one head's pattern serves all); stand-ins and
+    zero lengths without one."""
     if not plan.has_token_pattern:
-        return query, query, (0, 0), 0
-    diag_bits, col_bits = pattern_bitmaps(plan.token_diagonals, plan.token_columns, q_len, kv_len, q_offset)
+        return query, query, (0, 0), 0, query, 0, 0
+    diag_bits, col_bits = pattern_bitmaps(plan.token_diagonals, plan.token_columns, shape.q_len, shape.kv_len,
+                                          q_offset)
     strides = (diag_bits.stride(0) if diag_bits.shape[0] > 1 else 0, col_bits.stride(0) if col_bits.shape[0] > 1 else 0)
-    return diag_bits, col_bits, strides, diag_bits.shape[1]
-
-
-def _corner_view(plan: BlockSparsePlan, query: Tensor) -> tuple[Tensor, int, int]:
     corner = plan.token_corner
     if corner is None:
-        return query, 0, 0
+        return diag_bits, col_bits, strides, diag_bits.shape[1], query, 0, 0
     corner = corner.contiguous()
     if corner.dtype == torch.bool:
         corner = corner.view(torch.int8)
-    return corner, corner.stride(0) if corner.shape[0] > 1 else 0, corner.shape[-1]
+    return (diag_bits, col_bits, strides, diag_bits.shape[1], corner, corner.stride(0) if corner.shape[0] > 1 else 0,
+            corner.shape[-1])
 
 
 __all__ = ["KernelConfig", "interpreting", "triton_block_sparse_attention"]

@@ -54,6 +54,6 @@ def decomposition_table() -> dict[Any, Callable]:
     """``{dam op overload: ATen-level function}`` for ``ExportedProgram.run_decompositions``."""
     table: dict[Any, Callable] = {torch.ops.dam.sparse_attention.default: sparse_attention_as_masked_sdpa}
     for op in (ops.dense_plan_op, ops.streaming_plan_op, ops.pattern_plan_op, ops.dynamic_plan_op, ops.decode_plan_op):
-        table[op._opoverload] = op._init_fn
+        table[op.opoverload] = op.fn
     table[torch.ops.dam.last_rows_block_lse.default] = last_rows_block_lse_reference
     return table

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers dam::pattern_plan and dam::dynamic_plan)
 from .dam_patterns import HeadPatterns
+from .lean_op import lean_op
 from .plan import PATTERN_PAD, num_blocks
 
 PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -64,7 +65,7 @@ def merge_plans(pattern: PlanTensors, dynamic: PlanTensors, dynamic_heads: Tenso
     return tuple(merged)
 
 
-@torch.library.custom_op("dam::hybrid_plan", mutates_args=())
+@lean_op("dam::hybrid_plan")
 def hybrid_plan_op(
     query: Tensor, key: Tensor, diagonals: Tensor, columns: Tensor, corner: Tensor, dynamic_heads: Tensor,
     block_size: int, is_causal: bool, min_seq_len: int, kernel: str, scale: Optional[float], tau: float,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .block_sparse_launch import _next_power_of_2, dot_options, interpreting
 from .constants import LN2, LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .lean_op import lean_op
 
 ROWS_PER_PROGRAM = 64  # query rows (of one KV head's group) per program
 
@@ -108,7 +109,7 @@ def last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: 
 
 # An op, so that compiled callers (the dynamic plan, compiled with dynamic shapes) treat the launch as one
 # opaque call with concrete sizes, and exporters can decompose it into the reference.
-@torch.library.custom_op("dam::last_rows_block_lse", mutates_args=())
+@lean_op("dam::last_rows_block_lse")
 def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
     """The Triton kernel; ``query [B, H, Lq, E]``, ``key [B, KVH, Lk, E]`` -> float32 ``[B, KVH, G * R, Nk]``."""
     return launch_last_rows_block_lse(query, key, block_size, is_causal, scale)

@@ -30,6 +30,7 @@ from .decode_kernel import triton_sparse_decode
 from .decode_plan import decode_block_plan
 from .dispatch import choose_path, record
 from .dynamic_mask import dynamic_block_plan, dynamic_plan_width
+from .lean_op import lean_op
 from .plan import BlockSparsePlan, num_blocks
 from .reference import block_sparse_attention_reference
 from .pattern_plan import cached_pattern_plan
@@ -41,7 +42,7 @@ PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
 DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@torch.library.custom_op("dam::sparse_attention", mutates_args=())
+@lean_op("dam::sparse_attention")
 def sparse_attention_op(
     query: Tensor,
     key: Tensor,
@@ -123,7 +124,7 @@ def _(query, key, value, *args, **kwargs) -> Tensor:
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-@torch.library.custom_op("dam::dense_plan", mutates_args=())
+@lean_op("dam::dense_plan")
 def dense_plan_op(
     query: Tensor, key: Tensor, block_size: int, is_causal: bool, min_seq_len: int, kernel: str
 ) -> PlanTensors:
@@ -134,7 +135,7 @@ def dense_plan_op(
     )
 
 
-@torch.library.custom_op("dam::streaming_plan", mutates_args=())
+@lean_op("dam::streaming_plan")
 def streaming_plan_op(
     query: Tensor, key: Tensor, block_size: int, is_causal: bool, min_seq_len: int, kernel: str,
     sink_blocks: int, local_blocks: int,
@@ -182,7 +183,7 @@ dense_plan_op.register_fake(_uninitialized_broadcast_plan)
 streaming_plan_op.register_fake(_uninitialized_broadcast_plan)
 
 
-@torch.library.custom_op("dam::pattern_plan", mutates_args=())
+@lean_op("dam::pattern_plan")
 def pattern_plan_op(
     query: Tensor, key: Tensor, diagonals: Tensor, columns: Tensor, corner: Tensor,
     block_size: int, is_causal: bool, min_seq_len: int, kernel: str,
@@ -231,7 +232,7 @@ def _planner(fn: Callable, device: torch.device) -> Callable:
     return _compiled[fn]
 
 
-@torch.library.custom_op("dam::dynamic_plan", mutates_args=())
+@lean_op("dam::dynamic_plan")
 def dynamic_plan_op(
     query: Tensor, key: Tensor, block_size: int, is_causal: bool, min_seq_len: int, kernel: str,
     scale: Optional[float], tau: float, box_cox_lambda: float, mu: float, density: float, mass_target: float,
@@ -271,7 +272,7 @@ def _(query, key, block_size, is_causal, min_seq_len, kernel, scale, tau, box_co
     return _dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks, estimator)
 
 
-@torch.library.custom_op("dam::decode_plan", mutates_args=())
+@lean_op("dam::decode_plan")
 def decode_plan_op(
     query: Tensor, key: Tensor, attn_mask: Optional[Tensor], diagonals: Optional[Tensor],
     columns: Optional[Tensor], source: str, block_size: int, min_seq_len: int, kernel: str, sink_blocks: int,

@@ -47,7 +47,7 @@ def test_checkout_root_kernels_folder_is_not_imported_twice():
     code = (
         "import dam_compile, importlib, torch\n"
         "importlib.import_module('kernels')\n"
-        "assert torch.ops.dam.dense_plan.default is dam_compile.kernels.ops.dense_plan_op._opoverload\n"
+        "assert torch.ops.dam.dense_plan.default is dam_compile.kernels.ops.dense_plan_op.opoverload\n"
         "print('once')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)

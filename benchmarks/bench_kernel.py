@@ -275,14 +275,14 @@ def summarize(rows: list[dict], host: dict | None = None, decode: list[dict] | N
         summary[name] = None if r is None else round(r["ours_tflops"] / r["cudnn_tflops"], 3)
         if r is None:
             notes[name] = f"N={n} at density 1.0 was not run"
+    sparse = {n: [row(n, dens) for dens in SPARSE_DENSITIES] for n in (32768, 131072)}
     for n, name in ((131072, "sparse_vs_cudnn_128k"), (32768, "sparse_vs_cudnn_32k")):
-        sparse = [row(n, dens) for dens in SPARSE_DENSITIES]
-        if all(sparse):
-            summary[name] = round(max(r["ours_ms"] / (r["density"] * r["cudnn_ms"]) for r in sparse), 3)
+        if all(sparse[n]):
+            summary[name] = round(max(r["ours_ms"] / (r["density"] * r["cudnn_ms"]) for r in sparse[n]), 3)
         else:
             summary[name] = None
             notes[name] = f"N={n} at densities {SPARSE_DENSITIES} not all run"
-    against_flex = [row(n, dens) for n in (32768, 131072) for dens in SPARSE_DENSITIES]
+    against_flex = sparse[32768] + sparse[131072]
     summary["vs_flex_min"] = round(min(r["speedup_vs_flex"] for r in against_flex), 3) if all(against_flex) else None
     if summary["vs_flex_min"] is None:
         notes["vs_flex_min"] = "N=32K and 128K at every sparse density not all run"
@@ -295,10 +295,9 @@ def summarize(rows: list[dict], host: dict | None = None, decode: list[dict] | N
         notes["decode_bw_fraction_128k"] = f"kept blocks at density {at_128k[0]['density']:.3f} of a 128K cache"
     else:
         notes["decode_bw_fraction_128k"] = "the decode part did not run at 128K KV"
-    sparse = [row(131072, dens) for dens in SPARSE_DENSITIES]
-    if all(r is not None and r["time_over_density_x_dense"] is not None for r in sparse):
-        summary["sparse_efficiency_128k"] = round(max(r["time_over_density_x_dense"] for r in sparse), 3)
-        summary["vs_flex_128k"] = round(min(r["speedup_vs_flex"] for r in sparse), 3)
+    if all(r is not None and r["time_over_density_x_dense"] is not None for r in sparse[131072]):
+        summary["sparse_efficiency_128k"] = round(max(r["time_over_density_x_dense"] for r in sparse[131072]), 3)
+        summary["vs_flex_128k"] = round(min(r["speedup_vs_flex"] for r in sparse[131072]), 3)
     else:
         summary["sparse_efficiency_128k"] = summary["vs_flex_128k"] = None
         notes["sparse_efficiency_128k"] = notes["vs_flex_128k"] = "N=128K with densities 1.0, 0.3, 0.1, 0.03 not all run"

@@ -13,6 +13,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from e2e_paths import PATHS
 
@@ -63,14 +64,21 @@ def kernel_table(result: dict) -> str:
             lines.append(f"| {r['kv_len'] // 1024}K | {r['density']:.3f} | {r['ours_ms'] * 1e3:.1f} | "
                          f"{r['achieved_gbs']:.0f} | {r['bw_fraction']:.2f} | {r['sdpa_flash_dense_ms'] * 1e3:.1f} | "
                          f"{r['sdpa_dense_bw_fraction']:.2f} |")
-    lines += ["", "| headline (`summary`) | measured | target |", "|---|---|---|"]
-    for field, target in KERNEL_TARGETS.items():
-        value = result["summary"].get(field)
-        note = result["summary"].get("notes", {}).get(field, "")
-        shown = ("not in this run (an earlier version of the summary)" if field not in result["summary"]
-                 else "not measured" + (f": {note}" if note else "") if value is None else f"{value}")
-        lines.append(f"| `{field}` | {shown} | {target} |")
+    lines += ["", *headline_rows(result["summary"], KERNEL_TARGETS, lambda value, note: f"{value}")]
     return "\n".join(lines)
+
+
+def headline_rows(summary: dict, targets: dict[str, str], shown: Callable[[Any, str], str]) -> list[str]:
+    """The ``summary`` fields against their targets: a value as ``shown(value, its note)`` renders it, a null one
+    as not measured with its reason, and a field the file's summary predates as not in that run."""
+    lines = ["| headline (`summary`) | measured | target |", "|---|---|---|"]
+    for field, target in targets.items():
+        note = summary.get("notes", {}).get(field, "")
+        text = ("not in this run (an earlier version of the summary)" if field not in summary
+                else "not measured" + (f": {note}" if note else "") if summary[field] is None
+                else shown(summary[field], note))
+        lines.append(f"| `{field}` | {text} | {target} |")
+    return lines
 
 
 MASKGEN_TARGETS = {"overhead_vs_dense_32k": "<= 0.05", "overhead_vs_dense_128k": "<= 0.05",
@@ -199,13 +207,8 @@ def e2e_table(result: dict) -> str:
                          f"{r['tokens_per_s']:.1f} | {r['peak_mem_gb']:.1f} | {r['compile_s']:.0f} |")
     if result.get("paths"):
         lines += e2e_paths_table(result["paths"])
-    lines += ["", "| headline (`summary`) | measured | target |", "|---|---|---|"]
-    for field, target in E2E_TARGETS.items():
-        value = result["summary"].get(field)
-        note = result["summary"]["notes"].get(field, "")
-        shown = ("not in this run (an earlier version of the summary)" if field not in result["summary"]
-                 else f"{value:.3f}" + (f" ({note})" if note else "") if value is not None else "not measured: " + note)
-        lines.append(f"| `{field}` | {shown} | {target} |")
+    lines += ["", *headline_rows(result["summary"], E2E_TARGETS,
+                                 lambda value, note: f"{value:.3f}" + (f" ({note})" if note else ""))]
     return "\n".join(lines)
 
 
@@ -253,11 +256,7 @@ def tp_table(result: dict) -> str:
                          f"{r['tokens_per_s']:.1f} | {r['peak_mem_gb']:.1f} |")
     else:
         lines += ["", "Decode: not measured in this run."]
-    lines += ["", "| headline (`summary`) | measured | target |", "|---|---|---|"]
-    for field, target in TP_TARGETS.items():
-        value, note = result["summary"].get(field), result["summary"]["notes"].get(field, "")
-        shown = f"{value:.3g} ({note})" if value is not None else "not measured: " + note
-        lines.append(f"| `{field}` | {shown} | {target} |")
+    lines += ["", *headline_rows(result["summary"], TP_TARGETS, lambda value, note: f"{value:.3g} ({note})")]
     return "\n".join(lines)
 
 
@@ -360,16 +359,6 @@ def _fidelity_per_task(rows: list[dict], labels: list[str], lengths: list[int]) 
     return lines
 
 
-def _fidelity_headline(summary: dict) -> list[str]:
-    lines = ["| headline (`summary`) | measured | target |", "|---|---|---|"]
-    for field, target in FIDELITY_TARGETS.items():
-        value = summary.get(field)
-        shown = (str(value).lower() if isinstance(value, bool) else f"{value:.3f}" if value is not None
-                 else "not measured: " + summary["notes"].get(field, ""))
-        lines.append(f"| `{field}` | {shown} | {target} |")
-    return lines
-
-
 def _fidelity_by_variant(summary: dict) -> list[str]:
     fields = ("max_gap_to_full", "max_gap_to_full_teacher_forced", "min_margin_over_streamingllm", "mean_density",
               "mean_density_decode", "mean_prefill_speedup")
@@ -400,7 +389,8 @@ def fidelity_table(result: dict) -> str:
         ]
     return "\n".join([
         _fidelity_header(result), "", *per_seed,
-        *_fidelity_headline(result["summary"]), "",
+        *headline_rows(result["summary"], FIDELITY_TARGETS,
+                       lambda value, note: str(value).lower() if isinstance(value, bool) else f"{value:.3f}"), "",
         *_fidelity_by_variant(result["summary"]),
         *(["", "Failed in the run: " + result["summary"]["notes"]["errors"]] if result.get("errors") else []),
     ])

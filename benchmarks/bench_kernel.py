@@ -33,6 +33,11 @@ from bench_common import bench_ms, run_metadata, write_result
 from dam_compile.kernels import dense_plan, plan_density, random_plan, sparse_attention, triton_block_sparse_attention
 from dam_compile.kernels.block_sparse_launch import _tuned_kernel
 from dam_compile.kernels.decode_kernel import triton_sparse_decode
+from dam_compile.kernels.hopper_launch import (BLOCK_M, BLOCK_N, NUM_STAGES, hopper_args, hopper_constants,
+                                               hopper_unsupported, launch_hopper)
+from dam_compile.kernels.launch_common import CallShape
+
+HOPPER_CONFIG = f"hopper: 2 consumer warpgroups x {BLOCK_M} rows, {BLOCK_N}-key tiles, {NUM_STAGES} stages"
 
 SPARSE_DENSITIES = (0.3, 0.1, 0.03)
 PARTS = ("attention", "host", "decode")
@@ -144,13 +149,21 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
             measured = plan_density(plan, n, n, True)
             flops = 4.0 * h * d * kept_pairs(plan, n)
 
-            def ours():
-                return triton_block_sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True, check_plan=False)
+            def ours(path=None):
+                return triton_block_sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True, check_plan=False,
+                                                     path=path)
 
+            path = "portable" if hopper_unsupported(q, k, v, plan, None) else "hopper"
             out = ours()
             ours_ms = bench_ms(ours, flops / 5e14 * 1e3)
-            config = _tuned_kernel.best_config
-            log(f"N={n} d={measured:.3f} ours {ours_ms:.3f} ms")
+            log(f"N={n} d={measured:.3f} ours ({path}) {ours_ms:.3f} ms")
+            portable_ms, portable_out, persistent_ms = ours_ms, out, None
+            if path == "hopper":  # the portable kernel side by side (what other GPUs run), and the persistent grid
+                portable_out = ours("portable")
+                portable_ms = bench_ms(lambda: ours("portable"), flops / 5e14 * 1e3)
+                persistent_ms = bench_ms(lambda: persistent_launch(q, k, v, plan), flops / 5e14 * 1e3)
+                log(f"N={n} d={measured:.3f} portable {portable_ms:.3f} ms, persistent grid {persistent_ms:.3f} ms")
+            config = HOPPER_CONFIG if path == "hopper" else str(_tuned_kernel.best_config)
             mask = flex_block_mask(plan, n, h)
             flex_out = flex(q, k, v, block_mask=mask, enable_gqa=True)
             log(f"N={n} d={measured:.3f} FlexAttention compiled and run once")
@@ -159,27 +172,39 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
                 dense_ms = ours_ms
             row = {
                 "seq_len": n, "density_nominal": density, "density": round(measured, 5),
-                "ours_ms": ours_ms, "flex_ms": flex_ms, "cudnn_ms": sdpa["cudnn"], "flash_ms": sdpa["flash"],
+                "path": path, "ours_ms": ours_ms, "portable_ms": portable_ms, "persistent_ms": persistent_ms,
+                "flex_ms": flex_ms, "cudnn_ms": sdpa["cudnn"], "flash_ms": sdpa["flash"],
                 "ours_tflops": flops / ours_ms / 1e9, "flex_tflops": flops / flex_ms / 1e9,
                 "cudnn_tflops": causal_flops / sdpa["cudnn"] / 1e9, "flash_tflops": causal_flops / sdpa["flash"] / 1e9,
                 "speedup_vs_flex": flex_ms / ours_ms, "speedup_vs_cudnn": sdpa["cudnn"] / ours_ms,
                 "speedup_vs_flash": sdpa["flash"] / ours_ms,
                 "time_over_density_x_dense": None if dense_ms is None else ours_ms / (measured * dense_ms),
                 "rel_err_vs_flex": rel_err(out, flex_out),
+                "rel_err_portable_vs_flex": rel_err(portable_out, flex_out) if path == "hopper" else None,
                 "rel_err_vs_cudnn": rel_err(out, reference_out) if density >= 1.0 else None,
-                "config": str(config),
+                "config": config,
             }
             rows.append(row)
             bar.update(1)
             log(
                 f"N={n:>6} d={measured:.3f}: ours {ours_ms:8.3f} ms ({row['ours_tflops']:.0f} TF/s)  flex {flex_ms:8.3f}"
-                f"  cudnn {sdpa['cudnn']:8.3f} ({row['cudnn_tflops']:.0f})  flash {sdpa['flash']:8.3f}  [{config}]"
+                f"  cudnn {sdpa['cudnn']:8.3f} ({row['cudnn_tflops']:.0f})  flash {sdpa['flash']:8.3f}  portable "
+                f"{portable_ms:8.3f}  [{config}]"
             )
-            del plan, mask, out, flex_out
+            del plan, mask, out, flex_out, portable_out
         del q, k, v, reference_out
         torch.cuda.empty_cache()
     bar.close()
     return rows
+
+
+def persistent_launch(q, k, v, plan) -> torch.Tensor:
+    """The Hopper kernel on a persistent grid (one CTA per SM), for the side-by-side column."""
+    out = torch.empty_like(q)
+    shape = CallShape(q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2])
+    launch_hopper(hopper_args(q, k, v, out, out, plan, shape, None, 0, None),
+                  hopper_constants(plan, shape, None, True, False), q.device, persistent=True)
+    return out
 
 
 def host_time(args: argparse.Namespace, length: int = 8192, calls: int = 200) -> dict:
@@ -232,7 +257,9 @@ def decode_plan_per_kv_head(kv_len: int, block: int, density: float, heads: int,
 
 
 def decode_rows(args: argparse.Namespace) -> list[dict]:
-    """The decode kernel over kept blocks, against the copy bandwidth; dense decode through SDPA for scale."""
+    """The decode kernel over kept blocks, against the copy bandwidth; dense decode through SDPA for scale.
+    Kernel times replay a CUDA graph (:func:`graph_ms`: what a decode step costs the GPU, without the host's
+    launch time, which the host part measures); the eager time (``do_bench``) is recorded beside it."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     h, kvh, d, block = args.heads, args.kv_heads, args.head_dim, args.block_size
     copy_gbs = copy_bandwidth_gbs()
@@ -244,21 +271,48 @@ def decode_rows(args: argparse.Namespace) -> list[dict]:
         v = torch.randn_like(k)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-            sdpa_ms = bench_ms(dense)
+            sdpa_ms = graph_ms(dense)
         for density in DECODE_DENSITIES:
             counts, indices, keep = decode_plan_per_kv_head(kv_len, block, density, h, kvh, gen)
-            ms = bench_ms(lambda: triton_sparse_decode(q, k, v, counts, indices, block, enable_gqa=True))
+            decode = lambda: triton_sparse_decode(q, k, v, counts, indices, block, enable_gqa=True)  # noqa: E731
+            ms, eager_ms = graph_ms(decode), bench_ms(decode)
             kept_bytes = kvh * min(keep * block, kv_len) * d * 2 * k.element_size()
-            row = {"kv_len": kv_len, "density": keep / -(-kv_len // block), "ours_ms": ms,
+            row = {"kv_len": kv_len, "density": keep / -(-kv_len // block), "ours_ms": ms, "ours_eager_ms": eager_ms,
                    "kept_kv_bytes": kept_bytes, "achieved_gbs": kept_bytes / ms / 1e6, "copy_gbs": copy_gbs,
                    "bw_fraction": kept_bytes / ms / 1e6 / copy_gbs, "sdpa_flash_dense_ms": sdpa_ms,
                    "sdpa_dense_bw_fraction": kvh * kv_len * d * 2 * k.element_size() / sdpa_ms / 1e6 / copy_gbs}
             rows.append(row)
-            log(f"decode KV={kv_len} d={row['density']:.3f}: {ms * 1e3:.1f} us, {row['achieved_gbs']:.0f} GB/s "
-                f"({row['bw_fraction']:.2f} of copy); flash SDPA dense {sdpa_ms * 1e3:.1f} us")
+            log(f"decode KV={kv_len} d={row['density']:.3f}: {ms * 1e3:.1f} us ({eager_ms * 1e3:.1f} us eager), "
+                f"{row['achieved_gbs']:.0f} GB/s ({row['bw_fraction']:.2f} of copy); flash SDPA dense "
+                f"{sdpa_ms * 1e3:.1f} us")
         del q, k, v
         torch.cuda.empty_cache()
     return rows
+
+
+def graph_ms(fn, replays: int = 100) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph, with L2 flushed before each replay
+    (outside the timed span), so the kept blocks come from HBM as in a real decode step."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(replays):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times)
 
 
 def summarize(rows: list[dict], host: dict | None = None, decode: list[dict] | None = None) -> dict:

@@ -1,8 +1,8 @@
-"""What the fused block-sparse kernel costs the GPU per CTA, compiled for Hopper (sm_90) on any machine, a GPU
+"""What the fused block-sparse kernels (the portable Triton one and the Hopper path) cost the GPU per CTA, compiled for Hopper (sm_90) on any machine, a GPU
 or none: registers per thread, spilled bytes, shared memory, and how many CTAs of it fit one SM.
 
     python benchmarks/kernel_resources.py                 # the variant matrix, with the installed Triton
-    python benchmarks/kernel_resources.py --quick         # three variants (the CPU test runs this)
+    python benchmarks/kernel_resources.py --quick         # three variants and the Hopper path (the CPU test)
 
 Without a GPU, Triton's CUDA driver is replaced by one that only reports an sm_90 device, so ``warmup`` runs the
 real compiler (TTIR -> PTX -> cubin with the bundled ptxas) and launches nothing. The arguments come from the
@@ -67,6 +67,11 @@ VARIANTS = [
     Variant("D256", 256, 4096, 128, KernelConfig(64, 64, 4, 2)),
 ]
 QUICK = [VARIANTS[0], VARIANTS[4], VARIANTS[6]]
+# The Hopper path (Gluon, warp-specialised): head dims it takes, each with LSE and kv_range on.
+HOPPER_HEAD_DIMS = (128, 64)
+# Its launch: 4 consumer warps (the kernel's num_warps) + 4 more consumers + 1 loader warp, which the register
+# file allocates as a third warpgroup.
+HOPPER_WARPS = 12
 
 
 def fake_hopper_driver():
@@ -121,6 +126,24 @@ def compile_variant(v: Variant):
     )
 
 
+def compile_hopper(head_dim: int):
+    """The ``CompiledKernel`` of the Hopper path for a bf16 causal call with LSE and kv_range (B=1, H=4, KVH=2,
+    N=4096, a random plan of 128-key blocks), from its launcher's own arguments."""
+    from dam_compile.kernels import hopper_launch
+
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    q = torch.randn(1, 4, n, head_dim, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 2, n, head_dim, dtype=torch.bfloat16, generator=g)
+    plan = random_plan(n, n, 128, 0.3, 4, is_causal=True, generator=g)
+    shape = launch.CallShape(1, 4, n, head_dim, 2, n)
+    kv_range = torch.tensor([[0, n]], dtype=torch.int32)
+    args = hopper_launch.hopper_args(q, k, k, torch.empty_like(q), torch.empty(1, 4, n), plan, shape, kv_range, 0,
+                                     None)
+    constants = hopper_launch.hopper_constants(plan, shape, kv_range, True, True)
+    return hopper_launch.hopper_block_sparse_fwd.warmup(**args, **constants, grid=(1,))
+
+
 def resources(kernel, num_warps: int) -> dict:
     """Registers, spills (local-memory stack bytes), shared memory and CTAs per SM, read off the cubin."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -141,15 +164,20 @@ def resources(kernel, num_warps: int) -> dict:
                 fits_one_block=shared <= MAX_SHARED_PER_BLOCK)
 
 
-def measure(variants: list[Variant]) -> list[dict]:
+def measure(variants: list[Variant], quick: bool = False) -> list[dict]:
     """Compile ``variants`` for the GPU here, or, without one, for an sm_90 that the fake driver reports (this
     process keeps that driver: the script is a process of its own)."""
     if not torch.cuda.is_available():
         from triton.runtime import driver
 
         driver.set_active(fake_hopper_driver())
-    return [dict(variant=v.name, config=v.config._asdict(), **resources(compile_variant(v), v.config.num_warps))
+    rows = [dict(variant=v.name, config=v.config._asdict(), **resources(compile_variant(v), v.config.num_warps))
             for v in variants]
+    hopper = [dict(variant=f"Hopper path (Gluon, warp-specialised), D{d}, LSE, kv_range",
+                   config=dict(block_m=128, block_n=128, num_warps=HOPPER_WARPS, num_stages=2),
+                   **resources(compile_hopper(d), HOPPER_WARPS))
+              for d in HOPPER_HEAD_DIMS[:1 if quick else None]]
+    return rows + hopper
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="three variants only")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    rows = measure(QUICK if args.quick else VARIANTS)
+    rows = measure(QUICK if args.quick else VARIANTS, args.quick)
     if args.json:
         target = torch.cuda.get_device_name() if torch.cuda.is_available() else "sm_90 (no GPU: compiled only)"
         print(json.dumps(dict(triton=triton.__version__, target=target, rows=rows)))

@@ -40,10 +40,12 @@ def kernel_table(result: dict) -> str:
         f"B={cfg['batch']} H={cfg['heads']} KVH={cfg['kv_heads']} D={cfg['head_dim']} {cfg['dtype']} causal, "
         f"plan block {cfg['block_size']}. Command: `{_portable(result['command'])}`.",
     ]
+    both_paths = any("portable_ms" in r for r in result["rows"])  # files from before the Hopper path have one
     if result["rows"]:
         lines += ["", "| N | density | ours ms (TFLOP/s) | FlexAttention ms, same plan | cuDNN SDPA ms (TFLOP/s) "
-                      "| flash SDPA ms | vs Flex | vs cuDNN | ours / (density x our dense) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                      "| flash SDPA ms | vs Flex | vs cuDNN | ours / (density x our dense) |"
+                      + (" path | portable Triton kernel ms | Hopper path, persistent grid ms |" if both_paths else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if both_paths else "")]
     for r in result["rows"]:
         efficiency = r["time_over_density_x_dense"]
         lines.append(
@@ -51,6 +53,7 @@ def kernel_table(result: dict) -> str:
             f"| {r['flex_ms']:.3f} | {r['cudnn_ms']:.3f} ({r['cudnn_tflops']:.0f}) | {r['flash_ms']:.3f} "
             f"| {r['speedup_vs_flex']:.2f}x | {r['speedup_vs_cudnn']:.2f}x "
             f"| {'-' if efficiency is None else f'{efficiency:.2f}'} |"
+            + (f" {r['path']} | {r['portable_ms']:.3f} | {_ms(r.get('persistent_ms'))} |" if both_paths else "")
         )
     if result.get("host"):
         host = result["host"]
@@ -58,14 +61,20 @@ def kernel_table(result: dict) -> str:
                       f"{host['density']}: {host['host_us']:.1f} us of CPU per call (its GPU time: "
                       f"{host['gpu_us']:.0f} us)."]
     if result.get("decode"):
+        eager = "ours_eager_ms" in result["decode"][0]  # CUDA-graph kernel times, with the eager call's beside
         lines += ["", "| decode: KV | density | ours us | kept K/V GB/s | / copy bandwidth | flash SDPA dense us "
-                      "| its fraction |", "|---|---|---|---|---|---|---|"]
+                      "| its fraction |" + (" ours, eager call us |" if eager else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if eager else "")]
         for r in result["decode"]:
             lines.append(f"| {r['kv_len'] // 1024}K | {r['density']:.3f} | {r['ours_ms'] * 1e3:.1f} | "
                          f"{r['achieved_gbs']:.0f} | {r['bw_fraction']:.2f} | {r['sdpa_flash_dense_ms'] * 1e3:.1f} | "
-                         f"{r['sdpa_dense_bw_fraction']:.2f} |")
+                         f"{r['sdpa_dense_bw_fraction']:.2f} |" + (f" {r['ours_eager_ms'] * 1e3:.1f} |" if eager else ""))
     lines += ["", *headline_rows(result["summary"], KERNEL_TARGETS, lambda value, note: f"{value}")]
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def headline_rows(summary: dict, targets: dict[str, str], shown: Callable[[Any, str], str]) -> list[str]:

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .block_estimates import EXACT_ROW_MASS, QUERY_AWARE_JS_DISTANCE, block_sums
-from .block_sparse_launch import _next_power_of_2
+from .launch_common import next_power_of_2
 from .dam_patterns import EPS
 from .dynamic_mask import _ALWAYS, _DAM
 from .last_rows_lse import exact_query_rows, kernel_runs, launch_last_rows_block_lse
@@ -430,7 +430,7 @@ def _layout(batch: int, heads: int, q_len: int, kv_len: int, block_size: int, is
     mq, nk = -(-q_len // block_size), -(-kv_len // block_size)
     rows = exact_query_rows(q_len, block_size)
     last_len = q_len - (mq - 1) * block_size
-    nkp, mqp = max(16, _next_power_of_2(nk)), max(16, _next_power_of_2(mq))
+    nkp, mqp = max(16, next_power_of_2(nk)), max(16, next_power_of_2(mq))
     bm = max(1, min(16, TILE_ELEMENTS // nkp))
     known_low = is_causal and nk > 1
     lam = "log" if box_cox_lambda == 0 else "sqrt" if box_cox_lambda == 0.5 else "pow"

@@ -1,14 +1,13 @@
 """Host side of the fused kernel: checks the arguments, lays out the plan for it, picks a tile config, launches.
 
-On CUDA the tile config is autotuned per (head dim, plan block, masking mode, dtype, power-of-two length);
-under ``TRITON_INTERPRET=1`` (CPU tests) one fixed config runs.
+On a Hopper GPU a call the warp-specialised Gluon path covers goes there (:mod:`.hopper_launch`); everything
+else runs the portable Triton kernel, whose tile config is autotuned per (head dim, plan block, masking mode,
+dtype, power-of-two length) on CUDA; under ``TRITON_INTERPRET=1`` (CPU tests) one fixed config runs.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -17,6 +16,8 @@ from torch import Tensor
 
 from .block_sparse_kernel import block_sparse_attention_fwd
 from .constants import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .hopper_launch import hopper_args, hopper_constants, hopper_unsupported, launch_hopper
+from .launch_common import CallShape, capability, cdiv, interpreting, next_power_of_2, plan_lists, tma_aligned
 from .plan import BlockSparsePlan, PlanError
 from .reference import check_heads, check_kv_range
 from .token_pattern import pattern_bitmaps
@@ -93,14 +94,6 @@ _tuned_kernel = triton.autotune(
 )(block_sparse_attention_fwd)
 
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so reading it once here agrees with it.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def interpreting() -> bool:
-    return _INTERPRETING
-
-
 def dot_options(dtype: torch.dtype) -> dict[str, object]:
     """The ``DOT_PRECISION`` and ``UPCAST`` constexprs of a kernel whose inputs are ``dtype``: exact float32
     dots for float32, and under the CPU interpreter (whose ``tl.dot`` mishandles bfloat16) bfloat16 upcast to
@@ -109,36 +102,10 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
     return dict(DOT_PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
 
 
-# Host time per call matters (hundreds of attention calls per forward): plain-Python helpers instead of Triton's
-# jit-wrapped next_power_of_2 / cdiv, and the device's capability looked up once.
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def interpreter_config(plan_block: int) -> KernelConfig:
     """The one config the CPU interpreter runs: whole plan blocks (fewest Python-level steps), at most 64."""
     size = min(plan_block, 64)
     return KernelConfig(size, size, 4, 1)
-
-
-class CallShape(NamedTuple):
-    """The sizes of one call, as :func:`_check_inputs` read them."""
-
-    batch: int
-    heads: int
-    q_len: int
-    head_dim: int
-    kv_heads: int
-    kv_len: int
 
 
 def triton_block_sparse_attention(
@@ -158,6 +125,7 @@ def triton_block_sparse_attention(
     check_plan: bool = True,
     config: KernelConfig | None = None,
     use_tma: bool | None = None,
+    path: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention through the fused Triton kernel.
 
@@ -176,6 +144,10 @@ def triton_block_sparse_attention(
             are always checked.
         config: force one tile config instead of autotuning.
         use_tma: load K/V tiles through Hopper's tensor-memory accelerator; ``None`` picks it where it applies.
+        path: ``"hopper"`` (the warp-specialised Gluon kernel of :mod:`.hopper_block_sparse_kernel`; raises
+            ``ValueError`` saying why where it cannot take the call), ``"portable"`` (the Triton kernel, any GPU
+            and the CPU interpreter), or ``None``: Hopper's where it applies and no ``config`` / ``use_tma`` asks
+            for the portable kernel's options.
 
     Returns:
         ``out`` ``[B, H, Lq, E]`` in ``query.dtype``; rows that keep no key are zeros. With ``return_lse``,
@@ -189,11 +161,29 @@ def triton_block_sparse_attention(
         raise ValueError(f"out must be a {query.dtype} [{shape.batch}, {shape.heads}, {shape.q_len}, "
                          f"{shape.head_dim}] tensor on {query.device}")
     lse = query.new_empty(shape[:3], dtype=torch.float32) if return_lse else out
+    if _takes_hopper_path(path, query, key, value, plan, attn_mask, config, use_tma):
+        launch_hopper(hopper_args(query, key, value, out, lse, plan, shape, kv_range, q_offset, scale),
+                      hopper_constants(plan, shape, kv_range, is_causal, return_lse), query.device)
+        return (out, lse) if return_lse else out
     tma = _tma_applies(key, value) if use_tma is None else use_tma
     args = kernel_args(query, key, value, out, lse, plan, shape, attn_mask, kv_range, q_offset, scale, tma)
     constants = kernel_constants(query.dtype, plan, shape, attn_mask, kv_range, is_causal, return_lse, tma)
     _launch(args, constants, shape, plan.block_size, config)
     return (out, lse) if return_lse else out
+
+
+def _takes_hopper_path(
+    path: str | None, query: Tensor, key: Tensor, value: Tensor, plan: BlockSparsePlan, attn_mask: Tensor | None,
+    config: KernelConfig | None, use_tma: bool | None,
+) -> bool:
+    if path not in (None, "hopper", "portable"):
+        raise ValueError(f"path must be 'hopper', 'portable' or None, got {path!r}")
+    if path == "portable" or (path is None and (config is not None or use_tma is False)):
+        return False
+    why_not = hopper_unsupported(query, key, value, plan, attn_mask)
+    if path == "hopper" and why_not is not None:
+        raise ValueError(f"path='hopper' cannot take this call: {why_not}")
+    return why_not is None
 
 
 def _check_call(
@@ -222,8 +212,8 @@ def kernel_args(
     """The kernel's non-constexpr arguments by name: each operand with its strides as one tuple (see
     :func:`block_sparse_attention_fwd`). Absent operands are stand-in pointers the kernel never reads.
     With :func:`kernel_constants`, what a launch passes (``benchmarks/kernel_resources.py`` compiles from them)."""
-    partial = _plan_lists(plan.kv_num_blocks, plan.kv_indices, shape)
-    full = _plan_lists(plan.full_kv_num_blocks, plan.full_kv_indices, shape) if plan.has_full_blocks else partial
+    partial = plan_lists(plan.kv_num_blocks, plan.kv_indices, shape)
+    full = plan_lists(plan.full_kv_num_blocks, plan.full_kv_indices, shape) if plan.has_full_blocks else partial
     desc_k, desc_v = (_descriptor(key), _descriptor(value)) if tma else (key, value)
     return dict(
         Q=query, q_strides=query.stride(), K=key, k_strides=key.stride(), V=value, v_strides=value.stride(),
@@ -232,7 +222,7 @@ def kernel_args(
         KvRange=query if kv_range is None else kv_range, DescK=desc_k, DescV=desc_v,
         heads=shape.heads, group=shape.heads // shape.kv_heads, q_len=shape.q_len, kv_len=shape.kv_len,
         q_offset=q_offset, sm_scale=1.0 / math.sqrt(shape.head_dim) if scale is None else float(scale),
-        tune_len=_next_power_of_2(max(shape.q_len, shape.kv_len, 1024)),
+        tune_len=next_power_of_2(max(shape.q_len, shape.kv_len, 1024)),
     )
 
 
@@ -242,7 +232,7 @@ def kernel_constants(
 ) -> dict[str, object]:
     """The kernel's constexprs but the tile config's ``BLOCK_M`` / ``BLOCK_N``."""
     return dict(
-        HEAD_DIM=shape.head_dim, BLOCK_D=max(16, _next_power_of_2(shape.head_dim)), PLAN_BLOCK=plan.block_size,
+        HEAD_DIM=shape.head_dim, BLOCK_D=max(16, next_power_of_2(shape.head_dim)), PLAN_BLOCK=plan.block_size,
         IS_CAUSAL=is_causal, HAS_FULL=plan.has_full_blocks, HAS_PATTERN=plan.has_token_pattern,
         HAS_MASK=attn_mask is not None, MASK_IS_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
         HAS_KV_RANGE=kv_range is not None, EVEN_N=shape.kv_len % plan.block_size == 0, WRITE_LSE=return_lse,
@@ -258,13 +248,13 @@ def _launch(
     if config is None and interpreting():
         config = interpreter_config(plan_block)
     if config is None:
-        grid = lambda meta: (shape.batch * shape.heads, _cdiv(shape.q_len, meta["BLOCK_M"]))  # noqa: E731
+        grid = lambda meta: (shape.batch * shape.heads, cdiv(shape.q_len, meta["BLOCK_M"]))  # noqa: E731
         _tuned_kernel[grid](**args, **constants)
         return
     if plan_block % config.block_m or plan_block % config.block_n:
         raise ValueError(f"config tiles {config[:2]} must divide the plan block_size {plan_block}")
     set_tma_block_shapes({**args, **constants, "BLOCK_N": config.block_n})
-    block_sparse_attention_fwd[(shape.batch * shape.heads, _cdiv(shape.q_len, config.block_m))](
+    block_sparse_attention_fwd[(shape.batch * shape.heads, cdiv(shape.q_len, config.block_m))](
         **args, **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -273,12 +263,7 @@ def _launch(
 def _tma_applies(key: Tensor, value: Tensor) -> bool:
     if TensorDescriptor is None or interpreting() or not key.is_cuda or key.shape[-1] not in (64, 128):
         return False
-    if _capability(key.device)[0] < 9:
-        return False
-    for t in (key, value):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
-            return False
-    return True
+    return capability(key.device)[0] >= 9 and tma_aligned(key) and tma_aligned(value)
 
 
 def _descriptor(t: Tensor) -> "TensorDescriptor":
@@ -304,15 +289,6 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -
         raise ValueError(f"head dim {head_dim} is over {MAX_HEAD_DIM}")
     check_heads(heads, kv_heads, enable_gqa)
     return CallShape(batch, heads, q_len, head_dim, kv_heads, kv_len)
-
-
-def _plan_lists(counts: Tensor, indices: Tensor, shape: CallShape) -> tuple:
-    """``(counts [B, H, Mq], its strides, indices [B, H, Mq, K], its first three strides)``, as strided views
-    (stride 0 on broadcast dims): one of the kernel's list operands."""
-    mq = counts.shape[-1]
-    counts = counts.expand(shape.batch, shape.heads, mq)
-    indices = indices.expand(shape.batch, shape.heads, mq, indices.shape[-1])
-    return counts, counts.stride(), indices, indices.stride()[:3]
 
 
 def _mask_operand(attn_mask: Tensor | None, query: Tensor, shape: CallShape) -> tuple:

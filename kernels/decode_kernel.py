@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_sparse_launch import _cdiv, _next_power_of_2, interpreting
 from .constants import LOG2E
+from .launch_common import cdiv, interpreting, next_power_of_2
 from .reference import check_heads
 
 
@@ -87,10 +87,32 @@ def sparse_decode_partials(
     tl.store(PartAcc + out * BLOCK_D + offs_d, acc)
 
 
+@triton.jit
+def merge_decode_partials(
+    PartMax, PartSum, PartAcc, Out, splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Program ``row``: ``Out[row, :HEAD_DIM]`` from the row's ``splits`` partials (as :func:`merge_partials`,
+    in one launch instead of a chain of PyTorch ops: a decode step's host time is its cost without CUDA graphs).
+    ``SPLITS``: ``splits`` rounded up to a power of two."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_row = offs_s < splits
+    part_max = tl.load(PartMax + row * splits + offs_s, mask=in_row, other=float("-inf"))
+    top = tl.max(part_max, axis=0)
+    weight = tl.exp2(part_max - tl.where(top == float("-inf"), 0.0, top))  # empty splits weigh 0
+    total = tl.sum(tl.load(PartSum + row * splits + offs_s, mask=in_row, other=0.0) * weight, axis=0)
+    acc = tl.load(PartAcc + (row * splits + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=in_row[:, None],
+                  other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.maximum(total, 1.1754943508222875e-38)
+    tl.store(Out + row * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
 def decode_splits(rows: int, list_width: int, device: torch.device) -> int:
     """Programs per query row: enough for about four waves of the GPU, never more than the list is long."""
     sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(list_width, _next_power_of_2(_cdiv(4 * sms, rows)), 64))
+    return max(1, min(list_width, next_power_of_2(cdiv(4 * sms, rows)), 64))
 
 
 def triton_sparse_decode(
@@ -138,7 +160,7 @@ def triton_sparse_decode(
 
     rows = batch * heads
     splits = decode_splits(rows, max(1, indices.shape[-1]), query.device)
-    block_d = max(16, _next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     part_max = query.new_empty((rows, splits), dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     part_acc = query.new_empty((rows, splits, block_d), dtype=torch.float32)
@@ -152,12 +174,17 @@ def triton_sparse_decode(
         HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask_is_bool,
         num_warps=1 if interpreting() else 4, num_stages=1 if interpreting() else 3,
     )
-    return merge_partials(part_max, part_sum, part_acc[..., :head_dim]).view(batch, heads, 1, head_dim).to(query.dtype)
+    out = query.new_empty((batch, heads, 1, head_dim))
+    merge_decode_partials[(rows,)](
+        part_max, part_sum, part_acc, out, splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        SPLITS=next_power_of_2(splits), num_warps=1 if interpreting() else 4,
+    )
+    return out
 
 
 def merge_partials(part_max: Tensor, part_sum: Tensor, part_acc: Tensor) -> Tensor:
     """Combine split softmax partials (base-2 maxima ``[R, S]``, sums ``[R, S]``, accumulators ``[R, S, E]``)
-    into ``[R, E]``; rows with no key give zeros."""
+    into ``[R, E]``; rows with no key give zeros. The PyTorch reference of :func:`merge_decode_partials`."""
     top = part_max.amax(-1, keepdim=True)
     weight = torch.exp2(part_max - top.masked_fill(top == float("-inf"), 0.0))  # empty splits weigh 0
     total = (part_sum * weight).sum(-1, keepdim=True)

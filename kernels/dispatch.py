@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .block_sparse_launch import interpreting
+from .launch_common import interpreting
 from .constants import ALWAYS_DENSE
 
 log = logging.getLogger("dam_compile")

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_sparse_launch import _next_power_of_2, dot_options, interpreting
+from .block_sparse_launch import dot_options
+from .launch_common import interpreting, next_power_of_2
 from .constants import LN2, LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .lean_op import lean_op
 
@@ -133,7 +134,7 @@ def launch_last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_c
         out.stride(0), out.stride(1), out.stride(2),
         q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value,
         IS_CAUSAL=is_causal, BLOCK_N=block_size, BLOCK_M=ROWS_PER_PROGRAM, HEAD_DIM=dim,
-        DIM_PAD=max(16, _next_power_of_2(dim)), **dot_options(query.dtype),
+        DIM_PAD=max(16, next_power_of_2(dim)), **dot_options(query.dtype),
         num_warps=4, num_stages=2,
     )
     return out

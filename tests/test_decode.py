@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import triton
 
 from dam_compile.kernels import BlockSparsePlan, PATTERN_PAD
 from dam_compile.kernels.block_estimates import EXACT_ROW_MASS
 from dam_compile.kernels.dam_patterns import HeadPatterns, extended_mask
-from dam_compile.kernels.decode_kernel import merge_partials, triton_sparse_decode
+from dam_compile.kernels.decode_kernel import merge_decode_partials, merge_partials, triton_sparse_decode
 from dam_compile.kernels.decode_plan import decode_block_plan
 from dam_compile.kernels.reference import block_sparse_attention_reference
 
@@ -82,6 +83,24 @@ def test_merge_partials_is_softmax_of_the_union():
                         for s, v in zip(*parts)], -2)
     expected = (torch.softmax(scores, -1)[..., None] * values).sum(-2)
     assert rel_err(merge_partials(maxima, sums, accs), expected) < 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits, head_dim", [(5, 64), (8, 96), (1, 128)])
+def test_merge_kernel_equals_pytorch_merge(device, splits, head_dim):
+    """The one-launch merge equals merge_partials, with empty splits (max -inf, sum 0) and a row with none."""
+    rows, block_d = 6, 128
+    maxima = torch.randn(rows, splits, device=device) * 4
+    sums = torch.rand(rows, splits, device=device) + 0.5
+    accs = torch.randn(rows, splits, block_d, device=device)
+    maxima[1, 0], sums[1, 0], accs[1, 0] = float("-inf"), 0.0, 0.0
+    maxima[4], sums[4], accs[4] = float("-inf"), 0.0, 0.0
+    out = torch.full((rows, head_dim), float("nan"), dtype=torch.bfloat16, device=device)
+    merge_decode_partials[(rows,)](maxima, sums, accs, out, splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                                   SPLITS=triton.next_power_of_2(splits))
+    expected = merge_partials(maxima.double(), sums.double(), accs[..., :head_dim].double())
+    assert torch.equal(out[4].float(), torch.zeros(head_dim, device=device))
+    assert rel_err(out.float(), expected.float()) < tolerance(torch.bfloat16)
 
 
 def kept(counts, indices):

@@ -1,4 +1,5 @@
-"""The fused kernel compiles for Hopper (sm_90) with the installed Triton, here without a GPU.
+"""The fused kernels (the portable one and the Gluon Hopper path) compile for Hopper (sm_90) with the installed
+Triton, here without a GPU.
 
 The CPU interpreter runs the kernel's arithmetic but not Triton's compiler, so code that interprets and does not
 compile (a constexpr tuple unpacked into runtime values, say) passes every CPU kernel test and fails on the GPU.
@@ -28,7 +29,10 @@ def test_the_fused_kernel_compiles_for_hopper_and_fits_an_sm():
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     names = [r["variant"] for r in report["rows"]]
-    assert len(names) == 3 and any("TMA" in n for n in names) and any("token pattern" in n for n in names)
+    assert len(names) == 4 and any("TMA" in n for n in names) and any("token pattern" in n for n in names)
     for row in report["rows"]:
         assert 0 < row["registers"] <= 255, row
         assert row["fits_one_block"] and row["ctas_per_sm"] >= 1, row  # launchable on an H100 / H200
+    # The warp-specialised Hopper path: its three partitions fit one SM's registers (168 x 12 warps) unspilled.
+    hopper = [r for r in report["rows"] if r["variant"].startswith("Hopper path")]
+    assert len(hopper) == 1 and hopper[0]["spill_bytes"] == 0 and hopper[0]["registers"] * 32 * 12 <= 65536

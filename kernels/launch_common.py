@@ -1,0 +1,70 @@
+"""Host-side helpers every kernel launcher shares: the interpreter flag, the device's capability, integer
+helpers, a call's sizes and the plan's list operands.
+
+Host time per call matters (hundreds of attention calls per forward): plain-Python helpers instead of Triton's
+jit-wrapped ``next_power_of_2`` / ``cdiv``, and the capability looked up once per device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so reading it once here agrees with it.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _INTERPRETING
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` compute capability of a CUDA device."""
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a persistent grid's size)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_aligned(t: Tensor) -> bool:
+    """Whether a TMA descriptor can address ``t``: contiguous last dim, 16-byte aligned base and strides."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
+class CallShape(NamedTuple):
+    """The sizes of one attention call: query ``[batch, heads, q_len, head_dim]``, K/V ``[batch, kv_heads,
+    kv_len, head_dim]``."""
+
+    batch: int
+    heads: int
+    q_len: int
+    head_dim: int
+    kv_heads: int
+    kv_len: int
+
+
+def plan_lists(counts: Tensor, indices: Tensor, shape: CallShape) -> tuple:
+    """``(counts [B, H, Mq], its strides, indices [B, H, Mq, K], its first three strides)``, as strided views
+    (stride 0 on broadcast dims): one of the kernels' list operands."""
+    mq = counts.shape[-1]
+    counts = counts.expand(shape.batch, shape.heads, mq)
+    indices = indices.expand(shape.batch, shape.heads, mq, indices.shape[-1])
+    return counts, counts.stride(), indices, indices.stride()[:3]

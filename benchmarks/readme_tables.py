@@ -44,7 +44,7 @@ def kernel_table(result: dict) -> str:
     if result["rows"]:
         lines += ["", "| N | density | ours ms (TFLOP/s) | FlexAttention ms, same plan | cuDNN SDPA ms (TFLOP/s) "
                       "| flash SDPA ms | vs Flex | vs cuDNN | ours / (density x our dense) |"
-                      + (" path | portable Triton kernel ms | Hopper path, persistent grid ms |" if both_paths else ""),
+                      + (" path | portable Triton kernel ms | Hopper path, one CTA per tile ms |" if both_paths else ""),
                   "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if both_paths else "")]
     for r in result["rows"]:
         efficiency = r["time_over_density_x_dense"]
@@ -53,7 +53,7 @@ def kernel_table(result: dict) -> str:
             f"| {r['flex_ms']:.3f} | {r['cudnn_ms']:.3f} ({r['cudnn_tflops']:.0f}) | {r['flash_ms']:.3f} "
             f"| {r['speedup_vs_flex']:.2f}x | {r['speedup_vs_cudnn']:.2f}x "
             f"| {'-' if efficiency is None else f'{efficiency:.2f}'} |"
-            + (f" {r['path']} | {r['portable_ms']:.3f} | {_ms(r.get('persistent_ms'))} |" if both_paths else "")
+            + (f" {r['path']} | {r['portable_ms']:.3f} | {_ms(r.get('per_tile_grid_ms'))} |" if both_paths else "")
         )
     if result.get("host"):
         host = result["host"]

@@ -1,10 +1,11 @@
 """Block-sparse decode: one query row per (batch, head) against a long KV cache, reading only kept key blocks.
 
-A decode step is bound by memory traffic, not by matrix units, and one row per head gives far too few programs
-for the GPU. So, as in FlashDecoding, each row's kept-block list is split across ``splits`` programs; each
-writes a partial softmax (running max, sum, weighted values), and :func:`triton_sparse_decode` merges them.
-The split of a list is computed on the device from its count, so nothing is read back to the host (the call
-can be captured in a CUDA graph).
+A decode step is bound by memory traffic, not by matrix units. So each KV head's key blocks are read once for
+all the query heads that share it (GQA): a program takes the group's query rows as one tile, reads each key
+block that any of their lists keeps, and scores each row only on the blocks its own list keeps. One program per
+KV head gives far too few for the GPU, so, as in FlashDecoding, the key blocks are split across ``splits``
+programs; each writes a partial softmax per query row (running max, sum, weighted values), and one more launch
+merges them. Nothing is read back to the host (the call can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .constants import LOG2E
+from .block_sparse_launch import dot_options
 from .launch_common import cdiv, interpreting, next_power_of_2
 from .reference import check_heads
 
@@ -30,61 +32,87 @@ def sparse_decode_partials(
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_ik,
     stride_mb, stride_mh, stride_mn,
-    heads, group, kv_len, splits, scale,
+    heads, kv_heads, group, kv_len, num_blocks, splits, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    GROUP_PAD: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program ``(b * heads + h, split)``: softmax partials of query row ``(b, h)`` over its share of the kept
-    blocks ``Indices[b, h, :Counts[b, h]]``. Partials: ``PartMax``/``PartSum`` ``[B*H, splits]`` (base-2
-    logits), ``PartAcc`` ``[B*H, splits, BLOCK_D]``."""
+    """Program ``(b * kv_heads + kvh, split)``: softmax partials of the ``group`` query rows that share KV head
+    ``kvh`` over the split's range of key blocks. A block is read once for the whole group (``GROUP_PAD`` rows
+    in one ``tl.dot``) when any row's list ``Indices[b, h, :Counts[b, h]]`` (ascending) keeps it, and each row's
+    scores count only where its own list does. Each row walks its list with a cursor, placed at the split's
+    first block by a binary search of ``SEARCH_STEPS`` (the list width's bit length) steps. Partials:
+    ``PartMax``/``PartSum`` ``[B*H, splits]`` (base-2 logits), ``PartAcc`` ``[B*H, splits, BLOCK_D]``."""
     row = tl.program_id(0)
     split = tl.program_id(1)
-    b = (row // heads).to(tl.int64)  # offsets of a long cache pass 2**31
-    h = (row % heads).to(tl.int64)
-    kvh = h // group
-    count = tl.load(Counts + b * stride_cb + h * stride_ch)
-    per_split = (count + splits - 1) // splits
+    b = (row // kv_heads).to(tl.int64)  # offsets of a long cache pass 2**31
+    kvh = (row % kv_heads).to(tl.int64)
+    per_split = (num_blocks + splits - 1) // splits
     first = split * per_split
-    last = tl.minimum(first + per_split, count)
+    last = tl.minimum(first + per_split, num_blocks)
 
+    offs_g = tl.arange(0, GROUP_PAD)
+    g_ok = offs_g < group
+    h = kvh * group + offs_g  # the group's query heads
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0).to(tl.float32)
-    q = q * (scale * LOG2E)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.zeros([], tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(first, last):
-        block = tl.load(Indices + b * stride_ib + h * stride_ih + i * stride_ik)
-        for sub in tl.static_range(0, PLAN_BLOCK, BLOCK_N):
-            offs_n = block.to(tl.int64) * PLAN_BLOCK + sub + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < kv_len
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            if HAS_MASK:
-                m_ptr = Mask + b * stride_mb + h * stride_mh + offs_n * stride_mn
-                if MASK_IS_BOOL:
-                    allowed = tl.load(m_ptr, mask=n_ok, other=0) != 0
-                    s = tl.where(allowed, s, float("-inf"))
-                else:
-                    s = s + tl.load(m_ptr, mask=n_ok, other=0.0).to(tl.float32) * LOG2E
-            s = tl.where(n_ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no visible key adds nothing
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            m_i = m_new
-    out = row * splits + split
-    tl.store(PartMax + out, m_i)
-    tl.store(PartSum + out, l_i)
-    tl.store(PartAcc + out * BLOCK_D + offs_d, acc)
+    count = tl.load(Counts + b * stride_cb + h * stride_ch, mask=g_ok, other=0)
+    lists = Indices + b * stride_ib + h * stride_ih
+    lo = tl.zeros([GROUP_PAD], tl.int32)  # per row: the first list entry >= first (lower bound)
+    hi = count
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        below = tl.load(lists + mid * stride_ik, mask=lo < hi, other=first) < first
+        lo = tl.where((lo < hi) & below, mid + 1, lo)
+        hi = tl.where((lo < hi) & ~below, mid, hi)
+    cursor = lo
+    qk_scale = scale * LOG2E
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for block in range(first, last):
+        member = tl.load(lists + cursor * stride_ik, mask=cursor < count, other=-1) == block
+        cursor += member.to(tl.int32)
+        if tl.max(member.to(tl.int32), axis=0) > 0:  # some row of the group keeps the block: read it once
+            for sub in tl.static_range(0, PLAN_BLOCK, BLOCK_N):
+                offs_n = block * PLAN_BLOCK + sub + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: long caches
+                n_ok = offs_n < kv_len
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                # V is requested with K, so both tiles' bytes are in flight together (the kernel is memory-bound).
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                keep = member[:, None] & n_ok[None, :]
+                if HAS_MASK:
+                    m_ptr = Mask + b * stride_mb + h[:, None] * stride_mh + offs_n[None, :] * stride_mn
+                    tile_mask = tl.load(m_ptr, mask=g_ok[:, None] & n_ok[None, :], other=0)
+                    if MASK_IS_BOOL:
+                        keep = keep & (tile_mask != 0)
+                    else:
+                        s = s + tile_mask.to(tl.float32) * LOG2E
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile without visible keys adds nothing
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                if UPCAST:
+                    v = v.to(tl.float32)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+    out = (b * heads + h) * splits + split
+    tl.store(PartMax + out, m_i, mask=g_ok)
+    tl.store(PartSum + out, l_i, mask=g_ok)
+    tl.store(PartAcc + out[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_ok[:, None])
 
 
 @triton.jit
@@ -158,24 +186,26 @@ def triton_sparse_decode(
         mask = attn_mask.expand(batch, heads, 1, kv_len)[:, :, 0]
         mask_strides, mask_is_bool = mask.stride(), attn_mask.dtype == torch.bool
 
-    rows = batch * heads
-    splits = decode_splits(rows, max(1, indices.shape[-1]), query.device)
+    group = heads // kv_heads
+    num_blocks = cdiv(kv_len, block_size)
+    rows = batch * kv_heads
+    splits = decode_splits(rows, num_blocks, query.device)
     block_d = max(16, next_power_of_2(head_dim))
-    part_max = query.new_empty((rows, splits), dtype=torch.float32)
+    part_max = query.new_empty((batch * heads, splits), dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
-    part_acc = query.new_empty((rows, splits, block_d), dtype=torch.float32)
-    block_n = min(block_size, 64)
+    part_acc = query.new_empty((batch * heads, splits, block_d), dtype=torch.float32)
     sparse_decode_partials[(rows, splits)](
         query, key, value, counts, indices, mask, part_max, part_sum, part_acc,
-        query.stride(0), query.stride(1), query.stride(3),
-        *key.stride(), *value.stride(), *counts.stride(), *indices.stride(), *mask_strides,
-        heads, heads // kv_heads, kv_len, splits, 1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PLAN_BLOCK=block_size, BLOCK_N=block_n,
+        query.stride(0), query.stride(1), query.stride(3), *key.stride(), *value.stride(), *counts.stride(),
+        *indices.stride(), *mask_strides, heads, kv_heads, group, kv_len, num_blocks, splits,
+        1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PLAN_BLOCK=block_size, BLOCK_N=min(block_size, 64),
+        GROUP_PAD=max(16, next_power_of_2(group)), SEARCH_STEPS=indices.shape[-1].bit_length(),
         HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask_is_bool,
-        num_warps=1 if interpreting() else 4, num_stages=1 if interpreting() else 3,
+        num_warps=1 if interpreting() else 4, num_stages=1 if interpreting() else 3, **dot_options(query.dtype),
     )
     out = query.new_empty((batch, heads, 1, head_dim))
-    merge_decode_partials[(rows,)](
+    merge_decode_partials[(batch * heads,)](
         part_max, part_sum, part_acc, out, splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
         SPLITS=next_power_of_2(splits), num_warps=1 if interpreting() else 4,
     )

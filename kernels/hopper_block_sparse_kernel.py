@@ -2,11 +2,15 @@
 schedule on the plan's block lists.
 
 The grid walks work items, a query tile of ``2 * BLOCK_M`` rows of one batch x head each, the heaviest
-query tiles first: one CTA per item by default, or one per SM looping over items (``persistent``), where a
-tile's loads overlap the previous tile's last steps. Each CTA runs three partitions that talk through mbarriers:
+query tiles first. A persistent grid (one CTA per SM) takes them from a shared counter in order, so the CTAs
+stay on neighbouring items: the query heads of a GQA group read the same K/V tiles at about the same time and
+L2 serves all but the first (a static round-robin lets CTAs drift apart and lost 10-15% dense), and one tile's
+loads overlap the previous tile's last steps. With one CTA per item the same code runs each item once. Each CTA
+runs three partitions that talk through mbarriers:
 
-- a **loader** (one warp, few registers) issues TMA copies: a tile's two query halves into one of two Q slots,
-  then for every kept key tile of the plan row (full blocks, then partial ones) K and V into a ring of
+- a **loader** (one warp, few registers) takes the next item (``atomic_add`` on the counter) and issues TMA
+  copies: the tile's two query halves into one of two Q slots (with the item's index, for the consumers), then
+  for every kept key tile of the plan row (full blocks, then partial ones) K and V into a ring of
   ``NUM_STAGES`` shared-memory slots, each slot freed by the consumers;
 - two **consumers** (one warpgroup each, ``BLOCK_M`` query rows each, most of the registers) run the online
   softmax with ``warpgroup_mma``. Each overlaps its own work FlashAttention-3 style: it issues ``Q K_j^T`` and
@@ -101,30 +105,34 @@ def _key_start(step, work, kv_len, SHAPE: gl.constexpr, MODE: gl.constexpr):
 
 @gluon.jit
 def _load_partition(args, SHAPE: gl.constexpr, MODE: gl.constexpr):
-    """The loader: for each of this CTA's work items, its two query halves into a free Q slot, then every key
-    tile's K and V into the ring, as slots free up (across work items: the next tile's loads overlap this
-    one's last steps and epilogue)."""
-    descs, bufs, bars, problem = args
+    """The loader: for each work item this CTA takes, its index and two query halves into a free Q slot, then
+    every key tile's K and V into the ring, as slots free up (across work items: the next tile's loads overlap
+    this one's last steps and epilogue); past the last item, an index past the end for the consumers."""
+    descs, bufs, bars, problem, sched = args
     desc_q, desc_k, desc_v, out_args = descs
-    q_bufs, k_bufs, v_bufs = bufs
+    q_bufs, k_bufs, v_bufs, item_slots = bufs
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     kv_len = problem[3]
     n_items = problem[6] * problem[7]
     BLOCK_M: gl.constexpr = SHAPE[1]
     NUM_STAGES: gl.constexpr = k_bufs.type.shape[0]
     Q_SLOTS: gl.constexpr = q_ready.type.shape[0]
+    item_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     done = 0  # key tiles this CTA loaded so far: the ring's position
     t = 0  # work items so far: the Q slots' position
-    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+    item = gl.program_id(0)  # the first item is the CTA's own; later ones come from the shared counter
+    while item < n_items:
         work = _work_item(item, problem, SHAPE, MODE)
         b, h, kvh, q_start = work[0], work[1], work[2], work[3]
         n_steps = work[7]
         q_slot = t % Q_SLOTS
         mbarrier.wait(q_empty.index(q_slot), ((t // Q_SLOTS) & 1) ^ 1)
+        # The item goes to the consumers with the Q slot: the barrier's arrival (release) orders this store.
+        item_slots.index(q_slot).store(gl.full([1], item, gl.int32, layout=item_layout))
         mbarrier.expect(q_ready.index(q_slot), CONSUMERS * desc_q.block_type.nbytes)
         for half in gl.static_range(CONSUMERS):
             _tma_load(desc_q, [b, h, q_start + half * BLOCK_M, 0], q_ready.index(q_slot),
-                                            q_bufs.index(q_slot * CONSUMERS + half))
+                      q_bufs.index(q_slot * CONSUMERS + half))
         for step in range(n_steps):
             start_n, needs_mask = _key_start(step, work, kv_len, SHAPE, MODE)
             slot = (done + step) % NUM_STAGES
@@ -138,6 +146,16 @@ def _load_partition(args, SHAPE: gl.constexpr, MODE: gl.constexpr):
             _tma_load(desc_v, [b, kvh, start_n, 0], v_ready.index(slot), v_bufs.index(slot))
         done += n_steps
         t += 1
+        item = gl.atomic_add(sched, 1) + gl.num_programs(0)
+    # Past the end: tell the consumers, and the last CTA here zeroes the counter for the next launch (every CTA
+    # has taken its last item by then).
+    q_slot = t % Q_SLOTS
+    mbarrier.wait(q_empty.index(q_slot), ((t // Q_SLOTS) & 1) ^ 1)
+    item_slots.index(q_slot).store(gl.full([1], item, gl.int32, layout=item_layout))
+    mbarrier.arrive(q_ready.index(q_slot), count=1)
+    if gl.atomic_add(sched + 1, 1) == gl.num_programs(0) - 1:
+        gl.atomic_xchg(sched, 0)
+        gl.atomic_xchg(sched + 1, 0)
 
 
 @gluon.jit
@@ -168,10 +186,11 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 
 @gluon.jit
 def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
-    """One consumer warpgroup: for each of this CTA's work items, rows ``[q_start + HALF * BLOCK_M, + BLOCK_M)``
-    of the tile through every key tile the loader streams; writes their output (and log-sum-exp)."""
-    descs, bufs, bars, problem = args
-    q_bufs, k_bufs, v_bufs = bufs
+    """One consumer warpgroup: for each work item the loader hands over (until an index past the end), rows
+    ``[q_start + HALF * BLOCK_M, + BLOCK_M)`` of the tile through every key tile the loader streams; writes
+    their output (and log-sum-exp)."""
+    descs, bufs, bars, problem, sched = args
+    q_bufs, k_bufs, v_bufs, item_slots = bufs
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     kv_len, q_offset, qk_scale = problem[3], problem[4], problem[5]
     n_items = problem[6] * problem[7]
@@ -191,9 +210,12 @@ def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
 
+    item_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     done = 0
     t = 0
-    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+    mbarrier.wait(q_ready.index(0), 0)
+    item = gl.max(item_slots.index(0).load(item_layout), 0)
+    while item < n_items:
         work = _work_item(item, problem, SHAPE, MODE)
         n_steps = work[7]
         kv_bounds = (kv_len, work[8], work[9])
@@ -203,7 +225,6 @@ def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
         o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
         q_slot = t % Q_SLOTS
-        mbarrier.wait(q_ready.index(q_slot), (t // Q_SLOTS) & 1)
         q = q_bufs.index(q_slot * CONSUMERS + HALF).reshape([BLOCK_M, HEAD_DIM])
         if n_steps > 0:
             # Step 0: scores and softmax only; its P V joins step 1's scores.
@@ -246,6 +267,8 @@ def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
         _write_rows(descs[3], work, o, m_i, l_i, rows, SHAPE, MODE, o_layout)
         done += n_steps
         t += 1
+        mbarrier.wait(q_ready.index(t % Q_SLOTS), (t // Q_SLOTS) & 1)
+        item = gl.max(item_slots.index(t % Q_SLOTS).load(item_layout), 0)
 
 
 @gluon.jit
@@ -281,13 +304,14 @@ def _consume_second_half(args, SHAPE: gl.constexpr, MODE: gl.constexpr):
 @gluon.jit
 def hopper_block_sparse_fwd(
     desc_q, desc_k, desc_v, Out, o_strides, Lse, partial_lists, full_lists, KvRange,
-    heads, group, q_len, kv_len, q_offset, sm_scale, n_bh, n_tiles,
+    heads, group, q_len, kv_len, q_offset, sm_scale, n_bh, n_tiles, Sched,
     HEAD_DIM: gl.constexpr, PLAN_BLOCK: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_FULL: gl.constexpr,
     HAS_KV_RANGE: gl.constexpr, WRITE_LSE: gl.constexpr, NUM_STAGES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
 ):
-    """Grid ``(G,)`` over the ``n_bh * n_tiles`` work items (:func:`_work_item`), CTA ``i`` taking items ``i, i + G,
-    ...``: ``G`` is the item count, or the SM count for a persistent launch; ``n_bh = B * H``,
+    """Grid ``(G,)`` over the ``n_bh * n_tiles`` work items (:func:`_work_item`): CTA ``i`` takes item ``i``, then
+    ``G + atomic_add(Sched[0], 1)`` until past the end; ``G`` is the SM count (persistent) or the item count.
+    ``Sched``: int32 ``[2]`` (next item, CTAs done), zero at launch; the last CTA zeroes it again. ``n_bh = B * H``,
     ``n_tiles = cdiv(q_len, 2 * BLOCK_M)``; ``num_warps=4`` (the first consumer). ``desc_q``: a TMA descriptor of
     Q ``[B, H, Lq, E]`` with box ``[1, 1, BLOCK_M, E]``; ``desc_k`` / ``desc_v``: of K/V ``[B, KVH, Lk, E]``, box
     ``[1, 1, BLOCK_N, E]``; the other operands as :func:`block_sparse_attention_fwd`'s.
@@ -298,6 +322,7 @@ def hopper_block_sparse_fwd(
     q_bufs = gl.allocate_shared_memory(desc_q.dtype, [Q_SLOTS * CONSUMERS] + desc_q.block_type.shape, desc_q.layout)
     k_bufs = gl.allocate_shared_memory(desc_k.dtype, [NUM_STAGES] + desc_k.block_type.shape, desc_k.layout)
     v_bufs = gl.allocate_shared_memory(desc_v.dtype, [NUM_STAGES] + desc_v.block_type.shape, desc_v.layout)
+    item_slots = gl.allocate_shared_memory(gl.int32, [Q_SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     q_ready = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -319,8 +344,8 @@ def hopper_block_sparse_fwd(
     SHAPE: gl.constexpr = (PLAN_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM)
     MODE: gl.constexpr = (IS_CAUSAL, WRITE_LSE, HAS_KV_RANGE, HAS_FULL)
     # Every partition takes the same argument tuple (worker partitions must share one signature).
-    args = ((desc_q, desc_k, desc_v, out_args), (q_bufs, k_bufs, v_bufs),
-            (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty), problem)
+    args = ((desc_q, desc_k, desc_v, out_args), (q_bufs, k_bufs, v_bufs, item_slots),
+            (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty), problem, Sched)
     gl.warp_specialize([
         (_consume_first_half, (args, SHAPE, MODE)),
         (_consume_second_half, (args, SHAPE, MODE)),

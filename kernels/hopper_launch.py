@@ -71,6 +71,7 @@ def hopper_args(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Ten
         q_len=shape.q_len, kv_len=shape.kv_len, q_offset=q_offset,
         sm_scale=1.0 / math.sqrt(shape.head_dim) if scale is None else float(scale),
         n_bh=shape.batch * shape.heads, n_tiles=cdiv(shape.q_len, CONSUMERS * BLOCK_M),
+        Sched=_scheduler(query.device),
     )
 
 
@@ -85,16 +86,26 @@ def hopper_constants(plan: BlockSparsePlan, shape: CallShape, kv_range: Tensor |
 
 
 def launch_hopper(args: dict[str, object], constants: dict[str, object], device: torch.device,
-                  persistent: bool = False) -> None:
-    """One CTA per work item (the default), or with ``persistent`` one per SM walking the items round-robin.
-
-    Measured on an H200 (``benchmarks/notes_kernel.md``): the per-item grid, which the hardware's block
-    scheduler balances as CTAs finish, is 1.1-1.2x faster dense and level down to 10% density; the static
-    persistent walk wins only at about 3% density (up to 1.1x), where a tile's loads hiding under the previous
-    tile's epilogue outweighs its imbalance. Nothing on the host tells a call's density without a sync."""
+                  persistent: bool = True) -> None:
+    """One CTA per SM taking work items in order from the scheduler's counter (``persistent``), or one per item."""
     items = args["n_bh"] * args["n_tiles"]
     grid = (min(sm_count(device), items) if persistent else items,)
     hopper_block_sparse_fwd[grid](**args, **constants)
+
+
+def _scheduler(device: torch.device) -> Tensor:
+    """The persistent grid's counter, int32 ``[next item, CTAs done]``: one per device and stream (launches on
+    one stream never overlap; the kernel's last CTA zeroes it, so no launch resets it)."""
+    if device.type != "cuda":  # compiled only (benchmarks/kernel_resources.py): nothing runs, nothing is shared
+        return torch.zeros(2, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    counter = _SCHEDULERS.get(key)
+    if counter is None:
+        counter = _SCHEDULERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counter
+
+
+_SCHEDULERS: dict[tuple, Tensor] = {}
 
 
 def _descriptor(t: Tensor, rows: int) -> "TensorDescriptor":

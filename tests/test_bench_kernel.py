@@ -46,14 +46,14 @@ def test_a_host_and_decode_run_summarizes_and_renders_without_the_attention_tabl
 
 
 def test_a_run_with_the_hopper_path_shows_both_kernels_and_graph_decode_times():
-    """Rows of a Hopper run carry the path taken, the portable kernel's time and the persistent grid's; decode
+    """Rows of a Hopper run carry the path taken, the portable kernel's time and one CTA per tile's; decode
     rows carry the eager call's time beside the CUDA-graph one. Files from before keep their layout."""
-    row = dict(COMMITTED["rows"][0], path="hopper", portable_ms=1.5, persistent_ms=1.25)
+    row = dict(COMMITTED["rows"][0], path="hopper", portable_ms=1.5, per_tile_grid_ms=1.25)
     decode = [{"kv_len": 131072, "density": 0.1, "ours_ms": 0.12, "ours_eager_ms": 0.2, "kept_kv_bytes": 1,
                "achieved_gbs": 450.0, "copy_gbs": 4200.0, "bw_fraction": 0.11, "sdpa_flash_dense_ms": 0.15,
                "sdpa_dense_bw_fraction": 0.8}]
     table = readme_tables.kernel_table(dict(COMMITTED, rows=[row], decode=decode))
-    assert "| path | portable Triton kernel ms | Hopper path, persistent grid ms |" in table
+    assert "| path | portable Triton kernel ms | Hopper path, one CTA per tile ms |" in table
     assert "| hopper | 1.500 | 1.250 |" in table
     assert "| 128K | 0.100 | 120.0 | 450 | 0.11 | 150.0 | 0.80 | 200.0 |" in table
     assert "| path |" not in readme_tables.kernel_table(COMMITTED)

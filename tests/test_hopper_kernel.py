@@ -108,7 +108,8 @@ class TestHopperPath:
 
     @pytest.mark.parametrize("kind", ["dense", "0.1"])
     def test_persistent_grid_equals_one_cta_per_tile(self, kind):
-        """A CTA per SM walking tiles round-robin computes what a CTA per tile does, bit for bit."""
+        """A CTA per SM taking tiles from the counter computes what a CTA per tile does, bit for bit; the counter
+        is back at zero after each launch (the next one starts from item 0)."""
         q, k, v = inputs(b=2, h=8, kvh=2, q_len=1500, d=128, device="cuda")
         plan = plan_of(kind, 1500, 1500, 8, True)
         shape = CallShape(2, 8, 1500, 128, 2, 1500)
@@ -119,7 +120,33 @@ class TestHopperPath:
                           hopper_constants(plan, shape, None, True, True), q.device, persistent=persistent)
             outs.append((out, lse))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert torch.equal(hopper_args(q, k, v, q, q, plan, shape, None, 0, None)["Sched"].cpu(),
+                           torch.zeros(2, dtype=torch.int32))
         assert rel_err(outs[0][0].cpu(), oracle(q, k, v, plan, is_causal=True)) < tolerance(q.dtype)
+
+    def test_replays_from_a_cuda_graph(self):
+        """mode="reduce-overhead" replays the launch: the counter the persistent grid shares must be zero again
+        at every replay, or a replay would skip work items (and leave the NaN poison)."""
+        q, k, v = inputs(h=8, kvh=2, q_len=2000, d=128, device="cuda")
+        plan = plan_of("0.1", 2000, 2000, 8, True)
+        expected = triton_block_sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True)
+        out = torch.full_like(q, float("nan"))
+        run = lambda: triton_block_sparse_attention(  # noqa: E731 (as the op calls it: no plan check, no sync)
+            q, k, v, plan, is_causal=True, enable_gqa=True, out=out, check_plan=False)
+        run()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for _ in range(3):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, expected)
 
     def test_default_path_is_hopper_and_equals_sdpa_dense(self):
         q, k, v = inputs(h=8, kvh=2, q_len=4096, d=128, dtype=torch.float16, device="cuda")

@@ -294,8 +294,7 @@ def decode_rows(args: argparse.Namespace) -> list[dict]:
 def graph_ms(fn, replays: int = 100) -> float:
     """Median milliseconds of one replay of ``fn`` captured in a CUDA graph, with L2 flushed before each replay
     (outside the timed span), so the kept blocks come from HBM as in a real decode step."""
-    fn()
-    stream = torch.cuda.Stream()
+    stream = torch.cuda.Stream()  # warm up (compile) on a side stream, as CUDA-graph capture asks
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()

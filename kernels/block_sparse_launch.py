@@ -7,7 +7,6 @@ dtype, power-of-two length) on CUDA; under ``TRITON_INTERPRET=1`` (CPU tests) on
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -17,7 +16,8 @@ from torch import Tensor
 from .block_sparse_kernel import block_sparse_attention_fwd
 from .constants import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .hopper_launch import hopper_args, hopper_constants, hopper_unsupported, launch_hopper
-from .launch_common import CallShape, capability, cdiv, interpreting, next_power_of_2, plan_lists, tma_aligned
+from .launch_common import (CallShape, capability, cdiv, interpreting, next_power_of_2, plan_lists, softmax_scale,
+                            tma_aligned)
 from .plan import BlockSparsePlan, PlanError
 from .reference import check_heads, check_kv_range
 from .token_pattern import pattern_bitmaps
@@ -212,8 +212,7 @@ def kernel_args(
     """The kernel's non-constexpr arguments by name: each operand with its strides as one tuple (see
     :func:`block_sparse_attention_fwd`). Absent operands are stand-in pointers the kernel never reads.
     With :func:`kernel_constants`, what a launch passes (``benchmarks/kernel_resources.py`` compiles from them)."""
-    partial = plan_lists(plan.kv_num_blocks, plan.kv_indices, shape)
-    full = plan_lists(plan.full_kv_num_blocks, plan.full_kv_indices, shape) if plan.has_full_blocks else partial
+    partial, full = plan_lists(plan, shape)
     desc_k, desc_v = (_descriptor(key), _descriptor(value)) if tma else (key, value)
     return dict(
         Q=query, q_strides=query.stride(), K=key, k_strides=key.stride(), V=value, v_strides=value.stride(),
@@ -221,7 +220,7 @@ def kernel_args(
         mask=_mask_operand(attn_mask, query, shape), pattern=_pattern_operand(plan, shape, q_offset, query),
         KvRange=query if kv_range is None else kv_range, DescK=desc_k, DescV=desc_v,
         heads=shape.heads, group=shape.heads // shape.kv_heads, q_len=shape.q_len, kv_len=shape.kv_len,
-        q_offset=q_offset, sm_scale=1.0 / math.sqrt(shape.head_dim) if scale is None else float(scale),
+        q_offset=q_offset, sm_scale=softmax_scale(scale, shape.head_dim),
         tune_len=next_power_of_2(max(shape.q_len, shape.kv_len, 1024)),
     )
 

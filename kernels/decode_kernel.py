@@ -10,7 +10,6 @@ merges them. Nothing is read back to the host (the call can be captured in a CUD
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from .constants import LOG2E
 from .block_sparse_launch import dot_options
-from .launch_common import cdiv, interpreting, next_power_of_2
+from .launch_common import cdiv, interpreting, next_power_of_2, sm_count, softmax_scale
 from .reference import check_heads
 
 
@@ -139,7 +138,7 @@ def merge_decode_partials(
 
 def decode_splits(rows: int, list_width: int, device: torch.device) -> int:
     """Programs per query row: enough for about four waves of the GPU, never more than the list is long."""
-    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 4 if device.type != "cuda" else sm_count(device)
     return max(1, min(list_width, next_power_of_2(cdiv(4 * sms, rows)), 64))
 
 
@@ -198,7 +197,7 @@ def triton_sparse_decode(
         query, key, value, counts, indices, mask, part_max, part_sum, part_acc,
         query.stride(0), query.stride(1), query.stride(3), *key.stride(), *value.stride(), *counts.stride(),
         *indices.stride(), *mask_strides, heads, kv_heads, group, kv_len, num_blocks, splits,
-        1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+        softmax_scale(scale, head_dim),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PLAN_BLOCK=block_size, BLOCK_N=min(block_size, 64),
         GROUP_PAD=max(16, next_power_of_2(group)), SEARCH_STEPS=indices.shape[-1].bit_length(),
         HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask_is_bool,

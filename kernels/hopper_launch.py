@@ -9,12 +9,12 @@ constexprs the call's features set.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
 
-from .launch_common import CallShape, capability, cdiv, interpreting, plan_lists, sm_count, tma_aligned
+from .launch_common import (CallShape, capability, cdiv, interpreting, plan_lists, sm_count, softmax_scale,
+                            tma_aligned)
 from .plan import BlockSparsePlan
 
 try:  # Gluon ships with Triton >= 3.5; without it only the portable kernel runs.
@@ -62,14 +62,13 @@ def hopper_unsupported(query: Tensor, key: Tensor, value: Tensor, plan: BlockSpa
 def hopper_args(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, plan: BlockSparsePlan,
                 shape: CallShape, kv_range: Tensor | None, q_offset: int, scale: float | None) -> dict[str, object]:
     """The kernel's non-constexpr arguments by name (see :func:`hopper_block_sparse_fwd`)."""
-    partial = plan_lists(plan.kv_num_blocks, plan.kv_indices, shape)
-    full = plan_lists(plan.full_kv_num_blocks, plan.full_kv_indices, shape) if plan.has_full_blocks else partial
+    partial, full = plan_lists(plan, shape)
     return dict(
         desc_q=_descriptor(query, BLOCK_M), desc_k=_descriptor(key, BLOCK_N), desc_v=_descriptor(value, BLOCK_N),
         Out=out, o_strides=out.stride(), Lse=lse, partial_lists=partial, full_lists=full,
         KvRange=query if kv_range is None else kv_range, heads=shape.heads, group=shape.heads // shape.kv_heads,
         q_len=shape.q_len, kv_len=shape.kv_len, q_offset=q_offset,
-        sm_scale=1.0 / math.sqrt(shape.head_dim) if scale is None else float(scale),
+        sm_scale=softmax_scale(scale, shape.head_dim),
         n_bh=shape.batch * shape.heads, n_tiles=cdiv(shape.q_len, CONSUMERS * BLOCK_M),
         Sched=_scheduler(query.device),
     )

@@ -8,11 +8,15 @@ jit-wrapped ``next_power_of_2`` / ``cdiv``, and the capability looked up once pe
 from __future__ import annotations
 
 import functools
+import math
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .plan import BlockSparsePlan
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so reading it once here agrees with it.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -61,10 +65,23 @@ class CallShape(NamedTuple):
     kv_len: int
 
 
-def plan_lists(counts: Tensor, indices: Tensor, shape: CallShape) -> tuple:
-    """``(counts [B, H, Mq], its strides, indices [B, H, Mq, K], its first three strides)``, as strided views
-    (stride 0 on broadcast dims): one of the kernels' list operands."""
+def plan_lists(plan: "BlockSparsePlan", shape: CallShape) -> tuple[tuple, tuple]:
+    """The kernels' two list operands, ``(partial, full)``, each ``(counts [B, H, Mq], its strides, indices
+    [B, H, Mq, K], its first three strides)`` as strided views (stride 0 on broadcast dims); without full blocks
+    the full operand repeats the partial one (the kernels never read it)."""
+    partial = _list_operand(plan.kv_num_blocks, plan.kv_indices, shape)
+    if not plan.has_full_blocks:
+        return partial, partial
+    return partial, _list_operand(plan.full_kv_num_blocks, plan.full_kv_indices, shape)
+
+
+def _list_operand(counts: Tensor, indices: Tensor, shape: CallShape) -> tuple:
     mq = counts.shape[-1]
     counts = counts.expand(shape.batch, shape.heads, mq)
     indices = indices.expand(shape.batch, shape.heads, mq, indices.shape[-1])
     return counts, counts.stride(), indices, indices.stride()[:3]
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The score scale a kernel gets: ``scale``, or SDPA's ``1 / sqrt(head_dim)`` when ``None``."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

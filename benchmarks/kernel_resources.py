@@ -140,7 +140,7 @@ def compile_hopper(head_dim: int):
     kv_range = torch.tensor([[0, n]], dtype=torch.int32)
     args = hopper_launch.hopper_args(q, k, k, torch.empty_like(q), torch.empty(1, 4, n), plan, shape, kv_range, 0,
                                      None)
-    constants = hopper_launch.hopper_constants(plan, shape, kv_range, True, True)
+    constants = hopper_launch.hopper_constants(q.dtype, plan, shape, kv_range, True, True)
     return hopper_launch.hopper_block_sparse_fwd.warmup(**args, **constants, grid=(1,))
 
 

@@ -58,8 +58,10 @@ def kernel_table(result: dict) -> str:
     if result.get("host"):
         host = result["host"]
         lines += ["", f"Host time through `torch.ops.dam.sparse_attention` at {host['seq_len'] // 1024}K, density "
-                      f"{host['density']}: {host['host_us']:.1f} us of CPU per call (its GPU time: "
-                      f"{host['gpu_us']:.0f} us)."]
+                      f"{host['density']}: {host['host_us']:.1f} us of CPU per call"
+                      + (f" (the least of {len(host['host_us_loops'])} loops; their median "
+                         f"{host['host_us_median']:.1f} us)" if "host_us_median" in host else "")
+                      + f"; its GPU time: {host['gpu_us']:.0f} us."]
     if result.get("decode"):
         eager = "ours_eager_ms" in result["decode"][0]  # CUDA-graph kernel times, with the eager call's beside
         lines += ["", "| decode: KV | density | ours us | kept K/V GB/s | / copy bandwidth | flash SDPA dense us "

@@ -303,21 +303,30 @@ def _consume_second_half(args, SHAPE: gl.constexpr, MODE: gl.constexpr):
 
 @gluon.jit
 def hopper_block_sparse_fwd(
-    desc_q, desc_k, desc_v, Out, o_strides, Lse, partial_lists, full_lists, KvRange,
+    Q, q_strides, K, k_strides, V, v_strides, Out, o_strides, Lse, partial_lists, full_lists, KvRange,
     heads, group, q_len, kv_len, q_offset, sm_scale, n_bh, n_tiles, Sched,
     HEAD_DIM: gl.constexpr, PLAN_BLOCK: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_FULL: gl.constexpr,
     HAS_KV_RANGE: gl.constexpr, WRITE_LSE: gl.constexpr, NUM_STAGES: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr,
 ):
     """Grid ``(G,)`` over the ``n_bh * n_tiles`` work items (:func:`_work_item`): CTA ``i`` takes item ``i``, then
     ``G + atomic_add(Sched[0], 1)`` until past the end; ``G`` is the SM count (persistent) or the item count.
     ``Sched``: int32 ``[2]`` (next item, CTAs done), zero at launch; the last CTA zeroes it again. ``n_bh = B * H``,
-    ``n_tiles = cdiv(q_len, 2 * BLOCK_M)``; ``num_warps=4`` (the first consumer). ``desc_q``: a TMA descriptor of
-    Q ``[B, H, Lq, E]`` with box ``[1, 1, BLOCK_M, E]``; ``desc_k`` / ``desc_v``: of K/V ``[B, KVH, Lk, E]``, box
-    ``[1, 1, BLOCK_N, E]``; the other operands as :func:`block_sparse_attention_fwd`'s.
+    ``n_tiles = cdiv(q_len, 2 * BLOCK_M)``; ``num_warps=4`` (the first consumer). Q ``[B, H, Lq, E]`` and K/V
+    ``[B, KVH, Lk, E]`` with their strides (the last 1, the others 16-byte multiples): each CTA makes their TMA
+    descriptors (boxes ``[1, 1, BLOCK_M, E]`` and ``[1, 1, BLOCK_N, E]``, shared layouts ``Q_LAYOUT`` and
+    ``KV_LAYOUT``) in the launch's global scratch, so the host passes pointers, not descriptors; the other
+    operands as :func:`block_sparse_attention_fwd`'s.
     """
     gl.static_assert(PLAN_BLOCK % (CONSUMERS * BLOCK_M) == 0)
     gl.static_assert(PLAN_BLOCK % BLOCK_N == 0)
+    batch = n_bh // heads
+    desc_q = tma.make_tensor_descriptor(Q, [batch, heads, q_len, HEAD_DIM], q_strides, [1, 1, BLOCK_M, HEAD_DIM],
+                                        Q_LAYOUT)
+    desc_k = tma.make_tensor_descriptor(K, [batch, heads // group, kv_len, HEAD_DIM], k_strides,
+                                        [1, 1, BLOCK_N, HEAD_DIM], KV_LAYOUT)
+    desc_v = tma.make_tensor_descriptor(V, [batch, heads // group, kv_len, HEAD_DIM], v_strides,
+                                        [1, 1, BLOCK_N, HEAD_DIM], KV_LAYOUT)
     Q_SLOTS: gl.constexpr = 2  # the next tile's query loads while this one runs
     q_bufs = gl.allocate_shared_memory(desc_q.dtype, [Q_SLOTS * CONSUMERS] + desc_q.block_type.shape, desc_q.layout)
     k_bufs = gl.allocate_shared_memory(desc_k.dtype, [NUM_STAGES] + desc_k.block_type.shape, desc_k.layout)

@@ -9,17 +9,20 @@ constexprs the call's features set.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
+import triton
 from torch import Tensor
+from triton.runtime import _allocation, driver
 
+from .launch_cache import LaunchCache, aligned16
 from .launch_common import (CallShape, capability, cdiv, interpreting, plan_lists, sm_count, softmax_scale,
                             tma_aligned)
 from .plan import BlockSparsePlan
 
 try:  # Gluon ships with Triton >= 3.5; without it only the portable kernel runs.
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .hopper_block_sparse_kernel import CONSUMERS as _CONSUMERS, hopper_block_sparse_fwd
     CONSUMERS = _CONSUMERS.value
@@ -64,7 +67,7 @@ def hopper_args(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Ten
     """The kernel's non-constexpr arguments by name (see :func:`hopper_block_sparse_fwd`)."""
     partial, full = plan_lists(plan, shape)
     return dict(
-        desc_q=_descriptor(query, BLOCK_M), desc_k=_descriptor(key, BLOCK_N), desc_v=_descriptor(value, BLOCK_N),
+        Q=query, q_strides=query.stride(), K=key, k_strides=key.stride(), V=value, v_strides=value.stride(),
         Out=out, o_strides=out.stride(), Lse=lse, partial_lists=partial, full_lists=full,
         KvRange=query if kv_range is None else kv_range, heads=shape.heads, group=shape.heads // shape.kv_heads,
         q_len=shape.q_len, kv_len=shape.kv_len, q_offset=q_offset,
@@ -74,30 +77,125 @@ def hopper_args(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Ten
     )
 
 
-def hopper_constants(plan: BlockSparsePlan, shape: CallShape, kv_range: Tensor | None, is_causal: bool,
-                     return_lse: bool) -> dict[str, object]:
+def hopper_constants(dtype: torch.dtype, plan: BlockSparsePlan, shape: CallShape, kv_range: Tensor | None,
+                     is_causal: bool, return_lse: bool) -> dict[str, object]:
     """The kernel's constexprs and launch options."""
     return dict(
         HEAD_DIM=shape.head_dim, PLAN_BLOCK=plan.block_size, IS_CAUSAL=is_causal, HAS_FULL=plan.has_full_blocks,
         HAS_KV_RANGE=kv_range is not None, WRITE_LSE=return_lse, NUM_STAGES=NUM_STAGES, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, num_warps=4, maxnreg=MAX_REGISTERS,
+        BLOCK_N=BLOCK_N, Q_LAYOUT=_shared_layout(dtype, BLOCK_M, shape.head_dim),
+        KV_LAYOUT=_shared_layout(dtype, BLOCK_N, shape.head_dim), num_warps=4, maxnreg=MAX_REGISTERS,
     )
 
 
 def launch_hopper(args: dict[str, object], constants: dict[str, object], device: torch.device,
-                  persistent: bool = True) -> None:
-    """One CTA per SM taking work items in order from the scheduler's counter (``persistent``), or one per item."""
+                  persistent: bool = True, cache_key: tuple | None = None) -> None:
+    """One CTA per SM taking work items in order from the scheduler's counter (``persistent``), or one per item.
+    With a ``cache_key`` (:func:`call_key`) the compiled kernel and this call's arguments are kept for
+    :func:`launch_kept`."""
     items = args["n_bh"] * args["n_tiles"]
     grid = (min(sm_count(device), items) if persistent else items,)
-    hopper_block_sparse_fwd[grid](**args, **constants)
+    ensure_scratch_allocator()
+    if cache_key is None or _LAUNCHES is None:
+        hopper_block_sparse_fwd[grid](**args, **constants)
+        return
+    partial, full = args["partial_lists"], args["full_lists"]
+    _LAUNCHES.launch(cache_key, grid, {**args, **constants}, ((partial[1], partial[3]), (full[1], full[3])))
 
 
-def _scheduler(device: torch.device) -> Tensor:
-    """The persistent grid's counter, int32 ``[next item, CTAs done]``: one per device and stream (launches on
-    one stream never overlap; the kernel's last CTA zeroes it, so no launch resets it)."""
+# The arguments that change between repeat calls of one site (the rest is fixed by call_key).
+PER_CALL = ("Q", "K", "V", "Out", "Lse", "partial_lists", "full_lists", "KvRange", "Sched")
+_LAUNCHES = LaunchCache(hopper_block_sparse_fwd, PER_CALL) if hopper_block_sparse_fwd is not None else None
+
+
+class CallFlags(NamedTuple):
+    """A call's settings besides its tensors (see :func:`triton_block_sparse_attention`)."""
+
+    block_size: int
+    q_offset: int
+    scale: float | None
+    is_causal: bool
+    enable_gqa: bool
+    return_lse: bool
+
+
+def call_key(query: Tensor, key: Tensor, value: Tensor, lists: tuple[Tensor | None, ...], kv_range: Tensor | None,
+             flags: CallFlags) -> tuple | None:
+    """What fixes a call's checks, routing, compiled kernel and every argument but its tensors' addresses, for a
+    call without mask tensor, token pattern or ``out`` buffer (``lists``: the plan's ``kv_num_blocks``,
+    ``kv_indices``, ``full_kv_num_blocks``, ``full_kv_indices``, the last two ``None`` without full blocks);
+    ``None`` off CUDA or when a tensor is not 16-byte aligned (such calls are neither kept nor served). Equal
+    keys: the first call's checks and routing hold for the second."""
+    if not query.is_cuda or _LAUNCHES is None or not _is_hopper(query.get_device()):
+        return None
+    counts, indices, full_counts, full_indices = lists
+    tensors = (query, key, value, counts, indices) if full_counts is None else (
+        query, key, value, counts, indices, full_counts, full_indices)
+    if kv_range is not None:
+        tensors += (kv_range,)
+    if not aligned16(*tensors):
+        return None
+    # The kernel runs on the current device, which is the tensors' (as for any launch of a CUDA kernel).
+    return (flags, kv_range is None, *[(t.dtype, t.get_device(), t.shape, t.stride()) for t in tensors])
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int) -> bool:
+    return capability(torch.device("cuda", device_index))[0] == 9
+
+
+def launch_kept(query: Tensor, key: Tensor, value: Tensor, lists: tuple[Tensor | None, ...],
+                kv_range: Tensor | None, flags: CallFlags) -> Tensor | tuple[Tensor, Tensor] | None:
+    """A repeat of a call that took the Hopper path (same :func:`call_key`), run through the launch kept for it
+    with new output buffers and this call's tensors; ``None`` (nothing launched) for any other call."""
+    cache_key = call_key(query, key, value, lists, kv_range, flags)
+    entry = None if cache_key is None else _LAUNCHES.get(cache_key)
+    if entry is None:
+        return None
+    (partial_strides, partial_rows), (full_strides, full_rows) = entry.extra
+    counts, indices, full_counts, full_indices = lists
+    out = query.new_empty(query.shape)
+    lse = query.new_empty(query.shape[:3], dtype=torch.float32) if flags.return_lse else out
+    partial = (counts, partial_strides, indices, partial_rows)
+    full = partial if full_counts is None else (full_counts, full_strides, full_indices, full_rows)
+    stream = driver.active.get_current_stream(query.get_device())
+    ensure_scratch_allocator()
+    entry(query, key, value, out, lse, partial, full, query if kv_range is None else kv_range,
+          _scheduler(query.device, stream), stream=stream)
+    return (out, lse) if flags.return_lse else out
+
+
+def ensure_scratch_allocator() -> None:
+    """The kernel makes its TMA descriptors in global scratch memory, which Triton asks an allocator for at
+    launch: a user's allocator is kept, else one from PyTorch's caching allocator is set (per thread context,
+    as Triton keeps it)."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """One buffer per device and stream, grown as asked: launches on one stream never overlap, and a kernel
+    only uses its scratch while it runs (the caching allocator's blocks are 512-byte aligned; Triton asks for
+    at most 128). Saves an allocation per launch."""
+    key = (torch.cuda.current_device(), stream)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device="cuda")
+    return buffer
+
+
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _scheduler(device: torch.device, stream: int | None = None) -> Tensor:
+    """The persistent grid's counter, int32 ``[next item, CTAs done]``: one per device and stream (``stream``: the
+    current stream's raw handle, looked up when ``None``). Launches on one stream never overlap, and the kernel's
+    last CTA zeroes it, so no launch resets it."""
     if device.type != "cuda":  # compiled only (benchmarks/kernel_resources.py): nothing runs, nothing is shared
         return torch.zeros(2, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    if stream is None:
+        stream = driver.active.get_current_stream(device.index)
+    key = (device, stream)
     counter = _SCHEDULERS.get(key)
     if counter is None:
         counter = _SCHEDULERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
@@ -107,14 +205,9 @@ def _scheduler(device: torch.device) -> Tensor:
 _SCHEDULERS: dict[tuple, Tensor] = {}
 
 
-def _descriptor(t: Tensor, rows: int) -> "TensorDescriptor":
-    """A TMA descriptor of a ``[B, heads, L, E]`` operand whose box is ``rows`` rows of one head (the layout is
-    looked up once per dtype and shape: building it costs more host time than the launch)."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]],
-                            _shared_layout(t.dtype, rows, t.shape[-1]))
-
-
 @functools.lru_cache(maxsize=None)
 def _shared_layout(dtype: torch.dtype, rows: int, head_dim: int) -> "gl.NVMMASharedLayout":
+    """The shared-memory layout of a TMA box of ``rows`` rows of one head (looked up once: it costs more host
+    time than a launch)."""
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim],
                                                 gl.float16 if dtype == torch.float16 else gl.bfloat16)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import triton
 
 from dam_compile.kernels import BlockSparsePlan, PATTERN_PAD
 from dam_compile.kernels.block_estimates import EXACT_ROW_MASS
@@ -64,6 +63,23 @@ def test_decode_kernel_matches_oracle(device, dtype, b, h, kvh, kv_len, d, block
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_decode_kernel_long_cache_with_heads_keeping_different_blocks(device):
+    """A cache of 1024 blocks: splits of 32 blocks (a program's whole bit word), each query head of a GQA group
+    keeping its own blocks (a block is read if any head keeps it, scored only where a head does)."""
+    b, h, kvh, kv_len, d, block = 1, 4, 1, 1024 * 16, 16, 16
+    q, k, v = qkv(b, h, kvh, kv_len, d, torch.float32, device)
+    g = torch.Generator().manual_seed(4)
+    keep = torch.rand(b, h, 1024, generator=g) < torch.tensor([0.02, 0.3, 0.0, 0.9])[None, :, None]
+    keep[0, 3, 960:] = True  # the last splits' every bit, bit 31 included
+    counts = keep.sum(-1, dtype=torch.int32)[..., None]
+    indices = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, :, None]
+    out = triton_sparse_decode(q, k, v, counts.to(device), indices.to(device), block, enable_gqa=True)
+    expected = dense_oracle(q, k, v, token_allowed(counts, indices, block, kv_len).to(device))
+    assert torch.equal(out[0, 2], torch.zeros_like(out[0, 2]))  # the head that keeps nothing
+    assert rel_err(out, expected) < tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_kernel_row_with_no_block_is_zero_and_plans_broadcast(device):
     q, k, v = qkv(2, 4, 2, 64, 16, device=device)
     counts = torch.tensor([[[2]], [[0]]], dtype=torch.int32, device=device)  # [B=2, Hp=1, 1]
@@ -86,9 +102,10 @@ def test_merge_partials_is_softmax_of_the_union():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("splits, head_dim", [(5, 64), (8, 96), (1, 128)])
-def test_merge_kernel_equals_pytorch_merge(device, splits, head_dim):
-    """The one-launch merge equals merge_partials, with empty splits (max -inf, sum 0) and a row with none."""
+@pytest.mark.parametrize("splits, head_dim, chunk", [(5, 64, 8), (8, 96, 8), (1, 128, 1), (37, 128, 8)])
+def test_merge_kernel_equals_pytorch_merge(device, splits, head_dim, chunk):
+    """The one-launch merge equals merge_partials, with empty splits (max -inf, sum 0) and a row with none,
+    reading the splits in one chunk or several."""
     rows, block_d = 6, 128
     maxima = torch.randn(rows, splits, device=device) * 4
     sums = torch.rand(rows, splits, device=device) + 0.5
@@ -97,7 +114,7 @@ def test_merge_kernel_equals_pytorch_merge(device, splits, head_dim):
     maxima[4], sums[4], accs[4] = float("-inf"), 0.0, 0.0
     out = torch.full((rows, head_dim), float("nan"), dtype=torch.bfloat16, device=device)
     merge_decode_partials[(rows,)](maxima, sums, accs, out, splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                   SPLITS=triton.next_power_of_2(splits))
+                                   SPLIT_CHUNK=chunk)
     expected = merge_partials(maxima.double(), sums.double(), accs[..., :head_dim].double())
     assert torch.equal(out[4].float(), torch.zeros(head_dim, device=device))
     assert rel_err(out.float(), expected.float()) < tolerance(torch.bfloat16)

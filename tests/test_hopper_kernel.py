@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dam_compile.kernels import BlockSparsePlan, dense_plan, random_plan, streaming_plan, triton_block_sparse_attention
+from dam_compile.kernels import hopper_launch
 from dam_compile.kernels.hopper_launch import hopper_args, hopper_constants, hopper_unsupported, launch_hopper
 from dam_compile.kernels.launch_common import CallShape
 
@@ -117,7 +118,7 @@ class TestHopperPath:
         for persistent in (False, True):
             out, lse = torch.full_like(q, float("nan")), torch.full((2, 8, 1500), float("nan"), device="cuda")
             launch_hopper(hopper_args(q, k, v, out, lse, plan, shape, None, 0, None),
-                          hopper_constants(plan, shape, None, True, True), q.device, persistent=persistent)
+                          hopper_constants(q.dtype, plan, shape, None, True, True), q.device, persistent=persistent)
             outs.append((out, lse))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
         assert torch.equal(hopper_args(q, k, v, q, q, plan, shape, None, 0, None)["Sched"].cpu(),
@@ -147,6 +148,32 @@ class TestHopperPath:
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, expected)
+
+    @pytest.mark.parametrize("variant", ["plain", "lse", "kv_range"])
+    def test_repeat_calls_reuse_the_kept_launch_with_their_own_tensors(self, variant):
+        """The op's call (no ``out``, no plan check) keeps its compiled launch; a repeat with the same shapes,
+        other tensors and another plan of the same layout is served from it (no new entry) and computes exactly
+        what the binder's launch does on those tensors: nothing of the first call's tensors is reused."""
+        hopper_launch._LAUNCHES.clear()
+        options = dict(is_causal=True, enable_gqa=True, return_lse=variant == "lse")
+        if variant == "kv_range":
+            options["kv_range"] = torch.tensor([[100, 1500], [0, 1200]], dtype=torch.int32, device="cuda")
+        results = []
+        for seed in (5, 6):
+            q, k, v = inputs(b=2, h=8, kvh=2, q_len=1500, d=128, device="cuda")
+            plan = random_plan(1500, 1500, 128, 0.3, 8, True, "cuda", torch.Generator(device="cuda").manual_seed(seed))
+            torch.full_like(q, float("nan"))  # poison: freed at once, the allocator hands this block out next
+            kept = triton_block_sparse_attention(q, k, v, plan, check_plan=False, **options)
+            assert len(hopper_launch._LAUNCHES) == 1
+            bound = triton_block_sparse_attention(q, k, v, plan, path="hopper", **options)
+            if variant == "lse":
+                assert torch.equal(kept[1], bound[1])
+                kept, bound = kept[0], bound[0]
+            assert torch.equal(kept, bound)
+            results.append(kept)
+            expected = oracle(q, k, v, plan, is_causal=True, kv_range=options.get("kv_range"))
+            assert rel_err(kept.cpu(), expected) < tolerance(q.dtype)
+        assert not torch.equal(results[0], results[1])
 
     def test_default_path_is_hopper_and_equals_sdpa_dense(self):
         q, k, v = inputs(h=8, kvh=2, q_len=4096, d=128, dtype=torch.float16, device="cuda")

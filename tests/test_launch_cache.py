@@ -1,0 +1,86 @@
+"""LaunchCache: a kept launch passes the compiling call's arguments in the kernel's order, with each repeat
+call's own per-call values in their slots; entries are per key and the least recently used goes first.
+
+A stand-in kernel records what the binder and the compiled launcher receive (no GPU needed); the Hopper path's
+use of it is tested on the GPU in ``test_hopper_kernel.py``.
+"""
+
+import inspect
+
+import pytest
+
+from dam_compile.kernels.launch_cache import LaunchCache
+
+
+class RecordingKernel:
+    """Looks like a jitted kernel ``(A, x, B, n, FLAG: constexpr = 7)`` to LaunchCache: binding records the call
+    and returns a compiled kernel whose launcher records its grid and positional arguments."""
+
+    def __init__(self):
+        def signature(A, x, B, n, FLAG=7):
+            pass
+        self.__name__ = "kernel"
+        self.params = list(inspect.signature(signature).parameters.values())
+        self.arg_names = [p.name for p in self.params]
+        self.bound, self.launched = [], []
+
+    def __getitem__(self, grid):
+        def bind(**args):
+            self.bound.append((grid, args))
+            return Compiled(self.launched)
+
+        return bind
+
+
+class Compiled:
+    def __init__(self, launched):
+        self.launched = launched
+
+    def __getitem__(self, grid):
+        return lambda *values, stream=None: self.launched.append((grid, values, stream))
+
+
+@pytest.fixture
+def kernel():
+    return RecordingKernel()
+
+
+def make_cache(kernel, maxsize=256):
+    return LaunchCache(kernel, per_call=("A", "B"), maxsize=maxsize)
+
+
+def test_repeat_call_swaps_in_its_own_per_call_values(kernel):
+    cache = make_cache(kernel)
+    cache.launch("k", (3,), dict(A="a0", x=1.5, B="b0", n=10))
+    assert kernel.bound == [((3,), dict(A="a0", x=1.5, B="b0", n=10))]
+    entry = cache.get("k")
+    entry("a1", "b1")
+    entry("a2", "b2", stream=42)
+    # the compiled launcher gets every argument in signature order, defaults filled, grid padded to 3 dims
+    assert kernel.launched == [((3, 1, 1), ("a1", 1.5, "b1", 10, 7), None), ((3, 1, 1), ("a2", 1.5, "b2", 10, 7), 42)]
+    assert len(kernel.bound) == 1  # the binder ran once
+
+
+def test_calls_without_key_are_not_kept_and_keys_are_separate(kernel):
+    cache = make_cache(kernel)
+    cache.launch(None, (1,), dict(A="a", x=0.0, B="b", n=1))
+    assert len(cache) == 0 and cache.get(None) is None
+    cache.launch("k1", (1,), dict(A="a", x=0.0, B="b", n=1))
+    cache.launch("k2", (2, 4), dict(A="a", x=2.0, B="b", n=2, FLAG=9))
+    cache.get("k2")("A", "B")
+    assert kernel.launched[-1] == ((2, 4, 1), ("A", 2.0, "B", 2, 9), None)
+    assert cache.get("k3") is None
+
+
+def test_least_recently_used_entry_is_dropped(kernel):
+    cache = make_cache(kernel, maxsize=2)
+    for key in ("k1", "k2"):
+        cache.launch(key, (1,), dict(A="a", x=0.0, B="b", n=1))
+    assert cache.get("k1") is not None  # k1 now the most recent
+    cache.launch("k3", (1,), dict(A="a", x=0.0, B="b", n=1))
+    assert len(cache) == 2 and cache.get("k2") is None and cache.get("k1") is not None
+
+
+def test_per_call_names_must_be_kernel_arguments(kernel):
+    with pytest.raises(ValueError, match="per_call names \\['C'\\]"):
+        LaunchCache(kernel, per_call=("A", "C"))

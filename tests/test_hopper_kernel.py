@@ -10,7 +10,8 @@ Every launch writes into a NaN-poisoned buffer, so an unwritten element fails ``
 import pytest
 import torch
 
-from dam_compile.kernels import BlockSparsePlan, dense_plan, random_plan, streaming_plan, triton_block_sparse_attention
+from dam_compile.kernels import (BlockSparsePlan, dense_plan, random_plan, sparse_attention, streaming_plan,
+                                 triton_block_sparse_attention)
 from dam_compile.kernels import hopper_launch
 from dam_compile.kernels.hopper_launch import hopper_args, hopper_constants, hopper_unsupported, launch_hopper
 from dam_compile.kernels.launch_common import CallShape
@@ -174,6 +175,19 @@ class TestHopperPath:
             expected = oracle(q, k, v, plan, is_causal=True, kv_range=options.get("kv_range"))
             assert rel_err(kept.cpu(), expected) < tolerance(q.dtype)
         assert not torch.equal(results[0], results[1])
+
+    def test_repeat_op_calls_take_the_kept_launch(self):
+        """Through ``torch.ops.dam.sparse_attention`` (as a compiled model calls it) a repeat call goes straight
+        to the kept launch, before any plan object is built, and computes what the binder's launch does."""
+        hopper_launch._LAUNCHES.clear()
+        for seed in (7, 8):
+            q, k, v = inputs(b=1, h=8, kvh=2, q_len=2048, d=128, device="cuda")
+            plan = random_plan(2048, 2048, 128, 0.2, 8, True, "cuda", torch.Generator(device="cuda").manual_seed(seed))
+            torch.full_like(q, float("nan"))  # poison: freed at once, the allocator hands this block out next
+            kept = sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True)
+            assert len(hopper_launch._LAUNCHES) == 1
+            bound = triton_block_sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True, path="hopper")
+            assert torch.equal(kept, bound)
 
     def test_default_path_is_hopper_and_equals_sdpa_dense(self):
         q, k, v = inputs(h=8, kvh=2, q_len=4096, d=128, dtype=torch.float16, device="cuda")

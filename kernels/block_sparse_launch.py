@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .block_sparse_kernel import block_sparse_attention_fwd
 from .constants import MAX_HEAD_DIM, SUPPORTED_DTYPES
-from .hopper_launch import (CallFlags, call_key, hopper_args, hopper_constants, hopper_unsupported, launch_hopper,
-                            launch_kept)
+from .hopper_launch import (CallFlags, call_key, hopper_args, hopper_constants, hopper_unsupported, kept_launch,
+                            launch_hopper, run_kept)
 from .launch_common import (CallShape, capability, cdiv, interpreting, next_power_of_2, plan_lists, softmax_scale,
                             tma_aligned)
 from .plan import BlockSparsePlan, PlanError
@@ -158,12 +158,14 @@ def triton_block_sparse_attention(
     # passed and Triton's binder (host time: this runs once per layer per forward).
     repeatable = (attn_mask is None and out is None and not check_plan and config is None and use_tma is None
                   and path is None and not plan.has_token_pattern)
+    cache_key = None
     if repeatable:
         lists = (plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices)
         flags = CallFlags(plan.block_size, q_offset, scale, is_causal, enable_gqa, return_lse)
-        result = launch_kept(query, key, value, lists, kv_range, flags)
-        if result is not None:
-            return result
+        cache_key = call_key(query, key, value, lists, kv_range, flags)
+        entry = kept_launch(cache_key)
+        if entry is not None:
+            return run_kept(entry, query, key, value, lists, kv_range, flags)
     shape = _check_call(query, key, value, plan, enable_gqa, kv_range, check_plan, use_tma)
     if out is None:
         out = query.new_empty((shape.batch, shape.heads, shape.q_len, shape.head_dim))
@@ -175,7 +177,7 @@ def triton_block_sparse_attention(
     if _takes_hopper_path(path, query, key, value, plan, attn_mask, config, use_tma):
         launch_hopper(hopper_args(query, key, value, out, lse, plan, shape, kv_range, q_offset, scale),
                       hopper_constants(query.dtype, plan, shape, kv_range, is_causal, return_lse), query.device,
-                      cache_key=call_key(query, key, value, lists, kv_range, flags) if repeatable else None)
+                      cache_key=cache_key)
         return (out, lse) if return_lse else out
     tma = _tma_applies(key, value) if use_tma is None else use_tma
     args = kernel_args(query, key, value, out, lse, plan, shape, attn_mask, kv_range, q_offset, scale, tma)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .constants import LOG2E
 from .block_sparse_launch import dot_options
-from .launch_cache import CachedLaunch, LaunchCache, aligned16
+from .launch_cache import CachedLaunch, LaunchCache, tensors_key
 from .launch_common import cdiv, interpreting, next_power_of_2, sm_count, softmax_scale
 from .reference import check_heads
 
@@ -286,10 +286,8 @@ def _call_key(query: Tensor, key: Tensor, value: Tensor, kv_num_blocks: Tensor, 
     if not query.is_cuda:
         return None
     tensors = (query, key, value, kv_num_blocks, kv_indices) + (() if attn_mask is None else (attn_mask,))
-    if not aligned16(*tensors):
-        return None
-    # The kernels run on the current device, which is the tensors' (as for any launch of a CUDA kernel).
-    return (block_size, scale, enable_gqa, *[(t.dtype, t.get_device(), t.shape, t.stride()) for t in tensors])
+    per_tensor = tensors_key(*tensors)
+    return None if per_tensor is None else (block_size, scale, enable_gqa, per_tensor)
 
 
 def _launch_kept(partials: CachedLaunch, merge: CachedLaunch, query: Tensor, key: Tensor, value: Tensor,

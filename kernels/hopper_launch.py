@@ -16,7 +16,7 @@ import triton
 from torch import Tensor
 from triton.runtime import _allocation, driver
 
-from .launch_cache import LaunchCache, aligned16
+from .launch_cache import CachedLaunch, LaunchCache, tensors_key
 from .launch_common import (CallShape, capability, cdiv, interpreting, plan_lists, sm_count, softmax_scale,
                             tma_aligned)
 from .plan import BlockSparsePlan
@@ -133,10 +133,8 @@ def call_key(query: Tensor, key: Tensor, value: Tensor, lists: tuple[Tensor | No
         query, key, value, counts, indices, full_counts, full_indices)
     if kv_range is not None:
         tensors += (kv_range,)
-    if not aligned16(*tensors):
-        return None
-    # The kernel runs on the current device, which is the tensors' (as for any launch of a CUDA kernel).
-    return (flags, kv_range is None, *[(t.dtype, t.get_device(), t.shape, t.stride()) for t in tensors])
+    per_tensor = tensors_key(*tensors)
+    return None if per_tensor is None else (flags, kv_range is None, per_tensor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,10 +146,19 @@ def launch_kept(query: Tensor, key: Tensor, value: Tensor, lists: tuple[Tensor |
                 kv_range: Tensor | None, flags: CallFlags) -> Tensor | tuple[Tensor, Tensor] | None:
     """A repeat of a call that took the Hopper path (same :func:`call_key`), run through the launch kept for it
     with new output buffers and this call's tensors; ``None`` (nothing launched) for any other call."""
-    cache_key = call_key(query, key, value, lists, kv_range, flags)
-    entry = None if cache_key is None else _LAUNCHES.get(cache_key)
-    if entry is None:
-        return None
+    entry = kept_launch(call_key(query, key, value, lists, kv_range, flags))
+    return None if entry is None else run_kept(entry, query, key, value, lists, kv_range, flags)
+
+
+def kept_launch(cache_key: tuple | None) -> CachedLaunch | None:
+    """The launch kept for ``cache_key`` (:func:`call_key`), if a call with it took the Hopper path before."""
+    return None if cache_key is None else _LAUNCHES.get(cache_key)
+
+
+def run_kept(entry: CachedLaunch, query: Tensor, key: Tensor, value: Tensor, lists: tuple[Tensor | None, ...],
+             kv_range: Tensor | None, flags: CallFlags) -> Tensor | tuple[Tensor, Tensor]:
+    """Run a call through its kept launch: new output buffers, this call's tensors, the plan's list tensors with
+    the strides worked out for the key."""
     (partial_strides, partial_rows), (full_strides, full_rows) = entry.extra
     counts, indices, full_counts, full_indices = lists
     out = query.new_empty(query.shape)

@@ -19,12 +19,17 @@ from typing import Any, Hashable, Sequence
 from torch import Tensor
 
 
-def aligned16(*tensors: Tensor) -> bool:
-    """Whether every tensor's address is a multiple of 16 bytes (what Triton specialises pointers on)."""
+def tensors_key(*tensors: Tensor) -> tuple | None:
+    """The part of a launch key the tensors fix: dtype, device, shape and strides of each, in order; ``None``
+    when some tensor's address is not a multiple of 16 bytes (what Triton specialises pointers on: such calls
+    are neither kept nor served). The kernels run on the current device, which is the tensors' (as for any
+    launch of a CUDA kernel)."""
     addresses = 0
     for t in tensors:
         addresses |= t.data_ptr()
-    return addresses % 16 == 0
+    if addresses % 16:
+        return None
+    return tuple([(t.dtype, t.get_device(), t.shape, t.stride()) for t in tensors])
 
 
 class CachedLaunch:

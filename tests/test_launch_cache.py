@@ -8,8 +8,9 @@ use of it is tested on the GPU in ``test_hopper_kernel.py``.
 import inspect
 
 import pytest
+import torch
 
-from dam_compile.kernels.launch_cache import LaunchCache
+from dam_compile.kernels.launch_cache import LaunchCache, tensors_key
 
 
 class RecordingKernel:
@@ -84,3 +85,11 @@ def test_least_recently_used_entry_is_dropped(kernel):
 def test_per_call_names_must_be_kernel_arguments(kernel):
     with pytest.raises(ValueError, match="per_call names \\['C'\\]"):
         LaunchCache(kernel, per_call=("A", "C"))
+
+
+def test_tensors_key_fixes_layout_and_refuses_misaligned_addresses():
+    a, b = torch.zeros(4, 8), torch.ones(4, 8)
+    assert tensors_key(a, b) == tensors_key(b, a) == tensors_key(torch.empty(4, 8), torch.empty(4, 8))
+    assert tensors_key(a, b) != tensors_key(a, b.t().contiguous().t())  # same shape, other strides
+    assert tensors_key(a, b) != tensors_key(a, b.to(torch.float16))
+    assert tensors_key(a, a.view(-1)[1:]) is None  # 4 bytes past an aligned address

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tqdm import tqdm
@@ -248,24 +249,32 @@ def copy_bandwidth_gbs(bytes_: int = 2**30) -> float:
     return 2 * bytes_ / ms / 1e6
 
 
-def decode_plan_per_kv_head(kv_len: int, block: int, density: float, heads: int, kv_heads: int, gen):
+def decode_plan_per_kv_head(kv_len: int, block: int, density: float, heads: int, kv_heads: int, gen,
+                            window: int = 0):
     """``(counts [1, H, 1], indices [1, H, 1, K], kept blocks per KV head)``: one random set of blocks per KV
-    head (with the first and the last block), shared by the query heads of its group, so the bytes the kernel
-    must read are exactly KVH x kept x block x D x 2 tensors."""
+    head (with the first and the last ``max(1, window)`` blocks: a DAM plan's sink and local window), shared by
+    the query heads of its group, so the bytes the kernel must read are exactly KVH x kept x block x D x 2
+    tensors."""
     nk = -(-kv_len // block)
     keep = max(2, round(density * nk))
     scores = torch.rand(kv_heads, nk, device="cuda", generator=gen)
-    scores[:, 0] = scores[:, -1] = 2.0
+    scores[:, 0] = scores[:, -max(1, window):] = 2.0
     chosen = scores.topk(keep, dim=-1).indices.sort(-1).values.to(torch.int32)
     indices = chosen.repeat_interleave(heads // kv_heads, dim=0)[None, :, None, :].contiguous()
     counts = torch.full((1, heads, 1), keep, dtype=torch.int32, device="cuda")
     return counts, indices, keep
 
 
+# Decode plans: random blocks per KV head at each density, and at 10% a sink and a local window of 32 blocks
+# (4K keys) beside the random ones, as DAM's diagonal patterns keep.
+DECODE_PLANS = tuple(("random", density, 0) for density in DECODE_DENSITIES) + (("sink+window+random", 0.1, 32),)
+
+
 def decode_rows(args: argparse.Namespace) -> list[dict]:
     """The decode kernel over kept blocks, against the copy bandwidth; dense decode through SDPA for scale.
     Kernel times replay a CUDA graph (:func:`graph_ms`: what a decode step costs the GPU, without the host's
-    launch time, which the host part measures); the eager time (``do_bench``) is recorded beside it."""
+    launch time, which the host part measures), beside the earlier flush's (``*_dirty_l2_ms``) and the eager
+    time (``do_bench``)."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     h, kvh, d, block = args.heads, args.kv_heads, args.head_dim, args.block_size
     copy_gbs = copy_bandwidth_gbs()
@@ -277,28 +286,40 @@ def decode_rows(args: argparse.Namespace) -> list[dict]:
         v = torch.randn_like(k)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-            sdpa_ms = graph_ms(dense)
-        for density in DECODE_DENSITIES:
-            counts, indices, keep = decode_plan_per_kv_head(kv_len, block, density, h, kvh, gen)
+            sdpa_ms, sdpa_dirty_ms = graph_ms(dense, (q,)), graph_ms(dense, (q,), dirty_flush=True)
+        dense_fraction = kvh * kv_len * d * 2 * k.element_size() / sdpa_ms / 1e6 / copy_gbs
+        for plan, density, window in DECODE_PLANS:
+            counts, indices, keep = decode_plan_per_kv_head(kv_len, block, density, h, kvh, gen, window)
             decode = lambda: triton_sparse_decode(q, k, v, counts, indices, block, enable_gqa=True)  # noqa: E731
-            ms, eager_ms = graph_ms(decode), bench_ms(decode)
+            ms, eager_ms = graph_ms(decode, (q, counts, indices)), bench_ms(decode)
+            dirty_ms = graph_ms(decode, (q, counts, indices), dirty_flush=True)
             kept_bytes = kvh * min(keep * block, kv_len) * d * 2 * k.element_size()
-            row = {"kv_len": kv_len, "density": keep / -(-kv_len // block), "ours_ms": ms, "ours_eager_ms": eager_ms,
-                   "kept_kv_bytes": kept_bytes, "achieved_gbs": kept_bytes / ms / 1e6, "copy_gbs": copy_gbs,
-                   "bw_fraction": kept_bytes / ms / 1e6 / copy_gbs, "sdpa_flash_dense_ms": sdpa_ms,
-                   "sdpa_dense_bw_fraction": kvh * kv_len * d * 2 * k.element_size() / sdpa_ms / 1e6 / copy_gbs}
+            row = {"kv_len": kv_len, "plan": plan, "density": keep / -(-kv_len // block), "ours_ms": ms,
+                   "ours_dirty_l2_ms": dirty_ms, "ours_eager_ms": eager_ms, "kept_kv_bytes": kept_bytes,
+                   "achieved_gbs": kept_bytes / ms / 1e6, "copy_gbs": copy_gbs,
+                   "bw_fraction": kept_bytes / ms / 1e6 / copy_gbs,
+                   "bw_fraction_dirty_l2": kept_bytes / dirty_ms / 1e6 / copy_gbs, "sdpa_flash_dense_ms": sdpa_ms,
+                   "sdpa_flash_dense_dirty_l2_ms": sdpa_dirty_ms, "sdpa_dense_bw_fraction": dense_fraction}
             rows.append(row)
-            log(f"decode KV={kv_len} d={row['density']:.3f}: {ms * 1e3:.1f} us ({eager_ms * 1e3:.1f} us eager), "
-                f"{row['achieved_gbs']:.0f} GB/s ({row['bw_fraction']:.2f} of copy); flash SDPA dense "
-                f"{sdpa_ms * 1e3:.1f} us")
+            log(f"decode KV={kv_len} {plan} d={row['density']:.3f}: {ms * 1e3:.1f} us ({dirty_ms * 1e3:.1f} dirty L2, "
+                f"{eager_ms * 1e3:.1f} eager), {row['achieved_gbs']:.0f} GB/s ({row['bw_fraction']:.2f} of copy); "
+                f"flash SDPA dense {sdpa_ms * 1e3:.1f} us ({sdpa_dirty_ms * 1e3:.1f} dirty L2)")
         del q, k, v
         torch.cuda.empty_cache()
     return rows
 
 
-def graph_ms(fn, replays: int = 100) -> float:
-    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph, with L2 flushed before each replay
-    (outside the timed span), so the kept blocks come from HBM as in a real decode step."""
+_SPIN_CYCLES = 400_000  # about 200 us of GPU clock: longer than the host takes to queue a replay on a busy VM
+
+
+def graph_ms(fn, inputs: tuple[Tensor, ...] = (), replays: int = 100, dirty_flush: bool = False) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph, as in a decode step: before each
+    replay (outside the timed span) L2 is flushed by reading a 256 MB buffer, so the kept K/V blocks come from
+    HBM, and then ``inputs`` are read back into it, as the step's earlier ops (the query projection, the plan)
+    have just written them; a spin kernel then keeps the GPU busy until the replay is queued (else a slow host
+    adds its gap to the timed span). ``dirty_flush`` flushes by writing the buffer instead (the earlier
+    method): L2 then holds 50+ MB of dirty lines that the timed kernel pays to write back, which no decode step
+    does."""
     stream = torch.cuda.Stream()  # warm up (compile) on a side stream, as CUDA-graph capture asks
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -308,9 +329,16 @@ def graph_ms(fn, replays: int = 100) -> float:
     with torch.cuda.graph(graph):
         fn()
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    sink = torch.empty((), dtype=torch.float32, device="cuda")
     times = []
     for _ in range(replays):
-        flush.zero_()
+        if dirty_flush:
+            flush.zero_()
+        else:
+            torch.sum(flush.view(torch.float32), 0, out=sink)
+        for t in inputs:
+            t.sum(dtype=torch.float32)
+        torch.cuda._sleep(_SPIN_CYCLES)  # the GPU stays busy while the host queues the timed span: no idle gap in it
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -348,10 +376,12 @@ def summarize(rows: list[dict], host: dict | None = None, decode: list[dict] | N
     summary["host_us_8k"] = None if host is None else round(host["host_us"], 1)
     if host is None:
         notes["host_us_8k"] = "the host part was not run"
-    at_128k = [r for r in decode or [] if r["kv_len"] == 131072 and r["density"] < 1.0]
+    at_128k = [r for r in decode or []
+               if r["kv_len"] == 131072 and r["density"] < 1.0 and r.get("plan", "random") == "random"]
     summary["decode_bw_fraction_128k"] = round(max(r["bw_fraction"] for r in at_128k), 3) if at_128k else None
     if at_128k:
-        notes["decode_bw_fraction_128k"] = f"kept blocks at density {at_128k[0]['density']:.3f} of a 128K cache"
+        notes["decode_bw_fraction_128k"] = (f"random kept blocks per KV head at density {at_128k[0]['density']:.3f}"
+                                            " of a 128K cache")
     else:
         notes["decode_bw_fraction_128k"] = "the decode part did not run at 128K KV"
     if all(r is not None and r["time_over_density_x_dense"] is not None for r in sparse[131072]):

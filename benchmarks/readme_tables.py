@@ -64,13 +64,18 @@ def kernel_table(result: dict) -> str:
                       + f"; its GPU time: {host['gpu_us']:.0f} us."]
     if result.get("decode"):
         eager = "ours_eager_ms" in result["decode"][0]  # CUDA-graph kernel times, with the eager call's beside
-        lines += ["", "| decode: KV | density | ours us | kept K/V GB/s | / copy bandwidth | flash SDPA dense us "
-                      "| its fraction |" + (" ours, eager call us |" if eager else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if eager else "")]
+        dirty = "ours_dirty_l2_ms" in result["decode"][0]  # and the time after a flush that leaves L2 dirty
+        lines += ["", "| decode: KV | plan | density | ours us | kept K/V GB/s | / copy bandwidth "
+                      "| flash SDPA dense us | its fraction |" + (" ours / SDPA after a dirtying flush, us |" if dirty else "")
+                      + (" ours, eager call us |" if eager else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if dirty else "") + ("---|" if eager else "")]
         for r in result["decode"]:
-            lines.append(f"| {r['kv_len'] // 1024}K | {r['density']:.3f} | {r['ours_ms'] * 1e3:.1f} | "
-                         f"{r['achieved_gbs']:.0f} | {r['bw_fraction']:.2f} | {r['sdpa_flash_dense_ms'] * 1e3:.1f} | "
-                         f"{r['sdpa_dense_bw_fraction']:.2f} |" + (f" {r['ours_eager_ms'] * 1e3:.1f} |" if eager else ""))
+            lines.append(f"| {r['kv_len'] // 1024}K | {r.get('plan', 'random')} | {r['density']:.3f} | "
+                         f"{r['ours_ms'] * 1e3:.1f} | {r['achieved_gbs']:.0f} | {r['bw_fraction']:.2f} | "
+                         f"{r['sdpa_flash_dense_ms'] * 1e3:.1f} | {r['sdpa_dense_bw_fraction']:.2f} |"
+                         + (f" {r['ours_dirty_l2_ms'] * 1e3:.1f} / {r['sdpa_flash_dense_dirty_l2_ms'] * 1e3:.1f} |"
+                            if dirty else "")
+                         + (f" {r['ours_eager_ms'] * 1e3:.1f} |" if eager else ""))
     lines += ["", *headline_rows(result["summary"], KERNEL_TARGETS, lambda value, note: f"{value}")]
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from .launch_cache import CachedLaunch, LaunchCache, tensors_key
 from .launch_common import (CallShape, capability, cdiv, interpreting, plan_lists, sm_count, softmax_scale,
                             tma_aligned)
 from .plan import BlockSparsePlan
+from .stream_buffers import COUNTERS, StreamBuffers
 
 try:  # Gluon ships with Triton >= 3.5; without it only the portable kernel runs.
     from triton.experimental.gluon import language as gl
@@ -126,7 +127,8 @@ def call_key(query: Tensor, key: Tensor, value: Tensor, lists: tuple[Tensor | No
     ``kv_indices``, ``full_kv_num_blocks``, ``full_kv_indices``, the last two ``None`` without full blocks);
     ``None`` off CUDA or when a tensor is not 16-byte aligned (such calls are neither kept nor served). Equal
     keys: the first call's checks and routing hold for the second."""
-    if not query.is_cuda or _LAUNCHES is None or not _is_hopper(query.get_device()):
+    device = query.get_device()
+    if device < 0 or _LAUNCHES is None or not _is_hopper(device):
         return None
     counts, indices, full_counts, full_indices = lists
     tensors = (query, key, value, counts, indices) if full_counts is None else (
@@ -134,7 +136,7 @@ def call_key(query: Tensor, key: Tensor, value: Tensor, lists: tuple[Tensor | No
     if kv_range is not None:
         tensors += (kv_range,)
     per_tensor = tensors_key(*tensors)
-    return None if per_tensor is None else (flags, kv_range is None, per_tensor)
+    return None if per_tensor is None else (device, flags, kv_range is None, per_tensor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,10 +167,11 @@ def run_kept(entry: CachedLaunch, query: Tensor, key: Tensor, value: Tensor, lis
     lse = query.new_empty(query.shape[:3], dtype=torch.float32) if flags.return_lse else out
     partial = (counts, partial_strides, indices, partial_rows)
     full = partial if full_counts is None else (full_counts, full_strides, full_indices, full_rows)
-    stream = driver.active.get_current_stream(query.get_device())
+    device = query.get_device()
+    stream = driver.active.get_current_stream(device)
     ensure_scratch_allocator()
     entry(query, key, value, out, lse, partial, full, query if kv_range is None else kv_range,
-          _scheduler(query.device, stream), stream=stream)
+          COUNTERS.get(device, stream, 2), stream=stream)
     return (out, lse) if flags.return_lse else out
 
 
@@ -181,35 +184,21 @@ def ensure_scratch_allocator() -> None:
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
-    """One buffer per device and stream, grown as asked: launches on one stream never overlap, and a kernel
-    only uses its scratch while it runs (the caching allocator's blocks are 512-byte aligned; Triton asks for
-    at most 128). Saves an allocation per launch."""
-    key = (torch.cuda.current_device(), stream)
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < size:
-        buffer = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device="cuda")
-    return buffer
+    """Triton's global scratch for a launch: the stream's buffer, grown as asked (a kernel only uses its scratch
+    while it runs; the caching allocator's blocks are 512-byte aligned, Triton asks for at most 128). Saves an
+    allocation per launch."""
+    return _SCRATCH.get(torch.cuda.current_device(), stream, size)
 
 
-_SCRATCH: dict[tuple, Tensor] = {}
+_SCRATCH = StreamBuffers(torch.int8, zeroed=False)
 
 
-def _scheduler(device: torch.device, stream: int | None = None) -> Tensor:
-    """The persistent grid's counter, int32 ``[next item, CTAs done]``: one per device and stream (``stream``: the
-    current stream's raw handle, looked up when ``None``). Launches on one stream never overlap, and the kernel's
-    last CTA zeroes it, so no launch resets it."""
+def _scheduler(device: torch.device) -> Tensor:
+    """The persistent grid's counter, int32 ``[next item, CTAs done]``: the first two of the current stream's
+    :data:`COUNTERS`. The kernel's last CTA zeroes it, so no launch resets it."""
     if device.type != "cuda":  # compiled only (benchmarks/kernel_resources.py): nothing runs, nothing is shared
         return torch.zeros(2, dtype=torch.int32, device=device)
-    if stream is None:
-        stream = driver.active.get_current_stream(device.index)
-    key = (device, stream)
-    counter = _SCHEDULERS.get(key)
-    if counter is None:
-        counter = _SCHEDULERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return counter
-
-
-_SCHEDULERS: dict[tuple, Tensor] = {}
+    return COUNTERS.get(device.index, driver.active.get_current_stream(device.index), 2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,18 +30,20 @@ def test_the_sparse_ratio_divides_by_the_measured_density_times_cudnn_dense():
 def test_a_host_and_decode_run_summarizes_and_renders_without_the_attention_table():
     host = {"seq_len": 8192, "density": 0.1, "host_us": 57.0, "host_us_loops": [57.0] * 5, "gpu_us": 140.0}
     decode = [
-        {"kv_len": 131072, "density": density, "ours_ms": ms, "kept_kv_bytes": 1, "achieved_gbs": 1.0,
+        {"kv_len": 131072, "plan": plan, "density": density, "ours_ms": ms, "kept_kv_bytes": 1, "achieved_gbs": 1.0,
          "copy_gbs": 3000.0, "bw_fraction": fraction, "sdpa_flash_dense_ms": 0.3, "sdpa_dense_bw_fraction": 0.6}
-        for density, ms, fraction in ((1.0, 0.4, 0.9), (0.1, 0.05, 0.55))
+        for plan, density, ms, fraction in (("random", 1.0, 0.4, 0.9), ("random", 0.1, 0.05, 0.55),
+                                            ("sink+window+random", 0.1, 0.04, 0.7))
     ]
     summary = bench_kernel.summarize([], host, decode)
     assert summary["host_us_8k"] == 57.0
-    assert summary["decode_bw_fraction_128k"] == 0.55  # the sparse plan's, not the dense one's
+    # the sparse random plan's, not the dense one's nor the windowed plan's
+    assert summary["decode_bw_fraction_128k"] == 0.55
     assert summary["dense_vs_cudnn_32k"] is None and "not run" in summary["notes"]["dense_vs_cudnn_32k"]
     result = dict(COMMITTED, rows=[], host=host, decode=decode, summary=summary)
     table = readme_tables.kernel_table(result)
     assert "| N | density |" not in table and "57.0 us of CPU per call" in table
-    assert "| 128K | 0.100 | 50.0 |" in table
+    assert "| 128K | random | 0.100 | 50.0 |" in table and "| 128K | sink+window+random | 0.100 | 40.0 |" in table
     assert "| `vs_flex_min` | not measured: N=32K and 128K" in table
 
 
@@ -52,8 +54,11 @@ def test_a_run_with_the_hopper_path_shows_both_kernels_and_graph_decode_times():
     decode = [{"kv_len": 131072, "density": 0.1, "ours_ms": 0.12, "ours_eager_ms": 0.2, "kept_kv_bytes": 1,
                "achieved_gbs": 450.0, "copy_gbs": 4200.0, "bw_fraction": 0.11, "sdpa_flash_dense_ms": 0.15,
                "sdpa_dense_bw_fraction": 0.8}]
+    dirty = [dict(decode[0], plan="random", ours_dirty_l2_ms=0.13, sdpa_flash_dense_dirty_l2_ms=0.16)]
     table = readme_tables.kernel_table(dict(COMMITTED, rows=[row], decode=decode))
     assert "| path | portable Triton kernel ms | Hopper path, one CTA per tile ms |" in table
     assert "| hopper | 1.500 | 1.250 |" in table
-    assert "| 128K | 0.100 | 120.0 | 450 | 0.11 | 150.0 | 0.80 | 200.0 |" in table
+    assert "| 128K | random | 0.100 | 120.0 | 450 | 0.11 | 150.0 | 0.80 | 200.0 |" in table  # a file before plans
+    table = readme_tables.kernel_table(dict(COMMITTED, rows=[row], decode=dirty))
+    assert "| 128K | random | 0.100 | 120.0 | 450 | 0.11 | 150.0 | 0.80 | 130.0 / 160.0 | 200.0 |" in table
     assert "| path |" not in readme_tables.kernel_table(COMMITTED)

@@ -6,7 +6,10 @@ import torch
 from dam_compile.kernels import BlockSparsePlan, PATTERN_PAD
 from dam_compile.kernels.block_estimates import EXACT_ROW_MASS
 from dam_compile.kernels.dam_patterns import HeadPatterns, extended_mask
-from dam_compile.kernels.decode_kernel import merge_decode_partials, merge_partials, triton_sparse_decode
+import triton
+import triton.language as tl
+
+from dam_compile.kernels.decode_kernel import _merge_rows, merge_partials, triton_sparse_decode
 from dam_compile.kernels.decode_plan import decode_block_plan
 from dam_compile.kernels.reference import block_sparse_attention_reference
 
@@ -80,6 +83,22 @@ def test_decode_kernel_long_cache_with_heads_keeping_different_blocks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_decode_kernel_group_sharing_one_list_and_groups_with_equal_counts(device):
+    """A GQA group whose heads keep one list (split by rank in it) and a group whose heads keep as many blocks
+    each but different ones (split by block id), over a cache of 1024 blocks."""
+    b, h, kvh, kv_len, d, block = 1, 8, 2, 1024 * 16, 16, 16
+    q, k, v = qkv(b, h, kvh, kv_len, d, torch.float32, device)
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randperm(1024, generator=g)[:300].sort().values
+    own = [torch.randperm(1024, generator=g)[:300].sort().values for _ in range(4)]
+    indices = torch.stack([shared] * 4 + own).to(torch.int32)[None, :, None]
+    counts = torch.full((1, h, 1), 300, dtype=torch.int32)
+    out = triton_sparse_decode(q, k, v, counts.to(device), indices.to(device), block, enable_gqa=True)
+    expected = dense_oracle(q, k, v, token_allowed(counts, indices, block, kv_len).to(device))
+    assert rel_err(out, expected) < tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_kernel_row_with_no_block_is_zero_and_plans_broadcast(device):
     q, k, v = qkv(2, 4, 2, 64, 16, device=device)
     counts = torch.tensor([[[2]], [[0]]], dtype=torch.int32, device=device)  # [B=2, Hp=1, 1]
@@ -101,20 +120,32 @@ def test_merge_partials_is_softmax_of_the_union():
     assert rel_err(merge_partials(maxima, sums, accs), expected) < 1e-12
 
 
+@triton.jit
+def _merge_kernel(PartMax, PartSum, PartAcc, Out, rows, splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ROWS: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    first = tl.program_id(0) * ROWS
+    _merge_rows(PartMax, PartSum, PartAcc, Out, first, tl.minimum(rows - first, ROWS), splits, HEAD_DIM, BLOCK_D,
+                ROWS, SPLIT_CHUNK)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("splits, head_dim, chunk", [(5, 64, 8), (8, 96, 8), (1, 128, 1), (37, 128, 8)])
-def test_merge_kernel_equals_pytorch_merge(device, splits, head_dim, chunk):
-    """The one-launch merge equals merge_partials, with empty splits (max -inf, sum 0) and a row with none,
-    reading the splits in one chunk or several."""
+@pytest.mark.parametrize("splits, head_dim, chunk, rows_at_once",
+                         [(5, 64, 8, 8), (8, 96, 8, 4), (1, 128, 1, 2), (37, 128, 8, 4), (37, 128, 64, 8)])
+def test_kernel_merge_equals_pytorch_merge(device, splits, head_dim, chunk, rows_at_once):
+    """The decode kernel's merge (run by the last program of a KV head, for the group's rows at once) equals
+    merge_partials, with empty splits (max -inf, sum 0), a row with none and one whose first chunk is empty,
+    reading the splits in one chunk or several, the last group of rows cut short."""
     rows, block_d = 6, 128
     maxima = torch.randn(rows, splits, device=device) * 4
     sums = torch.rand(rows, splits, device=device) + 0.5
     accs = torch.randn(rows, splits, block_d, device=device)
     maxima[1, 0], sums[1, 0], accs[1, 0] = float("-inf"), 0.0, 0.0
     maxima[4], sums[4], accs[4] = float("-inf"), 0.0, 0.0
+    maxima[5, :chunk], sums[5, :chunk], accs[5, :chunk] = float("-inf"), 0.0, 0.0
+    maxima[5, -1], sums[5, -1], accs[5, -1] = 1.0, 1.0, 1.0  # ... but not its last split
     out = torch.full((rows, head_dim), float("nan"), dtype=torch.bfloat16, device=device)
-    merge_decode_partials[(rows,)](maxima, sums, accs, out, splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                   SPLIT_CHUNK=chunk)
+    _merge_kernel[(-(-rows // rows_at_once),)](maxima, sums, accs, out, rows, splits, HEAD_DIM=head_dim,
+                                               BLOCK_D=block_d, ROWS=rows_at_once, SPLIT_CHUNK=chunk)
     expected = merge_partials(maxima.double(), sums.double(), accs[..., :head_dim].double())
     assert torch.equal(out[4].float(), torch.zeros(head_dim, device=device))
     assert rel_err(out.float(), expected.float()) < tolerance(torch.bfloat16)

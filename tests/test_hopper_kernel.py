@@ -126,6 +126,25 @@ class TestHopperPath:
                            torch.zeros(2, dtype=torch.int32))
         assert rel_err(outs[0][0].cpu(), oracle(q, k, v, plan, is_causal=True)) < tolerance(q.dtype)
 
+    @pytest.mark.parametrize("persistent", [True, False])
+    def test_work_order_covers_several_bands(self, persistent):
+        """Long enough for the work order's bands of query tiles (two whole, one cut short) over two batches and
+        two KV heads: every row is written once (the buffer is poisoned), as the portable kernel computes it."""
+        from dam_compile.kernels.hopper_block_sparse_kernel import Q_BAND  # Gluon: imported on Hopper only
+
+        b, h, kvh, d = 2, 4, 2, 64
+        n = 2 * hopper_launch.CONSUMERS * hopper_launch.BLOCK_M * Q_BAND.value + 300
+        q, k, v = inputs(b=b, h=h, kvh=kvh, q_len=n, d=d, device="cuda")
+        plan = plan_of("0.05", n, n, h, True)
+        shape = CallShape(b, h, n, d, kvh, n)
+        out, lse = torch.full_like(q, float("nan")), torch.full((b, h, n), float("nan"), device="cuda")
+        launch_hopper(hopper_args(q, k, v, out, lse, plan, shape, None, 0, None),
+                      hopper_constants(q.dtype, plan, shape, None, True, True), q.device, persistent=persistent)
+        portable_out, portable_lse = run_path("portable", q, k, v, plan, is_causal=True)
+        assert rel_err(out.float(), portable_out.float()) < tolerance(q.dtype)
+        finite = torch.isfinite(portable_lse)
+        assert torch.equal(torch.isfinite(lse), finite) and rel_err(lse[finite], portable_lse[finite]) < 1e-3
+
     def test_replays_from_a_cuda_graph(self):
         """mode="reduce-overhead" replays the launch: the counter the persistent grid shares must be zero again
         at every replay, or a replay would skip work items (and leave the NaN poison)."""

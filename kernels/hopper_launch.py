@@ -171,7 +171,7 @@ def run_kept(entry: CachedLaunch, query: Tensor, key: Tensor, value: Tensor, lis
     stream = driver.active.get_current_stream(device)
     ensure_scratch_allocator()
     entry(query, key, value, out, lse, partial, full, query if kv_range is None else kv_range,
-          COUNTERS.get(device, stream, 2), stream=stream)
+          COUNTERS.get(device, stream, _SCHEDULER_SLOTS), stream=stream)
     return (out, lse) if flags.return_lse else out
 
 
@@ -197,8 +197,11 @@ def _scheduler(device: torch.device) -> Tensor:
     """The persistent grid's counter, int32 ``[next item, CTAs done]``: the first two of the current stream's
     :data:`COUNTERS`. The kernel's last CTA zeroes it, so no launch resets it."""
     if device.type != "cuda":  # compiled only (benchmarks/kernel_resources.py): nothing runs, nothing is shared
-        return torch.zeros(2, dtype=torch.int32, device=device)
-    return COUNTERS.get(device.index, driver.active.get_current_stream(device.index), 2)
+        return torch.zeros(_SCHEDULER_SLOTS, dtype=torch.int32, device=device)
+    return COUNTERS.get(device.index, driver.active.get_current_stream(device.index), _SCHEDULER_SLOTS)
+
+
+_SCHEDULER_SLOTS = 2  # the persistent grid's counters: next item, CTAs done
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,6 +55,8 @@ def kernel_table(result: dict) -> str:
             f"| {'-' if efficiency is None else f'{efficiency:.2f}'} |"
             + (f" {r['path']} | {r['portable_ms']:.3f} | {_ms(r.get('per_tile_grid_ms'))} |" if both_paths else "")
         )
+    if result.get("items"):
+        lines += ["", *item_cost_table(result["items"])]
     if result.get("host"):
         host = result["host"]
         lines += ["", f"Host time through `torch.ops.dam.sparse_attention` at {host['seq_len'] // 1024}K, density "
@@ -65,19 +67,40 @@ def kernel_table(result: dict) -> str:
     if result.get("decode"):
         eager = "ours_eager_ms" in result["decode"][0]  # CUDA-graph kernel times, with the eager call's beside
         dirty = "ours_dirty_l2_ms" in result["decode"][0]  # and the time after a flush that leaves L2 dirty
+        ceiling = "read_ceiling_ms" in result["decode"][0]  # and a kernel that only reads the kept blocks
         lines += ["", "| decode: KV | plan | density | ours us | kept K/V GB/s | / copy bandwidth "
-                      "| flash SDPA dense us | its fraction |" + (" ours / SDPA after a dirtying flush, us |" if dirty else "")
+                      "| flash SDPA dense us | its fraction |"
+                      + (" reading the kept blocks alone, us (/ copy) |" if ceiling else "")
+                      + (" ours / SDPA after a dirtying flush, us |" if dirty else "")
                       + (" ours, eager call us |" if eager else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if dirty else "") + ("---|" if eager else "")]
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if ceiling else "") + ("---|" if dirty else "")
+                  + ("---|" if eager else "")]
         for r in result["decode"]:
             lines.append(f"| {r['kv_len'] // 1024}K | {r.get('plan', 'random')} | {r['density']:.3f} | "
                          f"{r['ours_ms'] * 1e3:.1f} | {r['achieved_gbs']:.0f} | {r['bw_fraction']:.2f} | "
                          f"{r['sdpa_flash_dense_ms'] * 1e3:.1f} | {r['sdpa_dense_bw_fraction']:.2f} |"
+                         + (f" {r['read_ceiling_ms'] * 1e3:.1f} ({r['read_ceiling_fraction']:.2f}) |"
+                            if ceiling else "")
                          + (f" {r['ours_dirty_l2_ms'] * 1e3:.1f} / {r['sdpa_flash_dense_dirty_l2_ms'] * 1e3:.1f} |"
                             if dirty else "")
                          + (f" {r['ours_eager_ms'] * 1e3:.1f} |" if eager else ""))
     lines += ["", *headline_rows(result["summary"], KERNEL_TARGETS, lambda value, note: f"{value}")]
     return "\n".join(lines)
+
+
+def item_cost_table(items: dict) -> list[str]:
+    """The items part: times per fixed blocks-per-row plan, and the fitted cost per work item and per block."""
+    n = items["rows"][0]["seq_len"]
+    lines = [f"| items: N={n // 1024}K, blocks per row | work items | kept blocks | ours ms | FlexAttention ms |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['blocks_per_row']} | {r['items']} | {r['kept_blocks']} | {r['ours_ms']:.3f} | {r['flex_ms']:.3f} |"
+              for r in items["rows"]]
+    fit = items["fit"]
+    lines += ["", f"Fitted (least squares of time over kept blocks, times the {items['sms']} SMs): "
+              + "; ".join(f"{label} {fit[name]['per_item_sm_us']:.2f} SM-us per work item and "
+                          f"{fit[name]['per_block_sm_us']:.2f} per kept block"
+                          for name, label in (("ours", "ours"), ("flex", "FlexAttention"))) + "."]
+    return lines
 
 
 def _ms(value: float | None) -> str:

@@ -12,7 +12,7 @@ if __name__ == "dam_compile.kernels":
     from .ops import sparse_attention
     from .plan import PATTERN_PAD, BlockSparsePlan, PlanError, num_blocks
     from .reference import block_sparse_attention_reference, plan_density, token_mask
-    from .structured_plans import causal_block_tables, dense_plan, random_plan, streaming_plan
+    from .structured_plans import causal_block_tables, dense_plan, fixed_count_plan, random_plan, streaming_plan
     from .token_pattern import pattern_bitmaps
 
     __all__ = [
@@ -24,6 +24,7 @@ if __name__ == "dam_compile.kernels":
         "block_sparse_attention_reference",
         "causal_block_tables",
         "dense_plan",
+        "fixed_count_plan",
         "num_blocks",
         "pattern_bitmaps",
         "plan_density",

@@ -16,8 +16,8 @@ runs three partitions that talk through mbarriers:
 - two **consumers** (one warpgroup each, ``BLOCK_M`` query rows each, most of the registers) run the online
   softmax with ``warpgroup_mma``. Each overlaps its own work FlashAttention-3 style: it issues ``Q K_j^T`` and
   the previous tile's ``P V_{j-1}`` together and runs the softmax of tile ``j`` while ``P V_{j-1}`` is still on
-  the tensor cores; the two warpgroups run independently, so one's softmax also hides under the other's
-  matrix products.
+  the tensor cores; and the two take turns to issue their products (FlashAttention-3's ping-pong), so one's
+  softmax runs while the other's products hold the tensor cores.
 
 The key tiles of one plan row are visited in one flat loop of ``count * PLAN_BLOCK // BLOCK_N`` steps; a step
 masks its scores only where it must (a partial block: causality and the keys' bounds; a full block cut by the
@@ -123,7 +123,7 @@ def _load_partition(args, SHAPE: gl.constexpr, MODE: gl.constexpr):
     descs, bufs, bars, problem, sched = args
     desc_q, desc_k, desc_v, out_args = descs
     q_bufs, k_bufs, v_bufs, item_slots = bufs
-    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns = bars
     kv_len = problem[3]
     n_items = problem[6] * problem[7]
     BLOCK_M: gl.constexpr = SHAPE[1]
@@ -197,13 +197,28 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
+def _take_turn(turns, taken, HALF: gl.constexpr):
+    """Wait until it is this consumer's turn to issue matrix products: the consumers take turns (FlashAttention-3's
+    ping-pong), so one's softmax runs while the other's products hold the tensor cores. The first consumer's first
+    turn is free (a fresh barrier counts as a completed phase for the parity before it)."""
+    mbarrier.wait(turns.index(HALF), (taken & 1) ^ (1 - HALF))
+
+
+@gluon.jit
+def _pass_turn(turns, taken, HALF: gl.constexpr):
+    """Hand the turn to the other consumer once this one's products are issued; returns the turns taken."""
+    mbarrier.arrive(turns.index(1 - HALF), count=1)
+    return taken + 1
+
+
+@gluon.jit
 def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
     """One consumer warpgroup: for each work item the loader hands over (until an index past the end), rows
     ``[q_start + HALF * BLOCK_M, + BLOCK_M)`` of the tile through every key tile the loader streams; writes
     their output (and log-sum-exp)."""
     descs, bufs, bars, problem, sched = args
     q_bufs, k_bufs, v_bufs, item_slots = bufs
-    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns = bars
     kv_len, q_offset, qk_scale = problem[3], problem[4], problem[5]
     n_items = problem[6] * problem[7]
     BLOCK_M: gl.constexpr = SHAPE[1]
@@ -225,6 +240,7 @@ def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
     item_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     done = 0
     t = 0
+    taken = 0  # turns at the tensor cores so far
     mbarrier.wait(q_ready.index(0), 0)
     item = gl.max(item_slots.index(0).load(item_layout), 0)
     while item < n_items:
@@ -243,8 +259,10 @@ def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
             start_n, needs_mask = _key_start(0, work, kv_len, SHAPE, MODE)
             slot = done % NUM_STAGES
             mbarrier.wait(k_ready.index(slot), (done // NUM_STAGES) & 1)
+            _take_turn(turns, taken, HALF)
             s = warpgroup_mma(q, k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
+            taken = _pass_turn(turns, taken, HALF)
             s = warpgroup_mma_wait(0, deps=(s,))
             mbarrier.arrive(k_empty.index(slot), count=1)
             if needs_mask:
@@ -256,10 +274,12 @@ def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
                 prev = (done + step - 1) % NUM_STAGES
                 start_n, needs_mask = _key_start(step, work, kv_len, SHAPE, MODE)
                 mbarrier.wait(k_ready.index(slot), ((done + step) // NUM_STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((done + step - 1) // NUM_STAGES) & 1)
+                _take_turn(turns, taken, HALF)
                 s = warpgroup_mma(q, k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((done + step - 1) // NUM_STAGES) & 1)
                 o = warpgroup_mma(p, v_bufs.index(prev).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+                taken = _pass_turn(turns, taken, HALF)
                 # Groups retire in order: one left outstanding is P V, so the scores are ready.
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(slot), count=1)
@@ -272,7 +292,9 @@ def _consume(args, SHAPE: gl.constexpr, MODE: gl.constexpr, HALF: gl.constexpr):
                 p = gl.convert_layout(p_next.to(dtype), p_layout)
             last = (done + n_steps - 1) % NUM_STAGES
             mbarrier.wait(v_ready.index(last), ((done + n_steps - 1) // NUM_STAGES) & 1)
+            _take_turn(turns, taken, HALF)
             o = warpgroup_mma(p, v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+            taken = _pass_turn(turns, taken, HALF)
             o = warpgroup_mma_wait(0, deps=(o,))
             mbarrier.arrive(v_empty.index(last), count=1)
         mbarrier.arrive(q_empty.index(q_slot), count=1)  # every score of this tile is computed
@@ -350,9 +372,12 @@ def hopper_block_sparse_fwd(
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(Q_SLOTS):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
+    for i in gl.static_range(CONSUMERS):
+        mbarrier.init(turns.index(i), count=1)  # the other consumer's hand-over
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -366,7 +391,7 @@ def hopper_block_sparse_fwd(
     MODE: gl.constexpr = (IS_CAUSAL, WRITE_LSE, HAS_KV_RANGE, HAS_FULL)
     # Every partition takes the same argument tuple (worker partitions must share one signature).
     args = ((desc_q, desc_k, desc_v, out_args), (q_bufs, k_bufs, v_bufs, item_slots),
-            (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty), problem, Sched)
+            (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns), problem, Sched)
     gl.warp_specialize([
         (_consume_first_half, (args, SHAPE, MODE)),
         (_consume_second_half, (args, SHAPE, MODE)),

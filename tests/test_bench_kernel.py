@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_kernel  # noqa: E402
@@ -62,3 +64,35 @@ def test_a_run_with_the_hopper_path_shows_both_kernels_and_graph_decode_times():
     table = readme_tables.kernel_table(dict(COMMITTED, rows=[row], decode=dirty))
     assert "| 128K | random | 0.100 | 120.0 | 450 | 0.11 | 150.0 | 0.80 | 130.0 / 160.0 | 200.0 |" in table
     assert "| path |" not in readme_tables.kernel_table(COMMITTED)
+
+
+def test_the_item_fit_separates_the_cost_per_work_item_from_the_cost_per_block():
+    """Times made of 3 SM-us per item and 1.5 per kept block over 132 SMs give back those costs, and render."""
+    items, sms = 8192, 132
+    rows = [{"seq_len": 32768, "blocks_per_row": k, "items": items, "kept_blocks": items * k,
+             "ours_ms": (3.0 * items + 1.5 * items * k) / sms / 1e3,
+             "flex_ms": (5.0 * items + 2.0 * items * k) / sms / 1e3} for k in (2, 4, 8, 16)]
+    fit = bench_kernel.item_fit(rows, "ours", sms)
+    assert abs(fit["per_item_sm_us"] - 3.0) < 1e-6 and abs(fit["per_block_sm_us"] - 1.5) < 1e-6
+    fits = {name: bench_kernel.item_fit(rows, name, sms) for name in ("ours", "flex")}
+    result = {"rows": rows, "sms": sms, "fit": fits}
+    table = "\n".join(readme_tables.item_cost_table(result))
+    assert "| 4 | 8192 | 32768 |" in table
+    assert "ours 3.00 SM-us per work item and 1.50 per kept block; FlexAttention 5.00" in table
+
+
+def test_the_read_ceiling_kernel_reads_exactly_the_kept_blocks_of_each_split():
+    from read_ceiling import KeptBlockReader
+
+    torch.manual_seed(0)
+    key, value = torch.randn(1, 2, 512, 16), torch.randn(1, 2, 512, 16)
+    lists = torch.tensor([[0, 3, 4, 6, 7], [1, 2, 5, 6, 7]], dtype=torch.int32)  # 5 of 8 blocks of 64 keys
+    reader = KeptBlockReader(key, value, lists, 64)
+    out = reader().view(2, reader.splits)
+    for kvh in range(2):
+        for split in range(reader.splits):
+            blocks = lists[kvh, split::reader.splits].tolist()
+            keys = [slice(b * 64, (b + 1) * 64) for b in blocks]
+            expected = sum((key[0, kvh, rows] * value[0, kvh, rows]).sum() for rows in keys)
+            assert torch.allclose(out[kvh, split], torch.as_tensor(expected, dtype=torch.float32), atol=1e-3)
+    assert reader.counts.sum().item() == lists.numel()

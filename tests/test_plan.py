@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dam_compile.kernels import BlockSparsePlan, PlanError, causal_block_tables, dense_plan, streaming_plan, token_mask
+from dam_compile.kernels import (BlockSparsePlan, PlanError, causal_block_tables, dense_plan, fixed_count_plan,
+                                streaming_plan, token_mask)
 from dam_compile.kernels.reference import plan_density
 
 
@@ -94,3 +95,25 @@ def test_streaming_plan_keeps_sink_and_local_window(is_causal):
         total += len(expected)
     assert plan_density(plan, q_len, kv_len, is_causal) == pytest.approx(total / visible.sum().item())
     assert total < visible.sum().item() * 0.75
+
+
+@pytest.mark.parametrize("blocks_per_row", [1, 3, 8])
+def test_fixed_count_plan_keeps_that_many_visible_blocks_per_row_with_sink_and_diagonal(blocks_per_row):
+    q_len = kv_len = 200
+    plan = fixed_count_plan(q_len, kv_len, 16, blocks_per_row, 3, True, generator=torch.Generator().manual_seed(0))
+    plan.validate(batch=1, heads=3, q_len=q_len, kv_len=kv_len)
+    partial, full = plan.block_tables(kv_len)
+    kept = partial | full
+    visible, full_table = causal_block_tables(q_len, kv_len, 16, True)
+    assert not (kept & ~visible).any() and not (full & ~full_table).any() and not (partial & full_table).any()
+    rows = torch.arange(visible.shape[0])
+    assert kept[..., 0].all() and kept[..., rows, rows].all()  # the sink column and the diagonal block
+    expected = visible.sum(-1).clamp(max=blocks_per_row).clamp(min=torch.where(rows > 0, 2, 1))
+    assert torch.equal(kept.sum(-1), expected.expand(1, 3, -1))
+    if blocks_per_row == 8:  # the random blocks differ between heads
+        assert not torch.equal(kept[0, 0], kept[0, 1])
+
+
+def test_fixed_count_plan_rejects_a_count_below_one():
+    with pytest.raises(ValueError, match="blocks_per_row"):
+        fixed_count_plan(64, 64, 16, 0, 2)

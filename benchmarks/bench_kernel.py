@@ -331,6 +331,11 @@ def decode_rows(args: argparse.Namespace) -> list[dict]:
     h, kvh, d, block = args.heads, args.kv_heads, args.head_dim, args.block_size
     copy_gbs = copy_bandwidth_gbs()
     log(f"copy bandwidth {copy_gbs:.0f} GB/s")
+
+    def of_copy(bytes_: int, ms: float) -> float:
+        """Bytes moved in ``ms`` as a fraction of the copy bandwidth."""
+        return bytes_ / ms / 1e6 / copy_gbs
+
     rows = []
     for kv_len in args.decode_kv:
         q = torch.randn(1, h, 1, d, device="cuda", dtype=torch.bfloat16)
@@ -339,7 +344,7 @@ def decode_rows(args: argparse.Namespace) -> list[dict]:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
             sdpa_ms, sdpa_dirty_ms = graph_ms(dense, (q,)), graph_ms(dense, (q,), dirty_flush=True)
-        dense_fraction = kvh * kv_len * d * 2 * k.element_size() / sdpa_ms / 1e6 / copy_gbs
+        dense_fraction = of_copy(kvh * kv_len * d * 2 * k.element_size(), sdpa_ms)
         for plan, density, window in DECODE_PLANS:
             counts, indices, keep = decode_plan_per_kv_head(kv_len, block, density, h, kvh, gen, window)
             decode = lambda: triton_sparse_decode(q, k, v, counts, indices, block, enable_gqa=True)  # noqa: E731
@@ -351,9 +356,8 @@ def decode_rows(args: argparse.Namespace) -> list[dict]:
             row = {"kv_len": kv_len, "plan": plan, "density": keep / -(-kv_len // block), "ours_ms": ms,
                    "ours_dirty_l2_ms": dirty_ms, "ours_eager_ms": eager_ms, "kept_kv_bytes": kept_bytes,
                    "achieved_gbs": kept_bytes / ms / 1e6, "copy_gbs": copy_gbs,
-                   "bw_fraction": kept_bytes / ms / 1e6 / copy_gbs,
-                   "bw_fraction_dirty_l2": kept_bytes / dirty_ms / 1e6 / copy_gbs,
-                   "read_ceiling_ms": ceiling_ms, "read_ceiling_fraction": kept_bytes / ceiling_ms / 1e6 / copy_gbs,
+                   "bw_fraction": of_copy(kept_bytes, ms), "bw_fraction_dirty_l2": of_copy(kept_bytes, dirty_ms),
+                   "read_ceiling_ms": ceiling_ms, "read_ceiling_fraction": of_copy(kept_bytes, ceiling_ms),
                    "sdpa_flash_dense_ms": sdpa_ms,
                    "sdpa_flash_dense_dirty_l2_ms": sdpa_dirty_ms, "sdpa_dense_bw_fraction": dense_fraction}
             rows.append(row)

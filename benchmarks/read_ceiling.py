@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dam_compile.kernels.decode_kernel import _STAGES, _TILE_KEYS, decode_splits
+from dam_compile.kernels.launch_common import interpreting
 
 
 @triton.jit
@@ -61,10 +62,9 @@ class KeptBlockReader:
 
     def __call__(self) -> Tensor:
         """``[KVH * splits]`` float32: each program's sum of ``K * V`` over its blocks."""
-        interpreting = not self.key.is_cuda
         _read_kept_blocks[(self.key.shape[1], self.splits)](
             self.key, self.value, self.table, self.counts, self.out, self.key.stride(1), self.key.stride(2),
             self.splits, RANGE=self.range, PLAN_BLOCK=self.block_size,
             BLOCK_N=min(self.block_size, _TILE_KEYS), HEAD_DIM=self.key.shape[-1],
-            STAGES=1 if interpreting else _STAGES, num_warps=1 if interpreting else 4)
+            STAGES=1 if interpreting() else _STAGES, num_warps=1 if interpreting() else 4)
         return self.out

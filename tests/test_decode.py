@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from dam_compile.kernels import BlockSparsePlan, PATTERN_PAD
 from dam_compile.kernels.block_estimates import EXACT_ROW_MASS
 from dam_compile.kernels.dam_patterns import HeadPatterns, extended_mask
-import triton
-import triton.language as tl
-
 from dam_compile.kernels.decode_kernel import _merge_rows, merge_partials, triton_sparse_decode
 from dam_compile.kernels.decode_plan import decode_block_plan
 from dam_compile.kernels.reference import block_sparse_attention_reference

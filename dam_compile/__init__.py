@@ -9,25 +9,34 @@ import sys as _sys
 from pathlib import Path as _Path
 
 
-def _map_checkout_subpackages() -> None:
-    """In a source checkout, ``passes/`` and ``kernels/`` sit beside this folder (installed, they sit inside
-    it). Load them as ``dam_compile.passes`` / ``dam_compile.kernels`` so that code run from the checkout root,
-    where Python finds this folder before the installed package, imports the same modules."""
+# Where each subpackage's module is: passes/ and kernels/ have no __init__.py (see their _package.py), so Python
+# never imports them by itself, under our name or a top-level one.
+_SUBPACKAGE_MODULE = "_package.py"
+
+
+def _load_subpackages() -> None:
+    """Load ``kernels/`` and ``passes/`` as ``dam_compile.kernels`` / ``dam_compile.passes``: inside this folder
+    when installed, beside it in a source checkout (a clone's root on ``sys.path``, or an editable install)."""
     here = _Path(__file__).parent
     for sub in ("kernels", "passes"):  # kernels first: passes imports it
-        init = here.parent / sub / "__init__.py"
-        if (here / sub).is_dir() or not init.is_file() or f"{__name__}.{sub}" in _sys.modules:
+        name = f"{__name__}.{sub}"
+        if name in _sys.modules:
             continue
+        folder = here / sub if (here / sub).is_dir() else here.parent / sub
         spec = _importlib_util.spec_from_file_location(
-            f"{__name__}.{sub}", init, submodule_search_locations=[str(init.parent)]
+            name, folder / _SUBPACKAGE_MODULE, submodule_search_locations=[str(folder)]
         )
         module = _importlib_util.module_from_spec(spec)
-        _sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        _sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del _sys.modules[name]
+            raise
         globals()[sub] = module
 
 
-_map_checkout_subpackages()
+_load_subpackages()
 
 from .calibration import calibrate
 from .compile_backend import backend, clear_graph_reports, dam_backend, graph_reports

@@ -1,6 +1,11 @@
 """FX graph passes of dam-compile, one step per module: find SDPA, decide, read a size-only causal mask as
 ``is_causal`` (``causal_mask``), read K/V before ``repeat_kv`` (``gqa``), insert mask generation, rewrite,
-verify; ``pipeline`` chains them."""
+verify; ``pipeline`` chains them.
+
+This file is the package module itself, loaded as ``dam_compile.passes`` by ``dam_compile/__init__.py``. The folder
+has no ``__init__.py`` on purpose: a clone's root on ``sys.path`` must not make it a top-level ``passes``
+(HuggingFace's hub-kernels package is ``kernels``, and transformers imports it).
+"""
 
 from .causal_mask import read_causal_mask
 from .decide import Decision, decide

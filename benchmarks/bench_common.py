@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -21,6 +22,24 @@ def bench_ms(fn, expected_ms: float | None = None) -> float:
     runs get fewer repeats; at least ~8 timed runs everywhere."""
     rep = 400 if expected_ms is None else max(400, 8 * expected_ms)
     return triton.testing.do_bench(fn, warmup=max(50, 2 * (expected_ms or 0)), rep=rep, return_mode="median")
+
+
+def int_list(text: str) -> list[int]:
+    """``"4096,8192"`` -> ``[4096, 8192]`` (empty entries skipped: ``""`` is none)."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_with_smoke(parser: argparse.ArgumentParser, argv: list[str] | None, smoke: dict,
+                     variants: tuple[str, ...]) -> argparse.Namespace:
+    """Parse ``argv`` with ``--smoke``'s defaults applied when it is given (options beside it still apply), and
+    ``--variants`` checked against ``variants``."""
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**smoke)
+    args = parser.parse_args(argv)
+    unknown = set(filter(None, args.variants.split(","))) - set(variants)
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
+    return args
 
 
 def run_metadata(benchmark: str) -> dict:

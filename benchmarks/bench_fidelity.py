@@ -46,16 +46,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, median
+from statistics import mean
 from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 import fidelity_tasks as ft
-from bench_common import RESULTS, gpu_tag, merged_header, result_path, run_metadata, write_result
+from bench_common import (RESULTS, gpu_tag, int_list, merged_header, parse_with_smoke, result_path, run_metadata,
+                          write_result)
 from fidelity_variants import BASELINES, BaselineAttention
 from fidelity_weights import load_weights, save_weights
+from prefill_timing import compiled_forward, dense_baselines, prefill_ms
 
 import dam_compile
 from dam_compile.config import DAMConfig
@@ -118,12 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", type=Path, metavar="PART",
                    help="merge part files (variants, lengths or seeds of one recipe) into one results file")
     p.add_argument("--out", type=Path)
-    if "--smoke" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(**SMOKE)  # options given beside --smoke still apply
-    args = p.parse_args(argv)
-    unknown = set(filter(None, args.variants.split(","))) - set(VARIANTS)
-    if unknown:
-        p.error(f"--variants: unknown {', '.join(sorted(unknown))}")
+    args = parse_with_smoke(p, argv, SMOKE, VARIANTS)
     if args.eval_only and args.train_only:
         p.error("--eval-only and --train-only exclude each other")
     if args.quick:
@@ -131,14 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+SMOKE_DEFAULT_DENSITY = 0.3
 # The CPU pipeline check's sizes: every stage runs, nothing is claimed.
 SMOKE = dict(lengths="256,512", check_lengths="256,512", train_lengths="256,512", train_steps=16, train_tokens=1024,
              extra_steps=4, max_train_rounds=1, samples=1, check_samples=1, densities="0.3", pcl=64, block_size=16,
              holdout_len=256, timing_runs=1)
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def model_config(smoke: bool):
@@ -444,6 +438,9 @@ def dam_options(variant: Variant, args: argparse.Namespace, profile, device: str
         options["kernel"] = "reference"
     if args.smoke:
         options["inner_backend"] = "eager"  # the smoke checks the pipeline; Inductor's CPU compile is minutes
+        # The smoke's barely trained model attends uniformly, so the default keeps every block for 0.99 of the
+        # mass: a cap makes its plans sparse, which is what the pipeline check needs.
+        options["density"] = SMOKE_DEFAULT_DENSITY
     if args.block_size:
         options["block_size"] = args.block_size
     if variant.name == "dam-pooled":
@@ -453,21 +450,6 @@ def dam_options(variant: Variant, args: argparse.Namespace, profile, device: str
     elif variant.name == "dam-calibrated-hybrid":
         options.update(mask_source="calibrated", profile=profile)
     return options
-
-
-@contextlib.contextmanager
-def compiled_forward(model, options: dict | None) -> Iterator[None]:
-    """``model.forward`` compiled with the ``dam`` backend (``None``: with Inductor), once for every length
-    (``dynamic=True``); ``generate()`` then runs it for the prefill and every decode step. Dynamo's caches are
-    reset before and after, so no graph of another variant is reused."""
-    torch._dynamo.reset()
-    backend = "inductor" if options is None else dam_compile.backend(**options)
-    model.forward = torch.compile(model.forward, backend=backend, dynamic=True)
-    try:
-        yield
-    finally:
-        model.__dict__.pop("forward", None)
-        torch._dynamo.reset()
 
 
 def calibrated_profile(model, args: argparse.Namespace, device: str) -> tuple[object, dict]:
@@ -568,40 +550,6 @@ def progress(seed: int, variant: Variant, length: int, rows: list[dict], seconds
 
 
 # ---- speed ---------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def prefill_ms(model, ids: torch.Tensor, runs: int) -> float:
-    """Median milliseconds of one prefill (``use_cache=False``, ``logits_to_keep=1``: what the first token
-    needs) after two warmup calls (compiles included there)."""
-    def run():
-        return model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-    run(), run()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return median(times)
-
-
-def dense_baselines(model, prompts: dict[int, torch.Tensor], runs: int) -> dict[int, dict]:
-    """Per length, full attention's prefill in eager SDPA and under Inductor, and the faster of the two."""
-    times: dict[int, dict] = {n: {} for n in prompts}
-    for n, ids in prompts.items():
-        times[n]["eager_ms"] = prefill_ms(model, ids, runs)
-    with compiled_forward(model, None):
-        for n, ids in prompts.items():
-            try:
-                times[n]["inductor_ms"] = prefill_ms(model, ids, runs)
-            except torch.OutOfMemoryError as err:
-                times[n]["inductor_error"] = str(err).split("\n")[0][:160]
-    for got in times.values():
-        got["best"] = min((k for k in ("eager_ms", "inductor_ms") if k in got), key=got.get)
-    return times
-
 
 def speed_of(model, variant: Variant, ids: torch.Tensor, dense: dict | None, runs: int) -> dict:
     """The row fields of a (variant, length)'s prefill timing; ``None`` with ``speed_note`` where none is

@@ -86,9 +86,10 @@ def overhead_rows(args, log) -> list[dict]:
         row = {"seq_len": n, "cudnn_ms": cudnn_ms}
         # The graph runs the op, which compiles its plan once with dynamic shapes (Inductor); each estimator
         # also runs eagerly.
-        defaults = DAMConfig()
         for estimator in ESTIMATORS:
-            plan_fn = functools.partial(dynamic_block_plan, block_size=block, is_causal=True, estimator=estimator)
+            defaults = DAMConfig(estimator=estimator).mask_options()  # the estimator's own density default
+            plan_fn = functools.partial(dynamic_block_plan, block_size=block, is_causal=True, estimator=estimator,
+                                        density=defaults.density)
             row[f"dynamic_{estimator}_eager_ms"] = bench_ms(lambda: plan_fn(q, k))
             op = lambda: dynamic_plan_op(  # noqa: E731
                 q, k, block, True, 0, "auto", None, defaults.tau, defaults.box_cox_lambda, defaults.mu,
@@ -216,15 +217,21 @@ def fidelity_rows(args, log) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def summarize(overhead: list[dict], fidelity: list[dict]) -> dict:
+def headline_estimator(result: dict) -> str:
+    """The estimator a results file's headline measures: the default when it ran (files written before the
+    field, when ``adaptive`` was the default, say nothing)."""
+    return result.get("default_estimator", "adaptive")
+
+
+def summarize(overhead: list[dict], fidelity: list[dict], estimator: str = DEFAULT_ESTIMATOR) -> dict:
     notes, summary = {}, {}
     for n, name in ((32768, "overhead_vs_dense_32k"), (131072, "overhead_vs_dense_128k")):
         row = next((r for r in overhead if r["seq_len"] == n), None)
-        summary[name] = None if row is None else row[f"dynamic_{DEFAULT_ESTIMATOR}_over_dense"]
+        summary[name] = None if row is None else row[f"dynamic_{estimator}_over_dense"]
         if row is None:
             notes[name] = f"N={n} was not run (--quick)"
     sel = [r for r in fidelity
-           if r["density_cap"] == HEADLINE_DENSITY and r["variant"] == f"dam_dynamic_{DEFAULT_ESTIMATOR}"]
+           if r["density_cap"] == HEADLINE_DENSITY and r["variant"] == f"dam_dynamic_{estimator}"]
     if not sel:
         summary["mass_recall_at_15pct"] = summary["density_at_15pct_cap"] = None
         notes["mass_recall_at_15pct"] = notes["density_at_15pct_cap"] = "part 2 (fidelity) has not finished"
@@ -234,7 +241,7 @@ def summarize(overhead: list[dict], fidelity: list[dict]) -> dict:
     summary["mass_recall_at_15pct"] = round(sum(r["mass_recall"] for r in sel) / len(sel), 4)
     summary["density_at_15pct_cap"] = round(density, 4)
     notes["mass_recall_at_15pct"] = (
-        f"dynamic DAM ({DEFAULT_ESTIMATOR} estimator, defaults, density cap 0.15) on the Q/K of a small Llama "
+        f"dynamic DAM ({estimator} estimator, defaults, density cap 0.15) on the Q/K of a small Llama "
         "trained in this "
         "run on synthetic text (no pretrained weights can be downloaded here), 8K tokens, mean over layers and heads"
     )
@@ -252,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     log = lambda m: tqdm.write(f"[{time.perf_counter() - start:6.1f}s] {m}")  # noqa: E731
     result = {
         **run_metadata("maskgen"),
+        "default_estimator": DEFAULT_ESTIMATOR,
         "config": {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "causal": True,
                    "block_size": args.block_size, "densities": DENSITIES, "seed": args.seed},
     }

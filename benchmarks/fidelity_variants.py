@@ -131,5 +131,8 @@ class BaselineAttention(AttentionCallMode):
             plan = decode_plan(self.kind, q, k, self.block_size, self.decode_density, a["scale"], self.generator)
         else:
             plan = prefill_plan(self.kind, q, k, self.block_size, self.density, self.generator)
-        return dam_compile.sparse_attention(q, k, v, plan, scale=a["scale"], is_causal=not decode,
-                                            enable_gqa=k.shape[1] != q.shape[1], kernel=self.kernel)
+        return self.attend(q, k, v, plan, scale=a["scale"], is_causal=not decode, enable_gqa=k.shape[1] != q.shape[1])
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan, **options) -> Tensor:
+        """Run one call's plan: our op (a subclass may run the op's decomposition instead)."""
+        return dam_compile.sparse_attention(q, k, v, plan, kernel=self.kernel, **options)

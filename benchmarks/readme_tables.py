@@ -440,7 +440,73 @@ def scored_through_generate(result: dict) -> bool:
     return bool(result.get("summary", {}).get("scored_through_generate"))
 
 
+REAL_TARGETS = {  # ../shared/RESULTS.md, section real
+    "real_ppl_ratio_8k": "<= 1.01",
+    "real_ppl_ratio_32k": "<= 1.02",
+    "real_top1_gap_8k": "<= 0.01",
+    "real_top1_gap_32k": "<= 0.01",
+    "real_kl_8k": "reported",
+    "real_kl_32k": "reported",
+    "real_density_8k": "reported",
+    "real_density_32k": "reported",
+    "real_min_margin_over_streaming": "> 0",
+    "real_prefill_speedup_32k": ">= 1.3",
+    "real_retrieval_max_gap": "<= 1.0",
+    "real_calibrated_ppl_ratio_8k": "<= 1.03",
+}
+
+
+def _tokens(n: int) -> str:
+    """``8K`` for 8192 tokens; lengths under 1K as they are."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def real_table(result: dict) -> str:
+    """The real-model bench: per length and variant, pooled over the documents; the default's per-layer mass
+    recall and density; the headline."""
+    import bench_real  # the pooling the summary uses
+
+    rows = result["rows"]
+    lengths = sorted({r["length"] for r in rows})
+    docs = list(dict.fromkeys(r["doc"] for r in rows))
+    rope = "; ".join(f"{_tokens(int(n))}: {v['rope_parameters'].get('rope_type', 'default')}"
+                     + (f" x{v['rope_parameters']['factor']:g}" if "factor" in v["rope_parameters"] else "")
+                     for n, v in sorted(result["rope"].items(), key=lambda kv: int(kv[0])))
+    lines = [
+        f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}, {result['date'][:10]}; "
+        f"{result['model']}; documents {', '.join(docs)} ({', '.join(v['source'] for v in result['texts'].values())}); "
+        f"RoPE {rope}; every position of each prompt's second half scored, {rows[0]['positions'] if rows else 0} "
+        f"at the shortest length. Command: `{_portable(result['command'])}`.",
+        "",
+        f"| length | variant | perplexity / full's | KL(full, variant) nats | top-1 = full's | prefill density "
+        f"| generate() tokens equal to full's (of {result.get('new_tokens', '-')}) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in lengths:
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            got = bench_real.pooled(rows, variant, n)
+            if got is not None:
+                lines.append(f"| {_tokens(n)} | {variant} | {got['ppl_ratio']:.4f} | {got['kl']:.4f} | {got['top1']:.3f} "
+                             f"| {got['density']:.3f} | {got['generate_agree']:.1f} |")
+    layers = result.get("layers", [])
+    if layers:
+        lines += ["", "The default's plans per layer (first document): block density and the exact attention mass they "
+                      "keep, averaged over heads and every query row (layer 0 runs dense):", "",
+                  "| layer | " + " | ".join(f"{_tokens(n)} density | {_tokens(n)} mass kept" for n in lengths) + " |",
+                  "|---|" + "---|---|" * len(lengths)]
+        by = {(r["module"], r["length"]): r for r in layers}
+        for module in dict.fromkeys(r["module"] for r in layers):
+            cells = []
+            for n in lengths:
+                r = by.get((module, n))
+                cells += ["-", "-"] if r is None else [f"{r['density']:.3f}", f"{r['recall']:.4f}"]
+            lines.append(f"| {module.split('.')[-2]} | " + " | ".join(cells) + " |")
+    lines += ["", *headline_rows(result["summary"], REAL_TARGETS, lambda value, note: f"{value:.4g}")]
+    return "\n".join(lines)
+
+
 TABLES = {
+    "real": ("real_*.json", real_table),
     "kernel": ("kernel_*.json", kernel_table),
     "maskgen": ("maskgen_*.json", maskgen_table),
     "e2e": ("e2e_h*.json", e2e_table),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .kernels.dispatch import KERNELS
-from .kernels.dynamic_mask import DEFAULT_ESTIMATOR, ESTIMATORS
+from .kernels.dynamic_mask import DEFAULT_ESTIMATOR, DEFAULT_MASS_TARGET, DENSITY_DEFAULTS, ESTIMATORS
 from .kernels.mask_options import MASK_SOURCES, MaskOptions
 from .profile import as_profile
 
@@ -36,15 +36,19 @@ class DAMConfig:
         mu: DAM's pattern match ratio: a block diagonal or column is kept whole when this fraction of it passed
             the threshold (dynamic mode).
         density: dynamic mode's cap: beyond the always-kept sink and local blocks, a head keeps at most this
-            share of its other visible key blocks (the default keeps a 32K causal prompt under 10% of its
-            blocks); a decode step keeps this share of its blocks beyond sink and local.
+            share of its other visible key blocks; a decode step keeps at least this share of its blocks beyond
+            sink and local. ``None`` (default): the estimator's own (``DENSITY_DEFAULTS``): no cap for
+            ``"sampled"``, whose budgets follow the mass alone (a decode step keeps the blocks holding 0.99 of
+            its exact attention), 0.075 for the others.
         mass_target: dynamic mode keeps, per query block, the blocks holding this share of the row's estimated
-            attention (within ``density``); 0 keeps only DAM's thresholded blocks.
-        estimator: dynamic mode's block-map estimate: ``"adaptive"`` (default: per head the query-aware pooled
-            estimate or the vertical-slash lines of the last query block's exact attention, whichever that
-            exact attention supports; budgets follow the estimated mass), ``"pooled"`` (mean-pooled Q and K
-            blocks) or ``"last_block"`` (exact attention of the last query block, as columns and diagonals),
-            the last two with a fixed per-row share of ``density``.
+            attention (within ``density``); 0 keeps only DAM's thresholded blocks. The default 0.99 keeps
+            SmolLM2-135M's perplexity on natural text within 0.1% of full attention's at 8K tokens.
+        estimator: dynamic mode's block-map estimate: ``"sampled"`` (default: every query block's exact mass
+            averaged over every eighth of its queries, the last query block exact), ``"adaptive"`` (per head the
+            query-aware pooled estimate or the vertical-slash lines of the last query block's exact attention,
+            whichever that exact attention supports), ``"pooled"`` (mean-pooled Q and K blocks) or
+            ``"last_block"`` (exact attention of the last query block, as columns and diagonals), the last two
+            with a fixed per-row share of ``density``.
         sink_blocks: leading key blocks every query keeps (streaming and dynamic).
         local_blocks: key blocks up to and including the diagonal that every query keeps (streaming, dynamic).
         dense_layers: attention in the model's first this many layers runs dense at every length, whatever the
@@ -68,8 +72,8 @@ class DAMConfig:
     tau: float = 0.3
     box_cox_lambda: float = 0.5
     mu: float = 0.8
-    density: float = 0.075
-    mass_target: float = 0.95
+    density: float | None = None
+    mass_target: float = DEFAULT_MASS_TARGET
     estimator: str = DEFAULT_ESTIMATOR
     sink_blocks: int = 1
     local_blocks: int = 2
@@ -98,7 +102,8 @@ class DAMConfig:
             raise ValueError("mask_source='calibrated' needs a profile (options={'profile': path_or_profile})")
         _require_choice("estimator", self.estimator, ESTIMATORS)
         _require_fraction("mu", self.mu)
-        _require_fraction("density", self.density)
+        if self.density is not None:
+            _require_fraction("density", self.density)
         _require_number("mass_target", self.mass_target)
         if not 0.0 <= self.mass_target <= 1.0:
             raise ValueError(f"mass_target must lie in [0, 1], got {self.mass_target!r}")
@@ -143,11 +148,13 @@ class DAMConfig:
 
     def mask_options(self) -> MaskOptions:
         """The plain values the graph pass builds each site's plan and op from (the profile itself goes to the
-        pass separately)."""
+        pass separately); an unset ``density`` becomes the estimator's ``DENSITY_DEFAULTS``."""
+        defaults = DENSITY_DEFAULTS[self.estimator]
         return MaskOptions(
             source=self.source, block_size=self.block_size, min_seq_len=self.min_seq_len, kernel=self.kernel,
-            tau=self.tau, box_cox_lambda=self.box_cox_lambda, mu=self.mu, density=self.density,
-            mass_target=self.mass_target, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
+            tau=self.tau, box_cox_lambda=self.box_cox_lambda, mu=self.mu,
+            density=defaults.prefill_cap if self.density is None else self.density,
+            decode_density=defaults.decode_floor if self.density is None else self.density, mass_target=self.mass_target, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
             estimator=self.estimator, dense_layers=self.dense_layers,
             corner_len=self.profile.pcl if self.source == "calibrated" else 0,
         )

@@ -7,6 +7,10 @@ op where it runs), no host sync, no data-dependent shapes.
   query-aware but blind to a needle of a few tokens (the mean dilutes it by the block size).
 - :func:`last_block_estimate` (MInference): the exact attention of the last query block, as per-key-block
   column mass and per-block-offset diagonal mass, extended to every row (vertical + slash lines).
+- :func:`sampled_estimate` (the default): each query block's mean exact block mass over every
+  ``SAMPLED_ROW_STRIDE``-th of its queries (the ``dam::sampled_rows_block_lse`` Triton op: an eighth of ``Q K^T``,
+  reduced in registers), so every row's plan follows what its own queries attend to; the last query block is
+  exact, as in the adaptive estimate.
 - :func:`adaptive_estimate`: per head, FlexPrefill's choice between the two (pooled where the pooled estimate
   of the last block agrees with its exact mass, vertical-slash elsewhere), and the last query block row set to
   its exact mass (with the block before it when the last one is ragged); those rows also *need* every block
@@ -26,11 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dam_patterns import EPS
-from .last_rows_lse import exact_query_rows, last_rows_block_lse
+from .last_rows_lse import exact_query_rows, last_rows_block_lse, sampled_rows_block_lse
 
 # Jensen-Shannon distance (the square root of the divergence in nats) under which a head's pooled estimate
 # counts as agreeing with its exact last-block mass (FlexPrefill's query-aware test and threshold).
 QUERY_AWARE_JS_DISTANCE = 0.1
+# The sampled estimator averages the exact block mass of every this-many-th query of each query block (16 of a
+# 128-query block): an eighth of Q K^T, where the block's mean over all its queries costs the whole matrix.
+SAMPLED_ROW_STRIDE = 8
 # Share of its own attention mass that each query with an exact estimate keeps (the adaptive estimator's last
 # query block or two, a decode row): its mass is known, so a high target costs a row or two only.
 EXACT_ROW_MASS = 0.99
@@ -143,16 +150,40 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
 
 def adaptive_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> BlockEstimate:
     """Per head the pooled (query-aware) or the vertical-slash estimate, whichever the exact mass of the last
-    queries supports. The rows of those queries (the last query block; the two last when it is ragged, so a
-    question split over them is covered) are their exact mass, and need the blocks that hold
-    ``EXACT_ROW_MASS`` of each of their queries' attention. ``[B, H, Mq, Nk]``."""
-    q_len = query.shape[-2]
+    queries supports; the last rows exact (:func:`with_exact_last_rows`). ``[B, H, Mq, Nk]``."""
     row_mass = last_rows_mass(query, key, block_size, is_causal, scale)  # [B, H, R, Nk]
     column = row_mass.mean(-2)
     pooled = pooled_estimate(query, key, block_size, is_causal, scale)
     mq = pooled.shape[-2]
     query_aware = js_divergence(pooled[..., -1, :], column).clamp_min(0).sqrt() < QUERY_AWARE_JS_DISTANCE
     estimate = torch.where(query_aware[..., None, None], pooled, vertical_slash(column, mq, is_causal))
+    return with_exact_last_rows(estimate, row_mass, query.shape[-2], block_size)
+
+
+def sampled_rows_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float,
+                      per_block: int) -> Tensor:
+    """Exact attention mass per key block of ``per_block`` queries of every query block
+    (:func:`sampled_query_positions`): float32 ``[B, H, Mq, per_block, Nk]`` (each query's row sums to 1)."""
+    batch, heads = query.shape[:2]
+    block_lse = sampled_rows_block_lse(query, key, block_size, per_block, is_causal, scale)  # [B, KVH, G*R, Nk]
+    mass = (block_lse - block_lse.logsumexp(-1, keepdim=True)).exp()
+    return mass.view(batch, heads, -1, per_block, mass.shape[-1])
+
+
+def sampled_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> BlockEstimate:
+    """Every query block's mass: the mean of the exact block mass of every ``SAMPLED_ROW_STRIDE``-th of its
+    queries (its last query among them); the last rows exact (:func:`with_exact_last_rows`). ``[B, H, Mq, Nk]``."""
+    per_block = max(1, block_size // SAMPLED_ROW_STRIDE)
+    estimate = sampled_rows_mass(query, key, block_size, is_causal, scale, per_block).mean(-2)
+    row_mass = last_rows_mass(query, key, block_size, is_causal, scale)
+    return with_exact_last_rows(estimate, row_mass, query.shape[-2], block_size)
+
+
+def with_exact_last_rows(estimate: Tensor, row_mass: Tensor, q_len: int, block_size: int) -> BlockEstimate:
+    """``estimate [B, H, Mq, Nk]`` with the rows of the last queries (``row_mass [B, H, R, Nk]``, exact: the
+    last query block; the two last when it is ragged, so a question split over them is covered) set to their
+    exact mass; those rows need the blocks that hold ``EXACT_ROW_MASS`` of each of their queries' attention."""
+    mq = estimate.shape[-2]
     # The exact queries by query block: the last block's, and the whole one before it when there are more.
     last_len = q_len - (mq - 1) * block_size
     groups = [row_mass[..., row_mass.shape[-2] - last_len:, :]]
@@ -166,4 +197,5 @@ def adaptive_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bo
     return BlockEstimate(mass, needed, exact)
 
 
-ESTIMATES = {"adaptive": adaptive_estimate, "pooled": pooled_block_estimate, "last_block": last_block_estimate}
+ESTIMATES = {"sampled": sampled_estimate, "adaptive": adaptive_estimate, "pooled": pooled_block_estimate,
+             "last_block": last_block_estimate}

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import choose_path
-from .last_rows_lse import last_rows_block_lse_reference
+from .last_rows_lse import last_rows_block_lse_reference, sampled_rows_block_lse_reference
 from .plan import BlockSparsePlan
 from .reference import token_mask
 
@@ -56,4 +56,5 @@ def decomposition_table() -> dict[Any, Callable]:
     for op in (ops.dense_plan_op, ops.streaming_plan_op, ops.pattern_plan_op, ops.dynamic_plan_op, ops.decode_plan_op):
         table[op.opoverload] = op.fn
     table[torch.ops.dam.last_rows_block_lse.default] = last_rows_block_lse_reference
+    table[torch.ops.dam.sampled_rows_block_lse.default] = sampled_rows_block_lse_reference
     return table

@@ -1,12 +1,15 @@
-"""Log-sum-exp of the attention scores of the last query block, per key block: the exact-mass input of the
-adaptive estimator (``kernels/block_estimates.py``).
+"""Log-sum-exp of the attention scores of chosen query rows, per key block: the exact-mass input of the
+dynamic estimators (``kernels/block_estimates.py``).
 
-For each of the last ``R`` queries of every head (:func:`exact_query_rows`: the last query block, and the
-whole block before it when the last one is ragged) and each key block ``n``, the log-sum-exp of its scaled
-scores against the block's keys (``-inf`` where it sees none of them). The Triton kernel computes ``Q K^T``
-tile by tile and reduces it in registers, so the ``[.., R, Lk]`` scores never reach memory: at 32K on an H200
-it takes 0.19 ms, where a matmul plus an Inductor reduction took 1.5 ms of the plan's 2.5 ms.
-:func:`last_rows_block_lse_reference` is the plain-PyTorch definition, used on devices without the kernel.
+Two row sets: the last query block (:func:`exact_query_rows`: the last query block, and the whole block before
+it when the last one is ragged; the adaptive estimator's) and ``per_block`` rows spread evenly over every query
+block (:func:`sampled_query_positions`; the sampled estimator's). For each chosen query of every head and each
+key block ``n``, the log-sum-exp of its scaled scores against the block's keys (``-inf`` where it sees none of
+them). The Triton kernel computes ``Q K^T`` tile by tile and reduces it in registers, so the ``[.., R, Lk]``
+scores never reach memory: for the last rows at 32K on an H200 it takes 0.19 ms, where a matmul plus an
+Inductor reduction took 1.5 ms of the plan's 2.5 ms. A tile of rows that sees none of a key block (causal)
+computes nothing. :func:`rows_block_lse_reference` is the plain-PyTorch definition, used on devices without the
+kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from .constants import LN2, LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .lean_op import lean_op
 
 ROWS_PER_PROGRAM = 64  # query rows (of one KV head's group) per program
+# On the CPU interpreter each program costs its operations' Python overhead whatever its size: fewer, larger
+# programs (the sampled rows of a 2K prompt are thousands of 64-row tiles).
+INTERPRETER_ROWS_PER_PROGRAM = 512
 
 
 def exact_query_rows(q_len: int, block_size: int) -> int:
@@ -32,18 +38,29 @@ def exact_query_rows(q_len: int, block_size: int) -> int:
     return min(q_len, block_size + tail) if tail else min(q_len, block_size)
 
 
-def last_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
-                                  scale: float) -> Tensor:
-    """float32 ``[B, KVH, G * R, Nk]`` from query ``[B, H, Lq, E]`` and key ``[B, KVH, Lk, E]`` (``G = H /
-    KVH``, ``R = exact_query_rows(Lq, block_size)``; row ``g * R + r`` is query ``Lq - R + r`` of head
-    ``kvh * G + g``). SDPA's ``is_causal``: query ``i`` sees keys up to ``i``."""
-    batch, heads, q_len, dim = query.shape
+def sampled_query_positions(q_len: int, block_size: int, per_block: int) -> Tensor:
+    """int64 ``[ceil(q_len / block_size) * per_block]``: ``per_block`` queries of each query block, the last of
+    each of its ``per_block`` equal parts (so the block's last query is one; a ragged last block repeats its
+    last query). ``per_block`` divides ``block_size``."""
+    blocks = _sampled_rows(q_len, block_size, per_block) // per_block
+    step = block_size // per_block
+    starts = torch.arange(blocks)[:, None] * block_size
+    return (starts + torch.arange(1, per_block + 1)[None, :] * step - 1).clamp(max=q_len - 1).flatten()
+
+
+def rows_block_lse_reference(query: Tensor, key: Tensor, positions: Tensor, block_size: int, is_causal: bool,
+                             scale: float) -> Tensor:
+    """float32 ``[B, KVH, G * R, Nk]`` from query ``[B, H, Lq, E]``, key ``[B, KVH, Lk, E]`` and the ``R``
+    query ``positions`` (``G = H / KVH``; row ``g * R + r`` is query ``positions[r]`` of head ``kvh * G + g``).
+    SDPA's ``is_causal``: query ``i`` sees keys up to ``i``."""
+    batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    rows, group = exact_query_rows(q_len, block_size), heads // kv_heads
-    last_q = query[:, :, q_len - rows:].reshape(batch, kv_heads, group * rows, dim)
-    scores = torch.matmul(last_q, key.transpose(-1, -2))
+    group, rows = heads // kv_heads, positions.numel()
+    positions = positions.to(query.device)
+    chosen = query[:, :, positions].reshape(batch, kv_heads, group * rows, dim)
+    scores = torch.matmul(chosen, key.transpose(-1, -2))
     if is_causal:
-        q_pos = torch.arange(q_len - rows, q_len, device=query.device).repeat(group)[:, None]
+        q_pos = positions.repeat(group)[:, None]
         scores = scores.masked_fill(torch.arange(kv_len, device=query.device)[None, :] > q_pos, float("-inf"))
     # Whole blocks as a view, the ragged tail apart: no padded copy.
     whole = kv_len // block_size * block_size
@@ -55,15 +72,31 @@ def last_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, i
     return lse
 
 
+def last_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
+                                  scale: float) -> Tensor:
+    """:func:`rows_block_lse_reference` of the last ``R = exact_query_rows(Lq, block_size)`` queries."""
+    q_len = query.shape[-2]
+    positions = torch.arange(q_len - exact_query_rows(q_len, block_size), q_len)
+    return rows_block_lse_reference(query, key, positions, block_size, is_causal, scale)
+
+
+def sampled_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, per_block: int,
+                                     is_causal: bool, scale: float) -> Tensor:
+    """:func:`rows_block_lse_reference` of :func:`sampled_query_positions` (``per_block`` rows of every query
+    block): ``[B, KVH, G * Mq * per_block, Nk]``."""
+    positions = sampled_query_positions(query.shape[-2], block_size, per_block)
+    return rows_block_lse_reference(query, key, positions, block_size, is_causal, scale)
+
+
 @triton.jit
-def _last_rows_block_lse_kernel(
+def _rows_block_lse_kernel(
     Q, K, Out,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_om,
-    q_len, kv_len, rows, group, kv_heads, scale_log2,
-    IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    q_len, kv_len, rows, group, kv_heads, scale_log2, per_block,
+    IS_CAUSAL: tl.constexpr, SAMPLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     block = tl.program_id(0)
     row_tile = tl.program_id(1)
@@ -71,25 +104,33 @@ def _last_rows_block_lse_kernel(
     out_row = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # g * R + r
     row_ok = out_row < group * rows
     q_head = kv_head * group + out_row // rows
-    q_pos = q_len - rows + out_row % rows
-    dims = tl.arange(0, DIM_PAD)
-    q = tl.load(Q + batch * stride_qb + q_head[:, None] * stride_qh + q_pos[:, None] * stride_qm + dims[None, :],
-                mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    r = out_row % rows
+    if SAMPLED:  # sampled_query_positions: the last query of each of a block's per_block parts
+        q_pos = tl.minimum((r // per_block) * BLOCK_N + (r % per_block + 1) * (BLOCK_N // per_block) - 1,
+                           q_len - 1)
+    else:  # the last `rows` queries
+        q_pos = q_len - rows + r
     k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + k_pos[:, None] * stride_kn + dims[None, :],
-                mask=(k_pos[:, None] < kv_len) & (dims[None, :] < HEAD_DIM), other=0.0)
-    if UPCAST:  # the CPU interpreter's tl.dot mishandles bfloat16 (as in block_sparse_kernel.py)
-        q, k = q.to(tl.float32), k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # base 2: exp2 is the fast path
-    seen = k_pos[None, :] < kv_len
-    if IS_CAUSAL:
-        seen = seen & (k_pos[None, :] <= q_pos[:, None])
-    s = tl.where(seen, s, float("-inf"))
-    peak = tl.max(s, axis=1)
-    safe = tl.where(peak == float("-inf"), 0.0, peak)
-    total = tl.sum(tl.exp2(s - safe[:, None]), axis=1)
-    total = tl.where(peak == float("-inf"), 1.0, total)  # a row that sees no key of the block: -inf below
-    lse = tl.where(peak == float("-inf"), float("-inf"), (safe + tl.log2(total)) * LN2)
+    lse = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    # Causal: a tile whose rows all come before the key block sees none of it (half the sampled tiles).
+    if (not IS_CAUSAL) or (block * BLOCK_N <= tl.max(tl.where(row_ok, q_pos, -1))):
+        dims = tl.arange(0, DIM_PAD)
+        q = tl.load(Q + batch * stride_qb + q_head[:, None] * stride_qh + q_pos[:, None] * stride_qm
+                    + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+        k = tl.load(K + batch * stride_kb + kv_head * stride_kh + k_pos[:, None] * stride_kn + dims[None, :],
+                    mask=(k_pos[:, None] < kv_len) & (dims[None, :] < HEAD_DIM), other=0.0)
+        if UPCAST:  # the CPU interpreter's tl.dot mishandles bfloat16 (as in block_sparse_kernel.py)
+            q, k = q.to(tl.float32), k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # base 2: exp2 is the fast path
+        seen = k_pos[None, :] < kv_len
+        if IS_CAUSAL:
+            seen = seen & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(seen, s, float("-inf"))
+        peak = tl.max(s, axis=1)
+        safe = tl.where(peak == float("-inf"), 0.0, peak)
+        total = tl.sum(tl.exp2(s - safe[:, None]), axis=1)
+        total = tl.where(peak == float("-inf"), 1.0, total)  # a row that sees no key of the block: -inf below
+        lse = tl.where(peak == float("-inf"), float("-inf"), (safe + tl.log2(total)) * LN2)
     tl.store(Out + batch * stride_ob + kv_head * stride_oh + out_row * stride_om + block, lse, mask=row_ok)
 
 
@@ -108,42 +149,82 @@ def last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: 
     return last_rows_block_lse_reference(query, key, block_size, is_causal, scale)
 
 
-# An op, so that compiled callers (the dynamic plan, compiled with dynamic shapes) treat the launch as one
-# opaque call with concrete sizes, and exporters can decompose it into the reference.
+def sampled_rows_block_lse(query: Tensor, key: Tensor, block_size: int, per_block: int, is_causal: bool,
+                           scale: float) -> Tensor:
+    """float32 ``[B, KVH, G * Mq * per_block, Nk]``: see :func:`sampled_rows_block_lse_reference` (the same
+    values), through the ``dam::sampled_rows_block_lse`` kernel op where it runs."""
+    if kernel_runs(query, block_size):
+        return sampled_rows_block_lse_op(query, key, block_size, per_block, is_causal, scale)
+    return sampled_rows_block_lse_reference(query, key, block_size, per_block, is_causal, scale)
+
+
+# Ops, so that compiled callers (the dynamic plan, compiled with dynamic shapes) treat a launch as one opaque
+# call with concrete sizes, and exporters can decompose it into the reference.
 @lean_op("dam::last_rows_block_lse")
 def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> Tensor:
     """The Triton kernel; ``query [B, H, Lq, E]``, ``key [B, KVH, Lk, E]`` -> float32 ``[B, KVH, G * R, Nk]``."""
     return launch_last_rows_block_lse(query, key, block_size, is_causal, scale)
 
 
+@lean_op("dam::sampled_rows_block_lse")
+def sampled_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, per_block: int, is_causal: bool,
+                              scale: float) -> Tensor:
+    """The Triton kernel; ``query [B, H, Lq, E]``, ``key [B, KVH, Lk, E]`` -> float32
+    ``[B, KVH, G * Mq * per_block, Nk]``."""
+    return _launch(query, key, block_size, is_causal, scale, _sampled_rows(query.shape[-2], block_size, per_block),
+                   per_block)
+
+
 def launch_last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
                                scale: float) -> Tensor:
-    """The kernel's launch, for callers already inside an op (no second dispatch: host time counts)."""
+    """The kernel's launch for the last rows, for callers already inside an op (no second dispatch: host time
+    counts)."""
+    return _launch(query, key, block_size, is_causal, scale, exact_query_rows(query.shape[-2], block_size), 0)
+
+
+def _sampled_rows(q_len: int, block_size: int, per_block: int) -> int:
+    if per_block < 1 or block_size % per_block:
+        raise ValueError(f"per_block must divide block_size={block_size}, got {per_block}")
+    return -(-q_len // block_size) * per_block
+
+
+def _launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float, rows: int,
+            per_block: int) -> Tensor:
+    """``rows`` query rows per head: the last ones (``per_block == 0``) or ``per_block`` of every query block."""
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    rows, group = exact_query_rows(q_len, block_size), heads // kv_heads
+    group = heads // kv_heads
     nk = (kv_len + block_size - 1) // block_size
     out = torch.empty((batch, kv_heads, group * rows, nk), device=query.device, dtype=torch.float32)
-    grid = (nk, (group * rows + ROWS_PER_PROGRAM - 1) // ROWS_PER_PROGRAM, batch * kv_heads)
-    _last_rows_block_lse_kernel[grid](
+    per_program = INTERPRETER_ROWS_PER_PROGRAM if interpreting() else ROWS_PER_PROGRAM
+    grid = (nk, -(-group * rows // per_program), batch * kv_heads)
+    _rows_block_lse_kernel[grid](
         query, key, out,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value,
-        IS_CAUSAL=is_causal, BLOCK_N=block_size, BLOCK_M=ROWS_PER_PROGRAM, HEAD_DIM=dim,
+        q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value, max(per_block, 1),
+        IS_CAUSAL=is_causal, SAMPLED=per_block > 0, BLOCK_N=block_size, BLOCK_M=per_program, HEAD_DIM=dim,
         DIM_PAD=max(16, next_power_of_2(dim)), **dot_options(query.dtype),
         num_warps=4, num_stages=2,
     )
     return out
 
 
-@last_rows_block_lse_op.register_fake
-def _(query, key, block_size, is_causal, scale):
-    batch, heads, q_len = query.shape[:3]
+def _fake_lse(query: Tensor, key: Tensor, block_size: int, rows: int) -> Tensor:
+    batch, heads = query.shape[:2]
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    rows = exact_query_rows(q_len, block_size)
     return query.new_empty((batch, kv_heads, heads // kv_heads * rows, (kv_len + block_size - 1) // block_size),
                            dtype=torch.float32)
+
+
+@last_rows_block_lse_op.register_fake
+def _(query, key, block_size, is_causal, scale):
+    return _fake_lse(query, key, block_size, exact_query_rows(query.shape[-2], block_size))
+
+
+@sampled_rows_block_lse_op.register_fake
+def _(query, key, block_size, per_block, is_causal, scale):
+    return _fake_lse(query, key, block_size, _sampled_rows(query.shape[-2], block_size, per_block))

@@ -19,7 +19,9 @@ class MaskOptions:
     """What a site's plan and its sparse op are built from (meanings and defaults: ``DAMConfig``'s, whose
     ``mask_options()`` is the usual way to get one; here every value is required, so there is one set of defaults).
 
-    ``dense_layers``: sites of the model's first this many layers run dense at every length (the pass gives
+    ``density``: the dynamic prefill plan's cap (1.0: none); ``decode_density``: the share of its blocks a
+    dynamic decode step keeps at least (``DAMConfig.mask_options`` resolves both from ``density`` and the
+    estimator's ``DENSITY_DEFAULTS``). ``dense_layers``: sites of the model's first this many layers run dense at every length (the pass gives
     them ``min_seq_len=ALWAYS_DENSE``). ``corner_len``: the calibrated source's pattern capture length (its
     decode plan keeps every key before the row while the row is inside it); 0 for the other sources. ``scale``
     arguments below are the site's SDPA scale: ``None``, a float, or an FX node of a symbolic float.
@@ -33,6 +35,7 @@ class MaskOptions:
     box_cox_lambda: float
     mu: float
     density: float
+    decode_density: float
     mass_target: float
     sink_blocks: int
     local_blocks: int
@@ -78,7 +81,7 @@ class MaskOptions:
         """``dam::decode_plan`` arguments after ``(query, key, attn_mask, diagonals, columns)``."""
         return dict(
             source=self.source, block_size=self.block_size, min_seq_len=self.min_seq_len, kernel=self.kernel,
-            sink_blocks=self.sink_blocks, local_blocks=self.local_blocks, density=self.density, scale=scale,
+            sink_blocks=self.sink_blocks, local_blocks=self.local_blocks, density=self.decode_density, scale=scale,
             corner_len=self.corner_len,
         )
 

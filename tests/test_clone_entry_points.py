@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # Benchmark scripts with a command line (the others are their helpers).
-BENCHMARK_SCRIPTS = ["bench_e2e.py", "bench_fidelity.py", "bench_kernel.py", "bench_maskgen.py", "bench_tp.py",
-                     "kernel_resources.py", "readme_tables.py"]
+BENCHMARK_SCRIPTS = ["bench_e2e.py", "bench_fidelity.py", "bench_kernel.py", "bench_maskgen.py", "bench_real.py",
+                     "bench_tp.py", "kernel_resources.py", "readme_tables.py", "real_model.py", "real_texts.py"]
 
 # What a user's first lines do: a transformers model class, HF's kernels (as transformers imports it), then a
 # tiny Llama compiled with backend="dam", checked against eager. argv[1]: the folder dam_compile must come from.
@@ -110,6 +110,23 @@ def test_an_editable_install_imports_from_the_clone(tmp_path):
     run_user_script(python, tmp_path, ROOT)
 
 
+# Runs each script as ``python <script> --help`` does (its folder first on sys.path, run as __main__), all in one
+# interpreter so that torch and transformers are imported once: prints "<script>: ok" or what went wrong.
+SCRIPT_RUNNER = """
+import contextlib, io, os, runpy, sys
+for script in sys.argv[1:]:
+    sys.argv, sys.path[0] = [script, "--help"], os.path.dirname(os.path.abspath(script))
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    print(f"{script}: {'ok' if code == 0 and 'usage:' in out.getvalue() else f'exit {code}'}", flush=True)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cwd", ["benchmarks", "root"])
 def test_every_benchmark_script_starts_from_its_folder_and_from_the_root(cwd):
@@ -122,7 +139,10 @@ def test_every_benchmark_script_starts_from_its_folder_and_from_the_root(cwd):
                                                if "__main__" in p.read_text())
     # A user's shell, not the suite's (kernel_resources.py refuses Triton's interpreter, which conftest sets).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for script in scripts:
-        run = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300,
-                             cwd=folder, env=env)
-        assert run.returncode == 0 and "usage:" in run.stdout, f"{script}: " + run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-c", SCRIPT_RUNNER, *scripts], capture_output=True, text=True,
+                         timeout=600, cwd=folder, env=env)
+    assert run.stdout.splitlines() == [f"{script}: ok" for script in scripts], run.stdout + run.stderr[-3000:]
+    # And one literally, as a user types it.
+    run = subprocess.run([sys.executable, scripts[0], "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=folder, env=env)
+    assert run.returncode == 0 and "usage:" in run.stdout, run.stderr[-3000:]

@@ -23,9 +23,23 @@ def test_defaults_are_documented_values():
     assert (cfg.tau, cfg.box_cox_lambda, cfg.mu, cfg.sink_blocks, cfg.local_blocks, cfg.strict) == (
         0.3, 0.5, 0.8, 1, 2, False
     )
-    assert (cfg.density, cfg.mass_target, cfg.estimator) == (0.075, 0.95, "adaptive")
+    assert (cfg.density, cfg.mass_target, cfg.estimator) == (None, 0.99, "sampled")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.block_size = 64
+
+
+@pytest.mark.parametrize("estimator, cap, floor", [("sampled", 1.0, 0.0), ("adaptive", 0.075, 0.075),
+                                                    ("pooled", 0.075, 0.075), ("last_block", 0.075, 0.075)])
+def test_unset_density_is_the_estimators_and_a_set_one_applies_to_prefill_and_decode(estimator, cap, floor):
+    """The default estimator's budgets follow the mass with no cap (a decode step keeps what holds 0.99 of its
+    exact mass); the fixed-share estimators keep their earlier 0.075. A density the user sets is the prefill
+    cap and the decode floor of every estimator."""
+    options = DAMConfig(estimator=estimator).mask_options()
+    assert (options.density, options.decode_density) == (cap, floor)
+    assert options.decode_plan_kwargs(None)["density"] == floor
+    assert options.dynamic_plan_kwargs(True, None)["density"] == cap
+    options = DAMConfig(estimator=estimator, density=0.2).mask_options()
+    assert (options.density, options.decode_density) == (0.2, 0.2)
 
 
 def test_unknown_option_lists_valid_ones():

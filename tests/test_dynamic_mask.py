@@ -205,6 +205,53 @@ def test_adaptive_uses_the_query_aware_estimate_where_the_last_block_supports_it
     assert hits["last_block"] < len(rows)
 
 
+MOVING_L = 768  # 24 blocks: the sampled estimator's kernel runs every row block (slow in the interpreter)
+
+
+def moving_targets(strength=4.0, seed=0):
+    """Query block ``m`` attends to key block ``target[m]`` (a different block for nearly every row, not one
+    column or diagonal), with a direction shared by its queries and that block's keys; the rest is noise.
+    Returns ``(q [1, 1, MOVING_L, D], k [1, 1, MOVING_L, D], target)``."""
+    g = torch.Generator().manual_seed(seed)
+    nk = MOVING_L // BLOCK
+    target = [max(0, m - 2 - (m * 7) % 5) for m in range(nk)]
+    directions = torch.nn.functional.normalize(torch.randn(nk, D, generator=g), dim=-1)
+    q = 0.1 * torch.randn(1, 1, MOVING_L, D, generator=g)
+    k = 0.1 * torch.randn(1, 1, MOVING_L, D, generator=g)
+    for m, n in enumerate(target):
+        q[0, 0, m * BLOCK:(m + 1) * BLOCK] += strength * directions[m]
+        k[0, 0, n * BLOCK:(n + 1) * BLOCK] += strength * directions[m] if n not in target[:m] else 0.0
+    return q, k, target
+
+
+def test_sampled_estimate_finds_each_rows_own_block():
+    """Every query block, not only the last, keeps the key block its queries attend to: the sampled rows' exact
+    mass sees it; the last block's vertical-slash lines cannot."""
+    q, k, target = moving_targets()
+    n, nk = MOVING_L, MOVING_L // BLOCK
+    # From row 8 on the cap leaves each row room beyond sink and window (noise elsewhere wants every block).
+    rows = [m for m in range(8, nk) if target[m] not in target[:m]]
+    for estimator, expected in (("sampled", len(rows)), ("last_block", None)):
+        kept = token_mask(plan_of(q, k, estimator=estimator, density=0.3), n, n, True)[0, 0]
+        hits = sum(bool(kept[m * BLOCK, target[m] * BLOCK]) for m in rows)
+        assert (hits == expected) if expected is not None else (hits < len(rows)), (estimator, hits)
+
+
+def test_sampled_plan_keeps_the_mass_target_of_every_row_without_a_cap():
+    """With no cap, each query row keeps at least about ``mass_target`` of its exact attention (rows of one
+    block share their blocks, so a row may keep more); a diffuse head keeps far more blocks than a focused
+    one."""
+    q, k, _ = moving_targets(strength=12.0)  # each row's block holds nearly all its mass
+    q = torch.cat([q, 0.05 * torch.randn_like(q)], dim=1)  # head 1: nearly uniform attention
+    k = torch.cat([k, k], dim=1)
+    plan = plan_of(q, k, estimator="sampled", density=1.0, mass_target=0.9)
+    recall = attention_mass_recall(q, k, plan, is_causal=True)[0]
+    assert (recall >= 0.9).all(), recall
+    density = density_per_head(plan, MOVING_L, MOVING_L, True)[0]
+    assert density[0] < 0.5 * density[1], density
+    assert density[1] > 0.8, density  # no cap cuts the diffuse head
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("q_len, kv_len, heads, kv_heads", [(1000, 1000, 4, 2), (300, 700, 2, 2), (64, 64, 8, 1)])
 def test_plans_are_valid_for_the_kernel(causal, q_len, kv_len, heads, kv_heads):

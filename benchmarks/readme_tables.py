@@ -456,11 +456,6 @@ REAL_TARGETS = {  # ../shared/RESULTS.md, section real
 }
 
 
-def _tokens(n: int) -> str:
-    """``8K`` for 8192 tokens; lengths under 1K as they are."""
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
 def real_table(result: dict) -> str:
     """The real-model bench: per length and variant, pooled over the documents; the default's per-layer mass
     recall and density; the headline."""
@@ -488,7 +483,7 @@ def real_table(result: dict) -> str:
             if got is not None:
                 lines.append(f"| {_tokens(n)} | {variant} | {got['ppl_ratio']:.4f} | {got['kl']:.4f} | {got['top1']:.3f} "
                              f"| {got['density']:.3f} | {got['generate_agree']:.1f} |")
-    layers = result.get("layers", [])
+    layers = [r for r in result.get("layers", []) if r.get("variant", "dam-default") == "dam-default"]
     if layers:
         lines += ["", "The default's plans per layer (first document): block density and the exact attention mass they "
                       "keep, averaged over heads and every query row (layer 0 runs dense):", "",

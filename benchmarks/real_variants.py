@@ -6,7 +6,8 @@
 - ``dam-default`` and the other ``dam-*`` variants: :class:`PlanAttention` with a ``DAMConfig``: each call gets
   the plan that the ``dam`` backend's graph computes for it (:func:`dam_compile.reference_mode.plan_for`, the
   same ops), then our op runs it (the Triton kernel on CUDA). Decode steps get the decode plan;
-- ``streaming``, ``oracle``: ``fidelity_variants.BaselineAttention`` at the density the default measured.
+- ``streaming``, ``oracle``: :class:`Baseline` (``fidelity_variants.BaselineAttention``) at the density the
+  default measured.
 
 On the CPU (no fused kernel) each sparse call runs the op's own decomposition, SDPA with the plan as a token mask
 (``kernels/decompositions.py``: what the op computes, several times faster there than the chunked reference).
@@ -73,8 +74,8 @@ class LayerRecord:
 class PlanAttention(AttentionCallMode):
     """Every SDPA call of ``model`` as the ``dam`` backend's rewritten graph runs it under ``config``: the
     call's plan (dynamic, dense, streaming or calibrated source; the first ``dense_layers`` layers dense), then
-    ``dam_compile.sparse_attention``. A prefill call given HF's explicit causal mask runs as ``is_causal=True``
-    (what the pass's causal-mask reading does). ``measure_recall``: also the exact mass each plan keeps."""
+    :func:`attend`. A prefill call given HF's explicit causal mask runs as ``is_causal=True`` (what the pass's
+    causal-mask reading does). ``measure_recall``: also the exact mass each plan keeps."""
 
     def __init__(self, model: torch.nn.Module, config: DAMConfig, measure_recall: bool = False) -> None:
         super().__init__(model)
@@ -102,8 +103,7 @@ class PlanAttention(AttentionCallMode):
         if self.config.source == "calibrated":
             profile = self.config.profile
             patterns = profile.patterns_on(name, q.device)
-            dynamic = profile.modules[name].dynamic_heads
-            dynamic = None if dynamic is None else dynamic.to(q.device)
+            dynamic = profile.modules[name].dynamic_heads.to(q.device)
         plan = plan_for(self.config, q, k, is_causal, a["scale"], patterns=patterns, dynamic_heads=dynamic)
         enable_gqa = k.shape[1] != q.shape[1]
         density = density_per_head(plan, q.shape[-2], k.shape[-2], is_causal).float().cpu()

@@ -41,6 +41,7 @@ _load_subpackages()
 from .calibration import calibrate
 from .compile_backend import backend, clear_graph_reports, dam_backend, graph_reports
 from .config import DAMConfig
+from .context_parallel import context_parallel
 from .explain import ExplainReport, explain
 from .export import export_mlir, export_rewritten
 from .kernels import BlockSparsePlan, DenseAttentionWarning, reset_runtime_stats, runtime_stats, sparse_attention
@@ -60,6 +61,7 @@ __all__ = [
     "backend",
     "calibrate",
     "clear_graph_reports",
+    "context_parallel",
     "dam_backend",
     "explain",
     "export_mlir",

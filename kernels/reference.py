@@ -47,7 +47,8 @@ def block_sparse_attention_reference(
     kv_range: Tensor | None = None,
     q_offset: int = 0,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention in PyTorch.
 
     Args:
@@ -62,9 +63,12 @@ def block_sparse_attention_reference(
         q_offset: key position of query row 0 (``0``: SDPA's top-left alignment; ``Lk - Lq``: queries aligned
             to the end of the keys).
         max_chunk_elements: bound on the scores held at once.
+        return_lse: also return each row's log-sum-exp of its kept scores, ``[B, H, Lq]`` float32 (float64 for
+            float64 inputs), ``-inf`` for a row that keeps no key (what ring attention merges partial results by).
 
     Returns:
         ``[B, H, Lq, Ev]`` in ``query.dtype``, contiguous. Arithmetic in float32 (float64 for float64 inputs).
+        With ``return_lse``, ``(out, lse)``.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -77,6 +81,7 @@ def block_sparse_attention_reference(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
     out = torch.full((batch, heads, q_len, value.shape[-1]), float("nan"), dtype=query.dtype, device=query.device)
+    lse = torch.full((batch, heads, q_len), float("nan"), dtype=compute, device=query.device) if return_lse else None
     tables = TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, kv_range)
     v = value.to(compute)
     mask = None if attn_mask is None else attn_mask.expand(batch, heads, q_len, kv_len)
@@ -94,7 +99,9 @@ def block_sparse_attention_reference(
                 scores = scores + rows_mask.to(compute)
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[:, :, start:stop] = _safe_softmax_matmul(scores, v, kv_heads, group).to(query.dtype)
-    return out
+        if lse is not None:
+            lse[:, :, start:stop] = scores.logsumexp(-1)  # -inf where every score is
+    return out if lse is None else (out, lse)
 
 
 def score_chunks(

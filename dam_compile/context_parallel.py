@@ -1,0 +1,200 @@
+"""Context parallelism: PyTorch's ring attention, each ring step our block-sparse op.
+
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cuda", (world_size,))
+    with dam_compile.context_parallel(mesh, buffers=[ids, positions], buffer_seq_dims=[1, 1], model=model,
+                                      options={"mask_source": "dynamic"}):
+        logits = compiled(ids, position_ids=positions).logits     # each rank: its shard of the sequence
+
+Inside, ``torch.distributed.tensor.experimental.context_parallel`` shards the buffers over the mesh (its
+head-tail load balancing for causal attention included) and every ``scaled_dot_product_attention`` call of the
+model reaches :class:`RingAttention` with the rank's query shard. Each call runs PyTorch's ring
+(``_templated_ring_attention``: its rotation of the key/value shards, its log-sum-exp merge), each step as
+``dam::sparse_attention_lse`` on the received shard with the rank's plan rows cut to the step
+(``kernels/ring_step.py``); a step that keeps no block computes nothing. The plan rows are those one process
+would build for the whole sequence:
+
+- ``dense`` and ``streaming`` (and the first ``dense_layers`` layers, and sequences under ``min_seq_len``):
+  from the global positions of the rank's tokens, no communication;
+- ``dynamic``: the query and key shards are all-gathered and every rank computes the one-process plan, keeping
+  its rows. Exact, but each rank pays the whole plan (an eighth of ``Q K^T`` with the default estimator) and
+  holds the whole Q and K of a layer at a time: the scalable form (each rank's sampled rows against the
+  gathered keys, the plan's few global reductions as all-reduces) is the next step;
+- ``calibrated``: not yet (its token patterns need the rank's global positions inside blocks): such calls run
+  the dense ring, and say so once in the log.
+
+Shards must be whole plan blocks: the sequence length a multiple of ``2 * world_size * block_size`` with load
+balancing (``world_size * block_size`` without). The model must be given global ``position_ids`` as a buffer
+(what ``context_parallel`` needs for RoPE anyway). Prefill only: decode steps are not sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import DAMConfig
+from .kernels.dispatch import choose_path
+from .kernels.plan import num_blocks
+from .kernels.ring_step import blocks_of, sparse_attention_lse, step_plan
+from .kernels.structured_plans import causal_block_tables
+from .module_stack import AttentionCallMode
+from .passes.dense_layers import dense_layer_reason
+from .reference_mode import plan_for
+
+log = logging.getLogger("dam_compile")
+_logged: set[str] = set()
+
+
+class ShardLayout:
+    """Which global token positions each rank of ``world`` holds, as ``context_parallel`` shards a sequence
+    of ``world * local_len`` tokens: with head-tail load balancing rank ``r`` holds chunks ``r`` and
+    ``2 * world - 1 - r`` of ``local_len / 2`` tokens, without it the ``r``-th run of ``local_len``."""
+
+    def __init__(self, world: int, local_len: int, load_balanced: bool) -> None:
+        self.world, self.local_len, self.load_balanced = world, local_len, load_balanced
+
+    def positions(self, rank: int) -> Tensor:
+        """int64 ``[local_len]``: the global positions of ``rank``'s tokens, in its order."""
+        if not self.load_balanced:
+            return torch.arange(rank * self.local_len, (rank + 1) * self.local_len)
+        chunk = self.local_len // 2
+        tail = 2 * self.world - 1 - rank
+        return torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk), torch.arange(tail * chunk, (tail + 1) * chunk)])
+
+    def order(self) -> Tensor:
+        """int64 ``[world * local_len]``: the global positions of the ranks' tokens concatenated in rank order
+        (what an all-gather of the shards holds)."""
+        return torch.cat([self.positions(r) for r in range(self.world)])
+
+
+class RingAttention(AttentionCallMode):
+    """Every SDPA call of ``model`` whose query is a ``DTensor`` sharded on the sequence (what
+    ``context_parallel`` hands it) runs as PyTorch's ring attention with our op at each step, under
+    ``config``; other calls run unchanged."""
+
+    def __init__(self, model: torch.nn.Module, config: DAMConfig) -> None:
+        super().__init__(model)
+        self.config = config
+        self.rows: dict[str, Tensor] = {}  # per module, its last call's plan rows (see plan_rows)
+        self.steps = {"run": 0, "skipped": 0}  # ring steps that computed, and those that kept no block
+
+    def on_attention(self, module_name: str, a: dict[str, Any]) -> Tensor | None:
+        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor.experimental._attention import _cp_options, _templated_ring_attention
+
+        query = a["query"]
+        if not isinstance(query, DTensor):
+            return None
+        if a["dropout_p"] != 0 or a["attn_mask"] is not None or not a["is_causal"]:
+            raise ValueError(f"{module_name}: the context-parallel ring runs causal attention without a mask or "
+                             "dropout (context_parallel's load balancing needs is_causal=True)")
+        mesh = query.device_mesh
+        group = mesh.get_group()
+        q, k, v = (a[name].to_local() for name in ("query", "key", "value"))
+        layout = ShardLayout(mesh.size(), q.shape[-2], _cp_options.enable_load_balance)
+        rank = dist.get_rank(group)
+        rows = self.rows[module_name] = self.plan_rows(module_name, q, k, layout, rank, group, a["scale"])
+        step = _RingStep(rows, layout, rank, self.config, a["scale"], k.shape[1] != q.shape[1], self.steps)
+        out, _lse = _templated_ring_attention(group, 2, step, q, k.contiguous(), v.contiguous(), is_causal=True)
+        return DTensor.from_local(out.to(q.dtype), mesh, [Shard(2)], run_check=False)
+
+    def plan_rows(self, module_name: str, q: Tensor, k: Tensor, layout: ShardLayout, rank: int,
+                  group: dist.ProcessGroup, scale: float | None) -> Tensor:
+        """bool ``[B or 1, H or 1, Mq_local, Nk]``: the kept global key blocks of the rank's query blocks, as
+        the one-process plan of the whole sequence has them."""
+        config, block = self.config, self.config.block_size
+        seq_len = layout.world * layout.local_len
+        if seq_len % (block * layout.world * (2 if layout.load_balanced else 1)):
+            raise ValueError(f"{module_name}: a context-parallel shard must be whole blocks of block_size={block}: "
+                             f"sequence length {seq_len} over {layout.world} ranks"
+                             + (" with load balancing (two chunks each)" if layout.load_balanced else ""))
+        q_blocks = blocks_of(layout.positions(rank), block)
+        nk = num_blocks(seq_len, block)
+        source = config.source
+        dense_reason = dense_layer_reason(module_name, config.dense_layers)
+        if dense_reason is None and seq_len < config.min_seq_len:
+            dense_reason = f"sequence shorter than min_seq_len={config.min_seq_len}"
+        if dense_reason is None and choose_path(q, k, 0, config.kernel)[0] == "dense":
+            dense_reason = choose_path(q, k, 0, config.kernel)[1]  # no sparse kernel here: the steps run dense
+        if dense_reason is None and source == "calibrated":
+            dense_reason = "the calibrated source is not supported by the context-parallel ring yet"
+            _log_once(f"dam: {module_name}: {dense_reason}; it runs the dense ring")
+        if dense_reason is not None or source == "dense":
+            visible, _ = causal_block_tables(seq_len, seq_len, block, True, q.device)
+            return visible[q_blocks.to(q.device)][None, None]
+        if source == "streaming":
+            m, n = q_blocks.to(q.device)[:, None], torch.arange(nk, device=q.device)[None, :]
+            kept = (n <= m) & ((n < config.sink_blocks) | (m - n < config.local_blocks))
+            return kept[None, None]
+        # dynamic: the one-process plan of the gathered sequence, this rank's rows
+        order = layout.order().to(q.device)
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(order.numel(), device=q.device)
+        whole_q, whole_k = (_gather(t, group).index_select(2, restore) for t in (q, k))
+        plan = plan_for(config, whole_q, whole_k, True, scale)
+        partial, full = plan.block_tables(seq_len)
+        return (partial | full)[:, :, q_blocks.to(q.device)]
+
+
+class _RingStep:
+    """The op ``_templated_ring_attention`` calls at each step: ``(q, k, v, is_causal) -> (out, lse)``. The
+    ring calls it once per step in order (skipped steps come last), so the call count is the step, from which
+    the received shard's rank follows; whether the ring passed half of the queries (the second chunk) or half of
+    the keys (the first chunk) follows from the shapes."""
+
+    def __init__(self, rows: Tensor, layout: ShardLayout, rank: int, config: DAMConfig, scale: float | None,
+                 enable_gqa: bool, counts: dict[str, int]) -> None:
+        self.rows, self.layout, self.rank, self.config = rows, layout, rank, config
+        self.scale, self.enable_gqa, self.counts, self.step = scale, enable_gqa, counts, 0
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, **_: Any) -> tuple[Tensor, Tensor]:
+        layout, block = self.layout, self.config.block_size
+        source = (self.rank - self.step) % layout.world
+        self.step += 1
+        q_pos, k_pos = layout.positions(self.rank), layout.positions(source)
+        first = 0 if q.shape[-2] == layout.local_len else layout.local_len - q.shape[-2]  # second chunk only
+        q_pos, k_pos = q_pos[first:], k_pos[:k.shape[-2]]  # the first chunk of the keys only
+        q_rows = torch.arange(first // block, layout.local_len // block)
+        plan = step_plan(self.rows, q_rows.to(q.device), blocks_of(q_pos, block).to(q.device),
+                         blocks_of(k_pos, block).to(q.device), block)
+        self.counts["skipped" if plan is None else "run"] += 1
+        if plan is None:  # nothing kept from this shard: no compute, a zero the merge ignores
+            return q.new_zeros((*q.shape[:3], v.shape[-1])), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        return sparse_attention_lse(q, k, v, plan, scale=self.scale, is_causal=is_causal, enable_gqa=self.enable_gqa,
+                                    kernel=self.config.kernel)
+
+
+def _gather(local: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The ranks' shards concatenated on the sequence dim (dim 2), in rank order."""
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=2)
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)
+
+
+@contextmanager
+def context_parallel(mesh, *, buffers: Sequence[Tensor], buffer_seq_dims: Sequence[int], model: torch.nn.Module,
+                     options: DAMConfig | Mapping[str, Any] | None = None,
+                     no_restore_buffers: set[Tensor] | None = None) -> Iterator[RingAttention]:
+    """``torch.distributed.tensor.experimental.context_parallel(mesh, buffers=..., buffer_seq_dims=...,
+    no_restore_buffers=...)`` with every attention call of ``model`` run as our block-sparse ring under
+    ``options`` (``DAMConfig``'s; the ``dam`` backend's defaults when ``None``). Yields the
+    :class:`RingAttention` mode."""
+    from torch.distributed.tensor.experimental import context_parallel as torch_context_parallel
+
+    config = options if isinstance(options, DAMConfig) else DAMConfig.from_options(options)
+    ring = RingAttention(model, config)
+    with torch_context_parallel(mesh, buffers=list(buffers), buffer_seq_dims=list(buffer_seq_dims),
+                                no_restore_buffers=no_restore_buffers), ring:
+        yield ring

@@ -16,10 +16,12 @@ would build for the whole sequence:
 
 - ``dense`` and ``streaming`` (and the first ``dense_layers`` layers, and sequences under ``min_seq_len``):
   from the global positions of the rank's tokens, no communication;
-- ``dynamic``: the query and key shards are all-gathered and every rank computes the one-process plan, keeping
-  its rows. Exact, but each rank pays the whole plan (an eighth of ``Q K^T`` with the default estimator) and
-  holds the whole Q and K of a layer at a time: the scalable form (each rank's sampled rows against the
-  gathered keys, the plan's few global reductions as all-reduces) is the next step;
+- ``dynamic``: the key shards are all-gathered (in sequence order); with the default ``sampled`` estimator each
+  rank scores its own sampled query rows against them (the kernel's ``block_map``: its blocks at their places
+  in the sequence), the rank holding the prompt's last block makes it exact, and the plan's few sums and
+  minima over all rows (the Box-Cox shift, the pattern counts, the budgets) are all-reduced
+  (``kernels/dynamic_mask.QueryShard``): each rank pays ``1 / world_size`` of the plan. Other estimators
+  gather the queries too and compute the whole plan on every rank;
 - ``calibrated``: not yet (its token patterns need the rank's global positions inside blocks): such calls run
   the dense ring, and say so once in the log.
 
@@ -40,7 +42,8 @@ from torch import Tensor
 
 from .config import DAMConfig
 from .kernels.dispatch import choose_path
-from .kernels.plan import num_blocks
+from .kernels.dynamic_mask import QueryShard, dynamic_block_plan
+from .kernels.plan import BlockSparsePlan, num_blocks
 from .kernels.ring_step import blocks_of, sparse_attention_lse, step_plan
 from .kernels.structured_plans import causal_block_tables
 from .module_stack import AttentionCallMode
@@ -132,13 +135,25 @@ class RingAttention(AttentionCallMode):
             m, n = q_blocks.to(q.device)[:, None], torch.arange(nk, device=q.device)[None, :]
             kept = (n <= m) & ((n < config.sink_blocks) | (m - n < config.local_blocks))
             return kept[None, None]
-        # dynamic: the one-process plan of the gathered sequence, this rank's rows
+        # dynamic: the keys gathered in sequence order
         order = layout.order().to(q.device)
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel(), device=q.device)
-        whole_q, whole_k = (_gather(t, group).index_select(2, restore) for t in (q, k))
-        plan = plan_for(config, whole_q, whole_k, True, scale)
-        partial, full = plan.block_tables(seq_len)
+        whole_k = _gather(k, group).index_select(2, restore)
+        if config.estimator == "sampled":  # this rank's rows, the plan's sums and minima all-reduced
+            options = config.mask_options()
+            shard = QueryShard(q_blocks.to(q.device), seq_len, lambda t: _all_reduce(t, dist.ReduceOp.SUM, group),
+                               lambda t: _all_reduce(t, dist.ReduceOp.MIN, group))
+            counts, indices, full_counts, full_indices = dynamic_block_plan(
+                q, whole_k, block_size=block, is_causal=True, scale=scale, tau=options.tau,
+                box_cox_lambda=options.box_cox_lambda, mu=options.mu, density=options.density,
+                mass_target=options.mass_target, sink_blocks=options.sink_blocks, local_blocks=options.local_blocks,
+                estimator="sampled", shard=shard)
+            partial, full = BlockSparsePlan(counts, indices, block, full_counts, full_indices).block_tables(seq_len)
+            return partial | full
+        # other estimators: the whole sequence's plan on every rank (the query gathered too), this rank's rows
+        whole_q = _gather(q, group).index_select(2, restore)
+        partial, full = plan_for(config, whole_q, whole_k, True, scale).block_tables(seq_len)
         return (partial | full)[:, :, q_blocks.to(q.device)]
 
 
@@ -168,6 +183,12 @@ class _RingStep:
             return q.new_zeros((*q.shape[:3], v.shape[-1])), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
         return sparse_attention_lse(q, k, v, plan, scale=self.scale, is_causal=is_causal, enable_gqa=self.enable_gqa,
                                     kernel=self.config.kernel)
+
+
+def _all_reduce(value: Tensor, op, group: dist.ProcessGroup) -> Tensor:
+    out = value.clone()
+    dist.all_reduce(out, op=op, group=group)
+    return out
 
 
 def _gather(local: Tensor, group: dist.ProcessGroup) -> Tensor:

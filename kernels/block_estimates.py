@@ -46,11 +46,11 @@ EXACT_ROW_MASS = 0.99
 class BlockEstimate(NamedTuple):
     """``mass``: float32 ``[B, H, Mq, Nk]``, each row summing to 1 over its visible blocks. ``needed``: bool
     ``[B, H, Mq, Nk]`` or ``None``: blocks a row is known to need (from exact scores), kept whatever the
-    budget. ``exact_rows``: how many trailing rows have exact mass (they take their budget first)."""
+    budget. ``exact``: bool ``[Mq]`` or ``None``: the rows whose mass is exact (they take their budget first)."""
 
     mass: Tensor
     needed: Tensor | None = None
-    exact_rows: int = 0
+    exact: Tensor | None = None
 
 
 def block_sums(x: Tensor, block_size: int) -> Tensor:
@@ -161,11 +161,12 @@ def adaptive_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bo
 
 
 def sampled_rows_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float,
-                      per_block: int) -> Tensor:
+                      per_block: int, block_map: Tensor | None = None) -> Tensor:
     """Exact attention mass per key block of ``per_block`` queries of every query block
-    (:func:`sampled_query_positions`): float32 ``[B, H, Mq, per_block, Nk]`` (each query's row sums to 1)."""
+    (:func:`sampled_query_positions`): float32 ``[B, H, Mq, per_block, Nk]`` (each query's row sums to 1).
+    ``block_map``: the query blocks' places among the key blocks when the query is a shard of them."""
     batch, heads = query.shape[:2]
-    block_lse = sampled_rows_block_lse(query, key, block_size, per_block, is_causal, scale)  # [B, KVH, G*R, Nk]
+    block_lse = sampled_rows_block_lse(query, key, block_size, per_block, is_causal, scale, block_map)
     mass = (block_lse - block_lse.logsumexp(-1, keepdim=True)).exp()
     return mass.view(batch, heads, -1, per_block, mass.shape[-1])
 
@@ -194,7 +195,25 @@ def with_exact_last_rows(estimate: Tensor, row_mass: Tensor, q_len: int, block_s
     mass = torch.cat([estimate[..., :mq - exact, :], *(g.mean(-2, keepdim=True) for g in groups)], dim=-2)
     needed = torch.cat([torch.zeros_like(estimate[..., :mq - exact, :], dtype=torch.bool),
                         *(blocks_each_row_needs(g, EXACT_ROW_MASS)[..., None, :] for g in groups)], dim=-2)
-    return BlockEstimate(mass, needed, exact)
+    return BlockEstimate(mass, needed, torch.arange(mq, device=estimate.device) >= mq - exact)
+
+
+def sampled_shard_estimate(query: Tensor, key: Tensor, block_size: int, scale: float, blocks: Tensor,
+                           q_len: int) -> BlockEstimate:
+    """:func:`sampled_estimate` of a context-parallel rank's query blocks: ``query [B, H, Mq_shard * block, E]``
+    is blocks ``blocks`` (int64 ``[Mq_shard]``) of a causal ``q_len``-token sequence of whole blocks, against
+    all of its keys. The rows are the whole sequence's estimate's: the sampled rows at their places, and the
+    sequence's last query block (on the rank that holds it) exact."""
+    per_block = max(1, block_size // SAMPLED_ROW_STRIDE)
+    estimate = sampled_rows_mass(query, key, block_size, True, scale, per_block, blocks).mean(-2)
+    exact = blocks.to(estimate.device) == (q_len // block_size - 1)
+    needed = torch.zeros_like(estimate, dtype=torch.bool)
+    for row in exact.nonzero().flatten().tolist():  # at most one: the rank holding the prompt's end
+        rows = sampled_rows_mass(query[:, :, row * block_size:(row + 1) * block_size], key, block_size, True, scale,
+                                 block_size, blocks[row:row + 1])[..., 0, :, :]  # every query of the block
+        estimate[..., row, :] = rows.mean(-2)
+        needed[..., row, :] = blocks_each_row_needs(rows, EXACT_ROW_MASS)
+    return BlockEstimate(estimate, needed, exact)
 
 
 ESTIMATES = {"sampled": sampled_estimate, "adaptive": adaptive_estimate, "pooled": pooled_block_estimate,

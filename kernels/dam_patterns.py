@@ -17,6 +17,7 @@ These functions are the definition the calibrated plans, the tests and the plots
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -34,11 +35,14 @@ def box_cox(x: Tensor, lam: float) -> Tensor:
     return (x.pow(lam) - 1.0) / lam
 
 
-def shifted_box_cox(attention: Tensor, lam: float, dtype: torch.dtype = torch.float64) -> Tensor:
+def shifted_box_cox(attention: Tensor, lam: float, dtype: torch.dtype = torch.float64,
+                    all_min: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Box-Cox of ``attention [..., L, L]`` shifted per map so its minimum is 0 (when the minimum is
-    negative; a non-negative map is left as it is), computed in ``dtype``."""
+    negative; a non-negative map is left as it is), computed in ``dtype``. ``all_min``: the minimum over the
+    maps' parts held elsewhere, when ``attention`` is one part of each map (the rows of a context-parallel rank)."""
     amplified = box_cox(attention.to(dtype), lam)
     low = amplified.amin(dim=(-2, -1), keepdim=True)
+    low = low if all_min is None else all_min(low)
     return amplified - low.clamp(max=0.0)
 
 

@@ -31,14 +31,15 @@ compile step, a tenth of the host time).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .block_estimates import ESTIMATES, visible_blocks
+from .block_estimates import ESTIMATES, sampled_shard_estimate, visible_blocks
 from .dam_patterns import shifted_box_cox
-from .plan import lists_from_table
+from .plan import lists_from_table, num_blocks
 
 ESTIMATORS = ("sampled", "adaptive", "pooled", "last_block")
 DEFAULT_ESTIMATOR = "sampled"
@@ -67,24 +68,46 @@ DENSITY_DEFAULTS = {"sampled": DensityDefaults(1.0, 0.0), "adaptive": DensityDef
 _ALWAYS, _DAM = 4.0, 2.0  # selection priorities above any mass estimate (which lies in [0, 1])
 
 
-def _dam_threshold(estimate: Tensor, visible: Tensor, tau: float, box_cox_lambda: float) -> Tensor:
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class QueryShard:
+    """The query blocks of one context-parallel rank: a shard of whole blocks of a ``q_len``-token sequence,
+    block ``m`` of the shard being block ``blocks[m]`` of the sequence (int64 ``[Mq_shard]``). The plan's few
+    sums and minima over every row of a head are taken over all ranks' rows by ``all_sum`` / ``all_min``
+    (all-reduces of small ``[B, H, ...]`` tensors)."""
+
+    blocks: Tensor
+    q_len: int
+    all_sum: Callable[[Tensor], Tensor] = _same
+    all_min: Callable[[Tensor], Tensor] = _same
+
+
+def _dam_threshold(estimate: Tensor, visible: Tensor, tau: float, box_cox_lambda: float,
+                   all_min: Callable[[Tensor], Tensor] = _same) -> Tensor:
     """Box-Cox, shift to minimum 0 per head map, threshold: bool ``[B, H, Mq, Nk]``."""
     # float32 like the estimate: this runs inside the compiled graph on every call.
-    return (shifted_box_cox(estimate, box_cox_lambda, torch.float32) >= tau) & visible
+    return (shifted_box_cox(estimate, box_cox_lambda, torch.float32, all_min) >= tau) & visible
 
 
-def _block_patterns(mask: Tensor, visible: Tensor, offset: Tensor, mu: float) -> Tensor:
-    """Blocks on block diagonals / columns where at least ``mu`` of the visible blocks are in ``mask``."""
-    mq, nk = mask.shape[-2:]
+def _block_patterns(mask: Tensor, visible: Tensor, offset: Tensor, mu: float, whole_visible: Tensor,
+                    whole_offset: Tensor, all_sum: Callable[[Tensor], Tensor] = _same) -> Tensor:
+    """Blocks on block diagonals / columns where at least ``mu`` of the visible blocks are in ``mask``.
+    ``mask``, ``visible``, ``offset``: the rows planned here; ``whole_*``: every row of the sequence (the
+    fractions are over all of them; ``all_sum`` adds the hits of rows planned elsewhere)."""
+    nk = mask.shape[-1]
     hits = mask.to(torch.float32)
     # Per offset d = m - n (shifted by nk - 1 to be >= 0): fraction of its visible blocks in the mask.
     index = (offset + nk - 1).expand_as(hits).reshape(*hits.shape[:-2], -1)
-    slots = mq + nk - 1
-    per_offset = hits.new_zeros((*hits.shape[:-2], slots)).scatter_add(-1, index, hits.flatten(-2))
-    offset_size = hits.new_zeros(slots).scatter_add(0, (offset + nk - 1).flatten(), visible.flatten().float())
+    slots = whole_offset.shape[-2] + nk - 1
+    per_offset = all_sum(hits.new_zeros((*hits.shape[:-2], slots)).scatter_add(-1, index, hits.flatten(-2)))
+    offset_size = hits.new_zeros(slots).scatter_add(0, (whole_offset + nk - 1).flatten(),
+                                                    whole_visible.flatten().float())
     diag_keep = per_offset >= mu * offset_size.clamp_min(1)
     diag = diag_keep.gather(-1, index).view_as(mask)
-    col_keep = hits.sum(-2) >= mu * visible.sum(-2).clamp_min(1)
+    col_keep = all_sum(hits.sum(-2)) >= mu * whole_visible.sum(-2).clamp_min(1)
     return (diag | col_keep[..., None, :]) & visible
 
 
@@ -103,26 +126,44 @@ def dynamic_block_plan(
     sink_blocks: int = 1,
     local_blocks: int = 2,
     estimator: str = DEFAULT_ESTIMATOR,
+    shard: QueryShard | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The dynamic DAM plan for query ``[B, H, Lq, E]`` and key ``[B, KVH, Lk, E]``.
+
+    ``shard``: the query is a context-parallel rank's blocks of a longer sequence (the ``sampled`` estimator,
+    causal): the plan's rows are those the whole sequence's plan has for them.
 
     Returns ``(kv_num_blocks [B, H, Mq], kv_indices [B, H, Mq, K], full_kv_num_blocks, full_kv_indices)``
     (int32, :class:`BlockSparsePlan` layout; partial blocks are those the causal diagonal cuts), with ``K`` from
     :func:`dynamic_plan_width`."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if shard is not None and (estimator != "sampled" or not is_causal):
+        raise ValueError(f"shard: a context-parallel plan takes the sampled estimator and causal attention, got "
+                         f"estimator={estimator!r}, is_causal={is_causal}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    estimate, known, exact_rows = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
+    if shard is None:
+        estimate, known, exact = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
+        all_sum, all_min = _same, _same
+    else:
+        estimate, known, exact = sampled_shard_estimate(query, key, block_size, scale, shard.blocks, shard.q_len)
+        all_sum, all_min = shard.all_sum, shard.all_min
     mq, nk = estimate.shape[-2:]
     device = query.device
-    visible, offset = visible_blocks(mq, nk, is_causal, device)
+    exact = torch.zeros(mq, dtype=torch.bool, device=device) if exact is None else exact
+    # The whole sequence's geometry, and the rows planned here.
+    whole_visible, whole_offset = visible_blocks(mq if shard is None else num_blocks(shard.q_len, block_size), nk,
+                                                 is_causal, device)
+    rows = None if shard is None else shard.blocks.to(device)
+    visible, offset = (whole_visible, whole_offset) if rows is None else (whole_visible[rows], whole_offset[rows])
 
-    dam = _dam_threshold(estimate, visible, tau, box_cox_lambda)
-    dam = dam | _block_patterns(dam, visible, offset, mu)
+    dam = _dam_threshold(estimate, visible, tau, box_cox_lambda, all_min)
+    dam = dam | _block_patterns(dam, visible, offset, mu, whole_visible, whole_offset, all_sum)
     if known is not None:  # blocks exact scores say a row needs rank with DAM's
         dam = dam | known
-    local = (offset >= 0) & (offset < local_blocks) if is_causal else offset.abs() < local_blocks
-    always = visible & ((torch.arange(nk, device=device) < sink_blocks)[None, :] | local)
+    always_of = lambda vis, off: vis & ((torch.arange(nk, device=device) < sink_blocks)[None, :]  # noqa: E731
+                                        | (((off >= 0) & (off < local_blocks)) if is_causal else off.abs() < local_blocks))
+    always = always_of(visible, offset)
     priority = torch.where(always, _ALWAYS, torch.where(dam, _DAM, 0.0)) + estimate
 
     width = dynamic_plan_width(nk, density, sink_blocks, local_blocks, estimator)
@@ -137,7 +178,9 @@ def dynamic_block_plan(
     mass_before = top_mass.cumsum(-1) - top_mass
     needed = ((top_priority >= _DAM) | (mass_before < mass_target)) & top_visible
     if estimator in MASS_BUDGETS:
-        budget = _mass_budgets(needed.sum(-1), visible, always, density, exact_rows)
+        whole_always = always if rows is None else always_of(whole_visible, whole_offset)
+        optional = whole_visible.sum() - whole_always.sum()
+        budget = _mass_budgets(needed.sum(-1), always.sum(-1), optional, density, exact, all_sum)
     else:
         budget = _row_budgets(visible, always, density)
     chosen = needed & (torch.arange(width, device=device) < budget[..., None])
@@ -160,20 +203,19 @@ def dynamic_plan_width(nk: int, density: float, sink_blocks: int, local_blocks: 
     return torch.sym_min(nk, (nk * math.ceil(density * 1000) + 999) // 1000 + sink_blocks + local_blocks)
 
 
-def _mass_budgets(need: Tensor, visible: Tensor, always: Tensor, density: float, exact_rows: int = 1) -> Tensor:
+def _mass_budgets(need: Tensor, forced: Tensor, optional: Tensor, density: float, exact: Tensor,
+                  all_sum: Callable[[Tensor], Tensor] = _same) -> Tensor:
     """Blocks each row may keep, int64 ``[B, H, Mq]``, from what it needs (``need``: always-kept, DAM-kept and
-    the blocks reaching the mass target). Floor: the always-kept blocks. Cap: beyond those, the head keeps at
-    most ``density`` of its other visible blocks; the last ``exact_rows`` rows take what they need first (their
-    estimate is exact and they ask the question), and when the other rows need more than is left, each row's
-    extra need is cut by the same factor."""
-    forced = always.sum(-1)  # [Mq]
+    the blocks reaching the mass target). Floor: the always-kept blocks (``forced [Mq]``). Cap: beyond those, the
+    head keeps at most ``density`` of its ``optional`` blocks (its visible blocks not always kept, over the whole
+    sequence); the ``exact`` rows (bool ``[Mq]``) take what they need first (their estimate is exact and they ask
+    the question), and when the other rows need more than is left, each row's extra need is cut by the same
+    factor (``all_sum`` adds what rows planned elsewhere need)."""
     extra = (need - forced).clamp_min(0).to(torch.float64)
-    split = extra.shape[-1] - exact_rows
-    capped, exact = extra[..., :split], extra[..., split:]
-    allowance = torch.floor((visible.sum() - forced.sum()) * density) - exact.sum(-1, keepdim=True)
-    factor = (allowance.clamp_min(0) / capped.sum(-1, keepdim=True).clamp_min(1.0)).clamp(max=1.0)
-    extra = torch.cat([torch.floor(capped * factor), exact], dim=-1)
-    return forced + extra.to(torch.int64)
+    capped, exact_extra = extra.masked_fill(exact, 0.0), extra.masked_fill(~exact, 0.0)
+    allowance = torch.floor(optional * density) - all_sum(exact_extra.sum(-1, keepdim=True))
+    factor = (allowance.clamp_min(0) / all_sum(capped.sum(-1, keepdim=True)).clamp_min(1.0)).clamp(max=1.0)
+    return forced + torch.where(exact, extra, torch.floor(capped * factor)).to(torch.int64)
 
 
 def _row_budgets(visible: Tensor, always: Tensor, density: float) -> Tensor:

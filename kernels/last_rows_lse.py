@@ -14,6 +14,8 @@ kernel.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -49,15 +51,17 @@ def sampled_query_positions(q_len: int, block_size: int, per_block: int) -> Tens
 
 
 def rows_block_lse_reference(query: Tensor, key: Tensor, positions: Tensor, block_size: int, is_causal: bool,
-                             scale: float) -> Tensor:
+                             scale: float, q_rows: Tensor | None = None) -> Tensor:
     """float32 ``[B, KVH, G * R, Nk]`` from query ``[B, H, Lq, E]``, key ``[B, KVH, Lk, E]`` and the ``R``
     query ``positions`` (``G = H / KVH``; row ``g * R + r`` is query ``positions[r]`` of head ``kvh * G + g``).
-    SDPA's ``is_causal``: query ``i`` sees keys up to ``i``."""
+    SDPA's ``is_causal``: query ``i`` sees keys up to ``i``. ``q_rows``: the query rows to take when they are not
+    ``positions`` (a shard of a longer sequence: the rows are the shard's, the positions the sequence's)."""
     batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
     group, rows = heads // kv_heads, positions.numel()
     positions = positions.to(query.device)
-    chosen = query[:, :, positions].reshape(batch, kv_heads, group * rows, dim)
+    q_rows = positions if q_rows is None else q_rows.to(query.device)
+    chosen = query[:, :, q_rows].reshape(batch, kv_heads, group * rows, dim)
     scores = torch.matmul(chosen, key.transpose(-1, -2))
     if is_causal:
         q_pos = positions.repeat(group)[:, None]
@@ -81,22 +85,27 @@ def last_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, i
 
 
 def sampled_rows_block_lse_reference(query: Tensor, key: Tensor, block_size: int, per_block: int,
-                                     is_causal: bool, scale: float) -> Tensor:
+                                     is_causal: bool, scale: float, block_map: Tensor | None = None) -> Tensor:
     """:func:`rows_block_lse_reference` of :func:`sampled_query_positions` (``per_block`` rows of every query
-    block): ``[B, KVH, G * Mq * per_block, Nk]``."""
-    positions = sampled_query_positions(query.shape[-2], block_size, per_block)
-    return rows_block_lse_reference(query, key, positions, block_size, is_causal, scale)
+    block): ``[B, KVH, G * Mq * per_block, Nk]``. ``block_map`` (int ``[Mq]``): where each query block lies in
+    the key sequence (a shard of whole blocks; default: block ``m`` at ``m``)."""
+    rows = sampled_query_positions(query.shape[-2], block_size, per_block)
+    if block_map is None:
+        return rows_block_lse_reference(query, key, rows, block_size, is_causal, scale)
+    positions = block_map.to(rows.device)[rows // block_size] * block_size + rows % block_size
+    return rows_block_lse_reference(query, key, positions, block_size, is_causal, scale, q_rows=rows)
 
 
 @triton.jit
 def _rows_block_lse_kernel(
-    Q, K, Out,
+    Q, K, Out, BlockMap,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_om,
     q_len, kv_len, rows, group, kv_heads, scale_log2, per_block,
-    IS_CAUSAL: tl.constexpr, SAMPLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SAMPLED: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     block = tl.program_id(0)
     row_tile = tl.program_id(1)
@@ -106,16 +115,21 @@ def _rows_block_lse_kernel(
     q_head = kv_head * group + out_row // rows
     r = out_row % rows
     if SAMPLED:  # sampled_query_positions: the last query of each of a block's per_block parts
-        q_pos = tl.minimum((r // per_block) * BLOCK_N + (r % per_block + 1) * (BLOCK_N // per_block) - 1,
-                           q_len - 1)
+        within = (r % per_block + 1) * (BLOCK_N // per_block) - 1
+        q_row = tl.minimum((r // per_block) * BLOCK_N + within, q_len - 1)
+        if HAS_MAP:  # a shard of whole blocks: its block r // per_block lies at BlockMap[.] among the keys
+            q_pos = tl.load(BlockMap + r // per_block, mask=row_ok, other=0) * BLOCK_N + within
+        else:
+            q_pos = q_row
     else:  # the last `rows` queries
-        q_pos = q_len - rows + r
+        q_row = q_len - rows + r
+        q_pos = q_row
     k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
     lse = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     # Causal: a tile whose rows all come before the key block sees none of it (half the sampled tiles).
     if (not IS_CAUSAL) or (block * BLOCK_N <= tl.max(tl.where(row_ok, q_pos, -1))):
         dims = tl.arange(0, DIM_PAD)
-        q = tl.load(Q + batch * stride_qb + q_head[:, None] * stride_qh + q_pos[:, None] * stride_qm
+        q = tl.load(Q + batch * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_qm
                     + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
         k = tl.load(K + batch * stride_kb + kv_head * stride_kh + k_pos[:, None] * stride_kn + dims[None, :],
                     mask=(k_pos[:, None] < kv_len) & (dims[None, :] < HEAD_DIM), other=0.0)
@@ -150,12 +164,12 @@ def last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: 
 
 
 def sampled_rows_block_lse(query: Tensor, key: Tensor, block_size: int, per_block: int, is_causal: bool,
-                           scale: float) -> Tensor:
+                           scale: float, block_map: Tensor | None = None) -> Tensor:
     """float32 ``[B, KVH, G * Mq * per_block, Nk]``: see :func:`sampled_rows_block_lse_reference` (the same
     values), through the ``dam::sampled_rows_block_lse`` kernel op where it runs."""
     if kernel_runs(query, block_size):
-        return sampled_rows_block_lse_op(query, key, block_size, per_block, is_causal, scale)
-    return sampled_rows_block_lse_reference(query, key, block_size, per_block, is_causal, scale)
+        return sampled_rows_block_lse_op(query, key, block_size, per_block, is_causal, scale, block_map)
+    return sampled_rows_block_lse_reference(query, key, block_size, per_block, is_causal, scale, block_map)
 
 
 # Ops, so that compiled callers (the dynamic plan, compiled with dynamic shapes) treat a launch as one opaque
@@ -168,11 +182,11 @@ def last_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, is_causa
 
 @lean_op("dam::sampled_rows_block_lse")
 def sampled_rows_block_lse_op(query: Tensor, key: Tensor, block_size: int, per_block: int, is_causal: bool,
-                              scale: float) -> Tensor:
+                              scale: float, block_map: Optional[Tensor] = None) -> Tensor:
     """The Triton kernel; ``query [B, H, Lq, E]``, ``key [B, KVH, Lk, E]`` -> float32
-    ``[B, KVH, G * Mq * per_block, Nk]``."""
+    ``[B, KVH, G * Mq * per_block, Nk]``; ``block_map``: int32 ``[Mq]`` (see the reference)."""
     return _launch(query, key, block_size, is_causal, scale, _sampled_rows(query.shape[-2], block_size, per_block),
-                   per_block)
+                   per_block, block_map)
 
 
 def launch_last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_causal: bool,
@@ -188,9 +202,19 @@ def _sampled_rows(q_len: int, block_size: int, per_block: int) -> int:
     return -(-q_len // block_size) * per_block
 
 
-def _launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float, rows: int,
-            per_block: int) -> Tensor:
-    """``rows`` query rows per head: the last ones (``per_block == 0``) or ``per_block`` of every query block."""
+class LseLaunch(NamedTuple):
+    """One launch of the row-LSE kernel: its grid, arguments, constants and the output it writes."""
+
+    grid: tuple[int, int, int]
+    args: tuple
+    constants: dict
+    out: Tensor
+
+
+def lse_launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float, rows: int,
+               per_block: int, block_map: Tensor | None = None) -> LseLaunch:
+    """The launch of ``rows`` query rows per head: the last ones (``per_block == 0``) or ``per_block`` of every
+    query block (``block_map``: their places, a shard's). ``benchmarks/kernel_resources.py`` compiles it too."""
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
     batch, heads, q_len, dim = query.shape
@@ -200,17 +224,23 @@ def _launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale:
     out = torch.empty((batch, kv_heads, group * rows, nk), device=query.device, dtype=torch.float32)
     per_program = INTERPRETER_ROWS_PER_PROGRAM if interpreting() else ROWS_PER_PROGRAM
     grid = (nk, -(-group * rows // per_program), batch * kv_heads)
-    _rows_block_lse_kernel[grid](
-        query, key, out,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value, max(per_block, 1),
-        IS_CAUSAL=is_causal, SAMPLED=per_block > 0, BLOCK_N=block_size, BLOCK_M=per_program, HEAD_DIM=dim,
-        DIM_PAD=max(16, next_power_of_2(dim)), **dot_options(query.dtype),
-        num_warps=4, num_stages=2,
-    )
-    return out
+    block_map = None if block_map is None else block_map.to(device=query.device, dtype=torch.int32)
+    args = (query, key, out, out if block_map is None else block_map,
+            query.stride(0), query.stride(1), query.stride(2),
+            key.stride(0), key.stride(1), key.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value, max(per_block, 1))
+    constants = dict(IS_CAUSAL=is_causal, SAMPLED=per_block > 0, HAS_MAP=block_map is not None, BLOCK_N=block_size,
+                     BLOCK_M=per_program, HEAD_DIM=dim, DIM_PAD=max(16, next_power_of_2(dim)),
+                     **dot_options(query.dtype), num_warps=4, num_stages=2)
+    return LseLaunch(grid, args, constants, out)
+
+
+def _launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float, rows: int,
+            per_block: int, block_map: Tensor | None = None) -> Tensor:
+    launch = lse_launch(query, key, block_size, is_causal, scale, rows, per_block, block_map)
+    _rows_block_lse_kernel[launch.grid](*launch.args, **launch.constants)
+    return launch.out
 
 
 def _fake_lse(query: Tensor, key: Tensor, block_size: int, rows: int) -> Tensor:
@@ -226,5 +256,5 @@ def _(query, key, block_size, is_causal, scale):
 
 
 @sampled_rows_block_lse_op.register_fake
-def _(query, key, block_size, per_block, is_causal, scale):
+def _(query, key, block_size, per_block, is_causal, scale, block_map=None):
     return _fake_lse(query, key, block_size, _sampled_rows(query.shape[-2], block_size, per_block))

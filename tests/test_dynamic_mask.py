@@ -329,3 +329,42 @@ def test_plan_traces_with_dynamic_shapes_at_aligned_and_ragged_lengths():
         got = compiled(q, k, block_size=BLOCK, is_causal=True)
         want = dynamic_block_plan(q, k, block_size=BLOCK, is_causal=True)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), n
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_query_shard_plans_the_rows_the_whole_sequence_plans(world):
+    """Context parallelism's plan (kernels.dynamic_mask.QueryShard), in one process: each rank's blocks in
+    head-tail order against all keys, the sums and minima over all rows taken over every rank's (recorded in a
+    first pass, added, handed back in a second), give the whole sequence's plan rows, a cap binding included."""
+    from dam_compile.kernels.dynamic_mask import QueryShard
+
+    n, block = 512, 32
+    q, k = torch.randn(1, 4, n, D), torch.randn(1, 2, n, D)
+    q[0, 0, -16:] += 3.0 * k[0, 0, 300]  # the last block's question: its rank's exact rows keep the needle
+    options = dict(block_size=block, is_causal=True, density=0.3, mass_target=0.9)
+    lists = dynamic_block_plan(q, k, **options)
+    partial, full = BlockSparsePlan(*lists[:2], block, *lists[2:]).block_tables(n)
+    whole = partial | full
+    chunk = n // (2 * world) // block  # blocks per chunk
+    shards = [torch.cat([torch.arange(r * chunk, (r + 1) * chunk),
+                         torch.arange((2 * world - 1 - r) * chunk, (2 * world - r) * chunk)]) for r in range(world)]
+
+    def plan(rank, reduce_sum, reduce_min):
+        blocks = shards[rank]
+        rows = torch.cat([q[:, :, b * block:(b + 1) * block] for b in blocks.tolist()], dim=2)
+        shard = QueryShard(blocks, n, reduce_sum, reduce_min)
+        lists = dynamic_block_plan(rows, k, **options, shard=shard)
+        partial, full = BlockSparsePlan(*lists[:2], block, *lists[2:]).block_tables(n)
+        return partial | full
+
+    records = [{"sum": [], "min": []} for _ in range(world)]
+    for rank in range(world):
+        keep = lambda kind, r=rank: (lambda t: records[r][kind].append(t) or t)  # noqa: E731
+        plan(rank, keep("sum"), keep("min"))
+    totals = {kind: [torch.stack(parts).sum(0) if kind == "sum" else torch.stack(parts).amin(0)
+                     for parts in zip(*(records[r][kind] for r in range(world)))] for kind in ("sum", "min")}
+    for rank in range(world):
+        calls = {"sum": iter(totals["sum"]), "min": iter(totals["min"])}
+        rows = plan(rank, lambda t: next(calls["sum"]), lambda t: next(calls["min"]))
+        assert torch.equal(rows, whole[:, :, shards[rank]]), rank
+    assert (whole.sum(-1) < torch.arange(1, n // block + 1)).any()  # sparse: equality means something

@@ -29,10 +29,13 @@ def test_the_fused_kernel_compiles_for_hopper_and_fits_an_sm():
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     names = [r["variant"] for r in report["rows"]]
-    assert len(names) == 4 and any("TMA" in n for n in names) and any("token pattern" in n for n in names)
+    assert len(names) == 6 and any("TMA" in n for n in names) and any("token pattern" in n for n in names)
     for row in report["rows"]:
         assert 0 < row["registers"] <= 255, row
         assert row["fits_one_block"] and row["ctas_per_sm"] >= 1, row  # launchable on an H100 / H200
     # The warp-specialised Hopper path: its three partitions fit one SM's registers (168 x 12 warps) unspilled.
     hopper = [r for r in report["rows"] if r["variant"].startswith("Hopper path")]
     assert len(hopper) == 1 and hopper[0]["spill_bytes"] == 0 and hopper[0]["registers"] * 32 * 12 <= 65536
+    # The plan's row-LSE kernel (the default estimator's sampled rows; a context-parallel shard's): unspilled.
+    row_lse = [r for r in report["rows"] if r["variant"].startswith("row-LSE")]
+    assert len(row_lse) == 2 and all(r["spill_bytes"] == 0 for r in row_lse)

@@ -76,6 +76,21 @@ def test_small_row_tiles_give_the_same_values(monkeypatch, causal):
     torch.testing.assert_close(last_rows_block_lse(q, k, 32, causal, 0.2), last_rows_block_lse_reference(q, k, 32, causal, 0.2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_shard_of_blocks_scores_its_rows_at_their_places_in_the_sequence(device, causal):
+    """A context-parallel rank holds query blocks 1 and 6 of an 8-block sequence (head-tail order): its sampled
+    rows' values are those of the same rows of the whole sequence."""
+    q, k = torch.randn(1, 4, 256, 32, device=device), torch.randn(1, 2, 256, 32, device=device)
+    blocks = torch.tensor([1, 6])
+    shard = torch.cat([q[:, :, 32:64], q[:, :, 192:224]], dim=2)
+    whole = sampled_rows_block_lse(q, k, 32, 4, causal, 0.2).unflatten(2, (2, 8, 4))  # [B, KVH, G, Mq, rows]
+    got = sampled_rows_block_lse(shard, k, 32, 4, causal, 0.2, block_map=blocks.to(device)).unflatten(2, (2, 2, 4))
+    torch.testing.assert_close(got, whole[:, :, :, blocks])
+    reference = sampled_rows_block_lse_reference(shard, k, 32, 4, causal, 0.2, block_map=blocks)
+    torch.testing.assert_close(got.flatten(2, 4), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_sampled_positions_end_each_part_of_every_block():
     assert sampled_query_positions(300, 128, 4).tolist() == [31, 63, 95, 127, 159, 191, 223, 255, 287, 299, 299, 299]
     assert sampled_query_positions(64, 64, 1).tolist() == [63]
@@ -110,3 +125,5 @@ def test_op_passes_opcheck(device):
     q, k = torch.randn(1, 4, 40, 16, device=device), torch.randn(1, 2, 40, 16, device=device)
     torch.library.opcheck(torch.ops.dam.last_rows_block_lse.default, (q, k, 16, True, 0.25))
     torch.library.opcheck(torch.ops.dam.sampled_rows_block_lse.default, (q, k, 16, 4, True, 0.25))
+    blocks = torch.tensor([2, 0, 1], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.dam.sampled_rows_block_lse.default, (q[:, :, :48], k, 16, 4, True, 0.25, blocks))

@@ -95,8 +95,10 @@ class RingAttention(AttentionCallMode):
         if not isinstance(query, DTensor):
             return None
         if a["dropout_p"] != 0 or a["attn_mask"] is not None or not a["is_causal"]:
+            mask = None if a["attn_mask"] is None else tuple(a["attn_mask"].shape)
             raise ValueError(f"{module_name}: the context-parallel ring runs causal attention without a mask or "
-                             "dropout (context_parallel's load balancing needs is_causal=True)")
+                             f"dropout (context_parallel's load balancing needs is_causal=True); got is_causal="
+                             f"{a['is_causal']}, attn_mask {mask}, dropout_p={a['dropout_p']}")
         mesh = query.device_mesh
         group = mesh.get_group()
         q, k, v = (a[name].to_local() for name in ("query", "key", "value"))

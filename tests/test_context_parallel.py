@@ -153,3 +153,24 @@ def test_shards_that_cut_a_block_are_refused():
     q = torch.randn(1, 4, 24, 16)
     with pytest.raises(ValueError, match="block_size=16"):
         ring.plan_rows("model.layers.1.self_attn", q, q, ShardLayout(2, 24, load_balanced=True), 0, None, None)
+
+
+@pytest.mark.slow
+def test_bench_cp_smoke_runs_both_rings_and_writes_its_summary(tmp_path):
+    """``torchrun --nproc-per-node 2 benchmarks/bench_cp.py --smoke``: the flow, on the CPU (no claims)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cp.py"
+    if not script.exists():
+        pytest.skip("not run from a source checkout")
+    out = tmp_path / "cp.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                          "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {r["variant"] for r in result["prefill"]} == {"dense-ring", "dam"}
+    assert result["summary"]["cp_max_rel_err_dense"] < 1e-5
+    assert result["summary"]["cp_speedup_vs_dense_ring_512k"] is None  # not a length the smoke runs
+    assert "524288" in result["summary"]["notes"]["cp_speedup_vs_dense_ring_512k"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import torch.distributed as dist
 
 from bench_common import RESULTS, int_list, run_metadata, write_result
 from bench_e2e import HEADLINE_MODEL, K, release_memory, repeats_for
-from bench_tp import Clock, busiest, log, prompt
+from bench_tp import Clock, busiest, join, log, prompt
 
 import dam_compile
 from dam_compile.model_specs import build_from_config, hf_config
@@ -160,16 +159,12 @@ def summarize(prefill: list[dict], check: dict, options: dict) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    device, mesh = join(args.smoke)
     rank = dist.get_rank()
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    from torch.distributed.device_mesh import init_device_mesh
     import transformers
 
     options = dict(SMOKE_OPTIONS, **json.loads(args.options)) if args.smoke else json.loads(args.options)
-    clock, mesh = Clock(device), init_device_mesh(device, (dist.get_world_size(),))
+    clock = Clock(device)
     result = run_metadata("cp")
     result.update(transformers=transformers.__version__,
                   config=dict(model=args.model, layers=args.layers, world=dist.get_world_size(), smoke=args.smoke,

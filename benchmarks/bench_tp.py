@@ -278,17 +278,25 @@ def summarize(prefill: list[dict], single: dict) -> dict:
     return summary
 
 
+def join(smoke: bool):
+    """Join the ``torchrun`` job: gloo on the CPU (``smoke``, or no GPU), else NCCL with this process's GPU.
+    Returns ``(device, a 1-D mesh of every rank)``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
+    dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return device, init_device_mesh(device, (dist.get_world_size(),))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    device, mesh = join(args.smoke)
     rank, tp = dist.get_rank(), dist.get_world_size()
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    from torch.distributed.device_mesh import init_device_mesh
     import transformers
 
-    clock, mesh = Clock(device), init_device_mesh(device, (tp,))
+    clock = Clock(device)
     result = run_metadata("tp")
     result.update(
         transformers=transformers.__version__,

@@ -22,8 +22,9 @@ would build for the whole sequence:
   minima over all rows (the Box-Cox shift, the pattern counts, the budgets) are all-reduced
   (``kernels/dynamic_mask.QueryShard``): each rank pays ``1 / world_size`` of the plan. Other estimators
   gather the queries too and compute the whole plan on every rank;
-- ``calibrated``: not yet (its token patterns need the rank's global positions inside blocks): such calls run
-  the dense ring, and say so once in the log.
+- ``calibrated``: the profile's patterns give the whole plan from global positions, no communication; each call
+  of a step gets the token pattern moved to its keys' start (``kernels/ring_step.RankRows``). A profile with
+  dynamic heads (hybrid) is not supported yet: such calls run the dense ring, and say so once in the log.
 
 Shards must be whole plan blocks: the sequence length a multiple of ``2 * world_size * block_size`` with load
 balancing (``world_size * block_size`` without). The model must be given global ``position_ids`` as a buffer
@@ -44,7 +45,8 @@ from .config import DAMConfig
 from .kernels.dispatch import choose_path
 from .kernels.dynamic_mask import QueryShard, dynamic_block_plan
 from .kernels.plan import BlockSparsePlan, num_blocks
-from .kernels.ring_step import blocks_of, sparse_attention_lse, step_plan
+from .kernels.pattern_plan import pattern_block_tables
+from .kernels.ring_step import RankRows, StepOptions, blocks_of
 from .kernels.structured_plans import causal_block_tables
 from .module_stack import AttentionCallMode
 from .passes.dense_layers import dense_layer_reason
@@ -84,7 +86,7 @@ class RingAttention(AttentionCallMode):
     def __init__(self, model: torch.nn.Module, config: DAMConfig) -> None:
         super().__init__(model)
         self.config = config
-        self.rows: dict[str, Tensor] = {}  # per module, its last call's plan rows (see plan_rows)
+        self.rows: dict[str, Tensor] = {}  # per module, its last call's kept blocks (RankRows' partial | full)
         self.steps = {"run": 0, "skipped": 0}  # ring steps that computed, and those that kept no block
 
     def on_attention(self, module_name: str, a: dict[str, Any]) -> Tensor | None:
@@ -104,22 +106,24 @@ class RingAttention(AttentionCallMode):
         q, k, v = (a[name].to_local() for name in ("query", "key", "value"))
         layout = ShardLayout(mesh.size(), q.shape[-2], _cp_options.enable_load_balance)
         rank = dist.get_rank(group)
-        rows = self.rows[module_name] = self.plan_rows(module_name, q, k, layout, rank, group, a["scale"])
-        step = _RingStep(rows, layout, rank, self.config, a["scale"], k.shape[1] != q.shape[1], self.steps)
+        rows = self.plan_rows(module_name, q, k, layout, rank, group, a["scale"])
+        self.rows[module_name] = rows.partial | rows.full
+        step = _RingStep(rows, layout, rank, StepOptions(a["scale"], k.shape[1] != q.shape[1], self.config.kernel),
+                         self.steps)
         out, _lse = _templated_ring_attention(group, 2, step, q, k.contiguous(), v.contiguous(), is_causal=True)
         return DTensor.from_local(out.to(q.dtype), mesh, [Shard(2)], run_check=False)
 
     def plan_rows(self, module_name: str, q: Tensor, k: Tensor, layout: ShardLayout, rank: int,
-                  group: dist.ProcessGroup, scale: float | None) -> Tensor:
-        """bool ``[B or 1, H or 1, Mq_local, Nk]``: the kept global key blocks of the rank's query blocks, as
-        the one-process plan of the whole sequence has them."""
+                  group: dist.ProcessGroup, scale: float | None) -> RankRows:
+        """The rank's rows of the one-process plan of the whole sequence (:class:`RankRows`)."""
         config, block = self.config, self.config.block_size
         seq_len = layout.world * layout.local_len
         if seq_len % (block * layout.world * (2 if layout.load_balanced else 1)):
             raise ValueError(f"{module_name}: a context-parallel shard must be whole blocks of block_size={block}: "
                              f"sequence length {seq_len} over {layout.world} ranks"
                              + (" with load balancing (two chunks each)" if layout.load_balanced else ""))
-        q_blocks = blocks_of(layout.positions(rank), block)
+        positions = layout.positions(rank).to(q.device)
+        q_blocks = blocks_of(positions, block)
         nk = num_blocks(seq_len, block)
         source = config.source
         dense_reason = dense_layer_reason(module_name, config.dense_layers)
@@ -127,16 +131,22 @@ class RingAttention(AttentionCallMode):
             dense_reason = f"sequence shorter than min_seq_len={config.min_seq_len}"
         if dense_reason is None and choose_path(q, k, 0, config.kernel)[0] == "dense":
             dense_reason = choose_path(q, k, 0, config.kernel)[1]  # no sparse kernel here: the steps run dense
-        if dense_reason is None and source == "calibrated":
-            dense_reason = "the calibrated source is not supported by the context-parallel ring yet"
+        if dense_reason is None and source == "calibrated" and bool(config.profile.modules[module_name].dynamic_heads.any()):
+            dense_reason = "a calibrated profile with dynamic heads is not supported by the context-parallel ring yet"
             _log_once(f"dam: {module_name}: {dense_reason}; it runs the dense ring")
         if dense_reason is not None or source == "dense":
             visible, _ = causal_block_tables(seq_len, seq_len, block, True, q.device)
-            return visible[q_blocks.to(q.device)][None, None]
+            return _block_rows(visible[q_blocks][None, None], q_blocks, positions, block)
         if source == "streaming":
-            m, n = q_blocks.to(q.device)[:, None], torch.arange(nk, device=q.device)[None, :]
+            m, n = q_blocks[:, None], torch.arange(nk, device=q.device)[None, :]
             kept = (n <= m) & ((n < config.sink_blocks) | (m - n < config.local_blocks))
-            return kept[None, None]
+            return _block_rows(kept[None, None], q_blocks, positions, block)
+        if source == "calibrated":  # the profile's patterns: the whole plan from global positions, no communication
+            patterns = config.profile.patterns_on(module_name, q.device)
+            partial, full = pattern_block_tables(patterns.diagonals, patterns.columns, patterns.corner, seq_len,
+                                                 seq_len, block, True)
+            return RankRows(partial[:, :, q_blocks], full[:, :, q_blocks], positions, block,
+                            (patterns.diagonals, patterns.columns, patterns.corner))
         # dynamic: the keys gathered in sequence order
         order = layout.order().to(q.device)
         restore = torch.empty_like(order)
@@ -144,7 +154,7 @@ class RingAttention(AttentionCallMode):
         whole_k = _gather(k, group).index_select(2, restore)
         if config.estimator == "sampled":  # this rank's rows, the plan's sums and minima all-reduced
             options = config.mask_options()
-            shard = QueryShard(q_blocks.to(q.device), seq_len, lambda t: _all_reduce(t, dist.ReduceOp.SUM, group),
+            shard = QueryShard(q_blocks, seq_len, lambda t: _all_reduce(t, dist.ReduceOp.SUM, group),
                                lambda t: _all_reduce(t, dist.ReduceOp.MIN, group))
             counts, indices, full_counts, full_indices = dynamic_block_plan(
                 q, whole_k, block_size=block, is_causal=True, scale=scale, tau=options.tau,
@@ -152,11 +162,17 @@ class RingAttention(AttentionCallMode):
                 mass_target=options.mass_target, sink_blocks=options.sink_blocks, local_blocks=options.local_blocks,
                 estimator="sampled", shard=shard)
             partial, full = BlockSparsePlan(counts, indices, block, full_counts, full_indices).block_tables(seq_len)
-            return partial | full
+            return _block_rows(partial | full, q_blocks, positions, block)
         # other estimators: the whole sequence's plan on every rank (the query gathered too), this rank's rows
         whole_q = _gather(q, group).index_select(2, restore)
         partial, full = plan_for(config, whole_q, whole_k, True, scale).block_tables(seq_len)
-        return (partial | full)[:, :, q_blocks.to(q.device)]
+        return _block_rows((partial | full)[:, :, q_blocks], q_blocks, positions, block)
+
+
+def _block_rows(kept: Tensor, q_blocks: Tensor, positions: Tensor, block: int) -> RankRows:
+    """Block-level rows: kept blocks on the global diagonal partial (the causal test), the others full."""
+    diagonal = q_blocks[:, None] == torch.arange(kept.shape[-1], device=kept.device)[None, :]
+    return RankRows(kept & diagonal, kept & ~diagonal, positions, block)
 
 
 class _RingStep:
@@ -165,26 +181,19 @@ class _RingStep:
     the received shard's rank follows; whether the ring passed half of the queries (the second chunk) or half of
     the keys (the first chunk) follows from the shapes."""
 
-    def __init__(self, rows: Tensor, layout: ShardLayout, rank: int, config: DAMConfig, scale: float | None,
-                 enable_gqa: bool, counts: dict[str, int]) -> None:
-        self.rows, self.layout, self.rank, self.config = rows, layout, rank, config
-        self.scale, self.enable_gqa, self.counts, self.step = scale, enable_gqa, counts, 0
+    def __init__(self, rows: RankRows, layout: ShardLayout, rank: int, options: StepOptions,
+                 counts: dict[str, int]) -> None:
+        self.rows, self.layout, self.rank, self.options, self.counts, self.step = rows, layout, rank, options, counts, 0
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, **_: Any) -> tuple[Tensor, Tensor]:
-        layout, block = self.layout, self.config.block_size
+        layout = self.layout
         source = (self.rank - self.step) % layout.world
         self.step += 1
-        q_pos, k_pos = layout.positions(self.rank), layout.positions(source)
-        first = 0 if q.shape[-2] == layout.local_len else layout.local_len - q.shape[-2]  # second chunk only
-        q_pos, k_pos = q_pos[first:], k_pos[:k.shape[-2]]  # the first chunk of the keys only
-        q_rows = torch.arange(first // block, layout.local_len // block)
-        plan = step_plan(self.rows, q_rows.to(q.device), blocks_of(q_pos, block).to(q.device),
-                         blocks_of(k_pos, block).to(q.device), block)
-        self.counts["skipped" if plan is None else "run"] += 1
-        if plan is None:  # nothing kept from this shard: no compute, a zero the merge ignores
-            return q.new_zeros((*q.shape[:3], v.shape[-1])), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        return sparse_attention_lse(q, k, v, plan, scale=self.scale, is_causal=is_causal, enable_gqa=self.enable_gqa,
-                                    kernel=self.config.kernel)
+        first = layout.local_len - q.shape[-2]  # the ring passes all of the queries, or their second chunk
+        k_positions = layout.positions(source)[:k.shape[-2]].to(q.device)  # all of the keys, or their first chunk
+        out, lse, calls = self.rows.attend(q, k, v, first, k_positions, self.options)
+        self.counts["run" if calls else "skipped"] += 1  # skipped: nothing kept from this shard, nothing computed
+        return out, lse
 
 
 def _all_reduce(value: Tensor, op, group: dist.ProcessGroup) -> Tensor:

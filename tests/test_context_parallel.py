@@ -1,9 +1,9 @@
 """Context parallelism: a tiny HF Llama's prefill sharded over 2 and 4 CPU processes (gloo) by PyTorch's
 ``context_parallel`` (head-tail load balancing) through ``dam_compile.context_parallel``: each rank's attention
 runs PyTorch's ring with our op at every step. Dense source: each rank's logits equal one process's full
-attention. Dynamic and streaming sources: equal one process's sparse reference with the same options, each rank's
-plan rows equal the one-process plan's rows of its query blocks, and the plans are sparse (so equality means
-something; a streaming step whose shard holds none of a rank's blocks computes nothing). The dynamic source
+attention. Dynamic, streaming and calibrated (token-exact patterns, PCL 32) sources: equal one process's with the
+same options, each rank's plan rows equal the one-process plan's rows of its query blocks, and the plans are
+sparse (so equality means something; a streaming step whose shard holds none of a rank's blocks computes nothing). The dynamic source
 compiled with ``backend="dam"`` gives the eager ring's logits (on 2 ranks)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SEQ = 256  # 2 * 4 ranks * 2 blocks of 16
 # density: a cap, so that the dynamic plans of random weights are sparse; local_blocks=1: a streaming window of
 # one block, so that some ring steps keep nothing.
 OPTIONS = dict(kernel="reference", min_seq_len=0, block_size=16, dense_layers=0, density=0.3, local_blocks=1)
-SOURCES = ("dense", "dynamic", "streaming")
+SOURCES = ("dense", "dynamic", "streaming", "calibrated")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -28,10 +28,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _one_process(model, ids, positions, options) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One process's sparse reference logits, and per attention module the block table of the plan it ran."""
+    """One process's sparse logits (the reference kernel; a calibrated profile's through the compiled model,
+    which SparseReferenceMode does not run), and per attention module the block table of its plan."""
+    from dam_compile.kernels.pattern_plan import pattern_block_tables
     from dam_compile.reference_mode import SparseReferenceMode, plan_for
 
     tables = {}
+    if options["mask_source"] == "calibrated":
+        profile = options["profile"]
+        for name in profile.modules:
+            p = profile.patterns_on(name, "cpu")
+            partial, full = pattern_block_tables(p.diagonals, p.columns, p.corner, SEQ, SEQ, OPTIONS["block_size"], True)
+            tables[name] = partial | full
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="dam", options=dict(options, inner_backend="aot_eager"))
+            logits = compiled(ids, position_ids=positions).logits
+        torch._dynamo.reset()
+        return logits, tables
 
     class Recording(SparseReferenceMode):
         def on_attention(self, name, a):
@@ -49,8 +63,9 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    import dam_compile
     from dam_compile.context_parallel import context_parallel
-    
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
@@ -59,8 +74,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         ids = torch.randint(0, 96, (1, SEQ), generator=torch.Generator().manual_seed(1))
         positions = torch.arange(SEQ)[None]
         result = {}
+        calibration = [torch.randint(1, 96, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        profile = dam_compile.calibrate(model, calibration, pcl=32, min_recall=None, progress=False)
         for source in SOURCES:
-            options = dict(OPTIONS, mask_source=source)
+            options = dict(OPTIONS, mask_source=source, **({"profile": profile} if source == "calibrated" else {}))
             with torch.no_grad():
                 full = model(ids, position_ids=positions).logits
             one, tables = _one_process(model, ids, positions, options)
@@ -103,7 +120,7 @@ def test_context_parallel_ranks_compute_what_one_process_computes(world, tmp_pat
             assert r["vs_one"] < 1e-5, (rank, source, r)
             assert r["rows_equal"], (rank, source)
         assert result["dense"]["one_vs_full"] < 1e-5
-        assert result["dynamic"]["one_vs_full"] > 1e-2 and result["streaming"]["one_vs_full"] > 1e-2  # sparse
+        assert all(result[s]["one_vs_full"] > 1e-2 for s in ("dynamic", "streaming", "calibrated"))  # sparse
         if world == 2:
             assert result["dynamic"]["compiled_vs_eager"] < 1e-6
     skipped = [json.loads((tmp_path / f"rank{r}.json").read_text())["streaming"]["steps"]["skipped"] for r in range(world)]
@@ -142,7 +159,8 @@ def test_rows_of_every_rank_are_the_one_process_plans(source):
             mine = layout.positions(rank)
             rows = ring.plan_rows("model.layers.1.self_attn", q[:, :, mine], k[:, :, mine], layout, rank, None, None)
             blocks = mine[::16] // 16
-            assert torch.equal(*torch.broadcast_tensors(rows, whole[:, :, blocks]))
+            assert torch.equal(*torch.broadcast_tensors(rows.partial | rows.full, whole[:, :, blocks]))
+            assert torch.equal(rows.positions, mine)
 
 
 def test_shards_that_cut_a_block_are_refused():

@@ -23,8 +23,8 @@ would build for the whole sequence:
   (``kernels/dynamic_mask.QueryShard``): each rank pays ``1 / world_size`` of the plan. Other estimators
   gather the queries too and compute the whole plan on every rank;
 - ``calibrated``: the profile's patterns give the whole plan from global positions, no communication; each call
-  of a step gets the token pattern moved to its keys' start (``kernels/ring_step.RankRows``). A profile with
-  dynamic heads (hybrid) is not supported yet: such calls run the dense ring, and say so once in the log.
+  of a step gets the token pattern moved to its keys' start (``kernels/ring_step.RankRows``). A hybrid profile's
+  dynamic heads take the dynamic source's rows and the pass-through token pattern, as in one process.
 
 Shards must be whole plan blocks: the sequence length a multiple of ``2 * world_size * block_size`` with load
 balancing (``world_size * block_size`` without). The model must be given global ``position_ids`` as a buffer
@@ -33,7 +33,6 @@ balancing (``world_size * block_size`` without). The model must be given global 
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -44,6 +43,7 @@ from torch import Tensor
 from .config import DAMConfig
 from .kernels.dispatch import choose_path
 from .kernels.dynamic_mask import QueryShard, dynamic_block_plan
+from .kernels.hybrid_plan import hybrid_token_pattern
 from .kernels.plan import BlockSparsePlan, num_blocks
 from .kernels.pattern_plan import pattern_block_tables
 from .kernels.ring_step import RankRows, StepOptions, blocks_of
@@ -52,8 +52,6 @@ from .module_stack import AttentionCallMode
 from .passes.dense_layers import dense_layer_reason
 from .reference_mode import plan_for
 
-log = logging.getLogger("dam_compile")
-_logged: set[str] = set()
 
 
 class ShardLayout:
@@ -87,6 +85,7 @@ class RingAttention(AttentionCallMode):
         super().__init__(model)
         self.config = config
         self.rows: dict[str, Tensor] = {}  # per module, its last call's kept blocks (RankRows' partial | full)
+        self.dense_reasons: dict[str, str] = {}  # per module that ran the dense ring, why
         self.steps = {"run": 0, "skipped": 0}  # ring steps that computed, and those that kept no block
 
     def on_attention(self, module_name: str, a: dict[str, Any]) -> Tensor | None:
@@ -131,9 +130,8 @@ class RingAttention(AttentionCallMode):
             dense_reason = f"sequence shorter than min_seq_len={config.min_seq_len}"
         if dense_reason is None and choose_path(q, k, 0, config.kernel)[0] == "dense":
             dense_reason = choose_path(q, k, 0, config.kernel)[1]  # no sparse kernel here: the steps run dense
-        if dense_reason is None and source == "calibrated" and bool(config.profile.modules[module_name].dynamic_heads.any()):
-            dense_reason = "a calibrated profile with dynamic heads is not supported by the context-parallel ring yet"
-            _log_once(f"dam: {module_name}: {dense_reason}; it runs the dense ring")
+        if dense_reason is not None:
+            self.dense_reasons[module_name] = dense_reason
         if dense_reason is not None or source == "dense":
             visible, _ = causal_block_tables(seq_len, seq_len, block, True, q.device)
             return _block_rows(visible[q_blocks][None, None], q_blocks, positions, block)
@@ -141,18 +139,34 @@ class RingAttention(AttentionCallMode):
             m, n = q_blocks[:, None], torch.arange(nk, device=q.device)[None, :]
             kept = (n <= m) & ((n < config.sink_blocks) | (m - n < config.local_blocks))
             return _block_rows(kept[None, None], q_blocks, positions, block)
-        if source == "calibrated":  # the profile's patterns: the whole plan from global positions, no communication
-            patterns = config.profile.patterns_on(module_name, q.device)
-            partial, full = pattern_block_tables(patterns.diagonals, patterns.columns, patterns.corner, seq_len,
-                                                 seq_len, block, True)
-            return RankRows(partial[:, :, q_blocks], full[:, :, q_blocks], positions, block,
-                            (patterns.diagonals, patterns.columns, patterns.corner))
-        # dynamic: the keys gathered in sequence order
+        if source == "dynamic":
+            return self._dynamic_rows(q, k, layout, rank, group, scale)
+        # calibrated: the whole plan from the profile's patterns over global positions, no communication; a
+        # hybrid profile's dynamic heads take the dynamic rows and the pass-through token pattern
+        patterns = config.profile.patterns_on(module_name, q.device)
+        dynamic = config.profile.modules[module_name].dynamic_heads.to(q.device)
+        partial, full = (t[:, :, q_blocks] for t in pattern_block_tables(
+            patterns.diagonals, patterns.columns, patterns.corner, seq_len, seq_len, block, True))
+        if bool(dynamic.any()):
+            rows = self._dynamic_rows(q, k, layout, rank, group, scale)
+            heads = dynamic[None, :, None, None]
+            partial, full = torch.where(heads, rows.partial, partial), torch.where(heads, rows.full, full)
+            patterns = hybrid_token_pattern(patterns, dynamic, block)
+        return RankRows(partial, full, positions, block, (patterns.diagonals, patterns.columns, patterns.corner))
+
+    def _dynamic_rows(self, q: Tensor, k: Tensor, layout: ShardLayout, rank: int, group: dist.ProcessGroup,
+                      scale: float | None) -> RankRows:
+        """The dynamic source's rows: the keys gathered in sequence order; with the sampled estimator each rank
+        plans its own rows (the plan's sums and minima all-reduced), with another the whole plan everywhere."""
+        config, block = self.config, self.config.block_size
+        seq_len = layout.world * layout.local_len
+        positions = layout.positions(rank).to(q.device)
+        q_blocks = blocks_of(positions, block)
         order = layout.order().to(q.device)
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel(), device=q.device)
         whole_k = _gather(k, group).index_select(2, restore)
-        if config.estimator == "sampled":  # this rank's rows, the plan's sums and minima all-reduced
+        if config.estimator == "sampled":
             options = config.mask_options()
             shard = QueryShard(q_blocks, seq_len, lambda t: _all_reduce(t, dist.ReduceOp.SUM, group),
                                lambda t: _all_reduce(t, dist.ReduceOp.MIN, group))
@@ -163,9 +177,9 @@ class RingAttention(AttentionCallMode):
                 estimator="sampled", shard=shard)
             partial, full = BlockSparsePlan(counts, indices, block, full_counts, full_indices).block_tables(seq_len)
             return _block_rows(partial | full, q_blocks, positions, block)
-        # other estimators: the whole sequence's plan on every rank (the query gathered too), this rank's rows
         whole_q = _gather(q, group).index_select(2, restore)
-        partial, full = plan_for(config, whole_q, whole_k, True, scale).block_tables(seq_len)
+        partial, full = plan_for(config.replace({"mask_source": "dynamic"}), whole_q, whole_k, True,
+                                 scale).block_tables(seq_len)
         return _block_rows((partial | full)[:, :, q_blocks], q_blocks, positions, block)
 
 
@@ -207,12 +221,6 @@ def _gather(local: Tensor, group: dist.ProcessGroup) -> Tensor:
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=2)
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        log.warning(message)
 
 
 @contextmanager

@@ -28,8 +28,9 @@ from .lean_op import lean_op
 
 ROWS_PER_PROGRAM = 64  # query rows (of one KV head's group) per program
 # On the CPU interpreter each program costs its operations' Python overhead whatever its size: fewer, larger
-# programs (the sampled rows of a 2K prompt are thousands of 64-row tiles).
+# programs (the sampled rows of a 2K prompt are thousands of 64-row tiles), each over every key block.
 INTERPRETER_ROWS_PER_PROGRAM = 512
+TRITON_MAX_TENSOR_NUMEL = 2**20  # Triton's limit on the elements of one tensor in a program
 
 
 def exact_query_rows(q_len: int, block_size: int) -> int:
@@ -102,12 +103,12 @@ def _rows_block_lse_kernel(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_om,
-    q_len, kv_len, rows, group, kv_heads, scale_log2, per_block,
+    q_len, kv_len, rows, group, kv_heads, scale_log2, per_block, nk,
     IS_CAUSAL: tl.constexpr, SAMPLED: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEY_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    block = tl.program_id(0)
+    first_block = tl.program_id(0) * KEY_BLOCKS  # the program's KEY_BLOCKS key blocks (1 on a GPU)
     row_tile = tl.program_id(1)
     batch, kv_head = tl.program_id(2) // kv_heads, tl.program_id(2) % kv_heads
     out_row = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # g * R + r
@@ -124,10 +125,10 @@ def _rows_block_lse_kernel(
     else:  # the last `rows` queries
         q_row = q_len - rows + r
         q_pos = q_row
-    k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    lse = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    # Causal: a tile whose rows all come before the key block sees none of it (half the sampled tiles).
-    if (not IS_CAUSAL) or (block * BLOCK_N <= tl.max(tl.where(row_ok, q_pos, -1))):
+    k_pos = first_block * BLOCK_N + tl.arange(0, KEY_BLOCKS * BLOCK_N)
+    out = Out + batch * stride_ob + kv_head * stride_oh + out_row * stride_om
+    # Causal: a tile whose rows all come before the key blocks sees none of them (half the sampled tiles).
+    if (not IS_CAUSAL) or (first_block * BLOCK_N <= tl.max(tl.where(row_ok, q_pos, -1))):
         dims = tl.arange(0, DIM_PAD)
         q = tl.load(Q + batch * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_qm
                     + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
@@ -140,12 +141,28 @@ def _rows_block_lse_kernel(
         if IS_CAUSAL:
             seen = seen & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(seen, s, float("-inf"))
-        peak = tl.max(s, axis=1)
-        safe = tl.where(peak == float("-inf"), 0.0, peak)
-        total = tl.sum(tl.exp2(s - safe[:, None]), axis=1)
-        total = tl.where(peak == float("-inf"), 1.0, total)  # a row that sees no key of the block: -inf below
-        lse = tl.where(peak == float("-inf"), float("-inf"), (safe + tl.log2(total)) * LN2)
-    tl.store(Out + batch * stride_ob + kv_head * stride_oh + out_row * stride_om + block, lse, mask=row_ok)
+        if KEY_BLOCKS == 1:
+            tl.store(out + first_block, _lse(s, 1), mask=row_ok)
+        else:  # the CPU interpreter: every key block of the row tile in one program (its cost is per program)
+            blocks = first_block + tl.arange(0, KEY_BLOCKS)
+            lse = _lse(tl.reshape(s, (BLOCK_M, KEY_BLOCKS, BLOCK_N)), 2)
+            tl.store(out[:, None] + blocks[None, :], lse, mask=row_ok[:, None] & (blocks[None, :] < nk))
+    elif KEY_BLOCKS == 1:
+        tl.store(out + first_block, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=row_ok)
+    else:
+        blocks = first_block + tl.arange(0, KEY_BLOCKS)
+        tl.store(out[:, None] + blocks[None, :], tl.full((BLOCK_M, KEY_BLOCKS), float("-inf"), tl.float32),
+                 mask=row_ok[:, None] & (blocks[None, :] < nk))
+
+
+@triton.jit
+def _lse(s, AXIS: tl.constexpr):
+    """Natural log-sum-exp of base-2 scores ``s`` along ``AXIS`` (``-inf`` where every score is)."""
+    peak = tl.max(s, axis=AXIS)
+    safe = tl.where(peak == float("-inf"), 0.0, peak)
+    total = tl.sum(tl.exp2(s - tl.expand_dims(safe, AXIS)), axis=AXIS)
+    total = tl.where(peak == float("-inf"), 1.0, total)  # a row that sees no key of the block: -inf below
+    return tl.where(peak == float("-inf"), float("-inf"), (safe + tl.log2(total)) * LN2)
 
 
 def kernel_runs(query: Tensor, block_size: int) -> bool:
@@ -202,6 +219,15 @@ def _sampled_rows(q_len: int, block_size: int, per_block: int) -> int:
     return -(-q_len // block_size) * per_block
 
 
+def key_blocks_per_program(nk: int, rows_per_program: int, block_size: int) -> int:
+    """Key blocks one program reduces: one on a GPU (a program per (key block, row tile)); on the CPU
+    interpreter as many as a Triton tensor holds (a score tile of at most 2**20 elements), up to every one."""
+    if not interpreting():
+        return 1
+    fits = max(1, TRITON_MAX_TENSOR_NUMEL // (rows_per_program * block_size))
+    return min(next_power_of_2(nk), 1 << (fits.bit_length() - 1))
+
+
 class LseLaunch(NamedTuple):
     """One launch of the row-LSE kernel: its grid, arguments, constants and the output it writes."""
 
@@ -223,15 +249,16 @@ def lse_launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, sca
     nk = (kv_len + block_size - 1) // block_size
     out = torch.empty((batch, kv_heads, group * rows, nk), device=query.device, dtype=torch.float32)
     per_program = INTERPRETER_ROWS_PER_PROGRAM if interpreting() else ROWS_PER_PROGRAM
-    grid = (nk, -(-group * rows // per_program), batch * kv_heads)
+    key_blocks = key_blocks_per_program(nk, per_program, block_size)
+    grid = (-(-nk // key_blocks), -(-group * rows // per_program), batch * kv_heads)
     block_map = None if block_map is None else block_map.to(device=query.device, dtype=torch.int32)
     args = (query, key, out, out if block_map is None else block_map,
             query.stride(0), query.stride(1), query.stride(2),
             key.stride(0), key.stride(1), key.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value, max(per_block, 1))
+            q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value, max(per_block, 1), nk)
     constants = dict(IS_CAUSAL=is_causal, SAMPLED=per_block > 0, HAS_MAP=block_map is not None, BLOCK_N=block_size,
-                     BLOCK_M=per_program, HEAD_DIM=dim, DIM_PAD=max(16, next_power_of_2(dim)),
+                     BLOCK_M=per_program, KEY_BLOCKS=key_blocks, HEAD_DIM=dim, DIM_PAD=max(16, next_power_of_2(dim)),
                      **dot_options(query.dtype), num_warps=4, num_stages=2)
     return LseLaunch(grid, args, constants, out)
 

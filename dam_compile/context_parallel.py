@@ -8,10 +8,10 @@
 
 Inside, ``torch.distributed.tensor.experimental.context_parallel`` shards the buffers over the mesh (its
 head-tail load balancing for causal attention included) and every ``scaled_dot_product_attention`` call of the
-model reaches :class:`RingAttention` with the rank's query shard. Each call runs PyTorch's ring
-(``_templated_ring_attention``: its rotation of the key/value shards, its log-sum-exp merge), each step as
-``dam::sparse_attention_lse`` on the received shard with the rank's plan rows cut to the step
-(``kernels/ring_step.py``); a step that keeps no block computes nothing. The plan rows are those one process
+model reaches :class:`RingAttention` with the rank's query shard. Each call runs a ring (PyTorch's rotation of
+the key/value shards, as ``_templated_ring_attention`` has it, and a log-sum-exp merge that leaves a row which
+kept nothing so far unchanged), each step as ``dam::sparse_attention_lse`` on the received shard with the
+rank's plan rows cut to the step (``kernels/ring_step.py``); a step that keeps no block computes nothing. The plan rows are those one process
 would build for the whole sequence:
 
 - ``dense`` and ``streaming`` (and the first ``dense_layers`` layers, and sequences under ``min_seq_len``):
@@ -46,7 +46,7 @@ from .kernels.dynamic_mask import QueryShard, dynamic_block_plan
 from .kernels.hybrid_plan import hybrid_token_pattern
 from .kernels.plan import BlockSparsePlan, num_blocks
 from .kernels.pattern_plan import pattern_block_tables
-from .kernels.ring_step import RankRows, StepOptions, blocks_of
+from .kernels.ring_step import RankRows, StepOptions, blocks_of, merge
 from .kernels.structured_plans import causal_block_tables
 from .module_stack import AttentionCallMode
 from .passes.dense_layers import dense_layer_reason
@@ -90,7 +90,7 @@ class RingAttention(AttentionCallMode):
 
     def on_attention(self, module_name: str, a: dict[str, Any]) -> Tensor | None:
         from torch.distributed.tensor import DTensor, Shard
-        from torch.distributed.tensor.experimental._attention import _cp_options, _templated_ring_attention
+        from torch.distributed.tensor.experimental._attention import _cp_options
 
         query = a["query"]
         if not isinstance(query, DTensor):
@@ -109,7 +109,7 @@ class RingAttention(AttentionCallMode):
         self.rows[module_name] = rows.partial | rows.full
         step = _RingStep(rows, layout, rank, StepOptions(a["scale"], k.shape[1] != q.shape[1], self.config.kernel),
                          self.steps)
-        out, _lse = _templated_ring_attention(group, 2, step, q, k.contiguous(), v.contiguous(), is_causal=True)
+        out = _ring(group, q, k.contiguous(), v.contiguous(), step)
         return DTensor.from_local(out.to(q.dtype), mesh, [Shard(2)], run_check=False)
 
     def plan_rows(self, module_name: str, q: Tensor, k: Tensor, layout: ShardLayout, rank: int,
@@ -190,24 +190,46 @@ def _block_rows(kept: Tensor, q_blocks: Tensor, positions: Tensor, block: int) -
 
 
 class _RingStep:
-    """The op ``_templated_ring_attention`` calls at each step: ``(q, k, v, is_causal) -> (out, lse)``. The
-    ring calls it once per step in order (skipped steps come last), so the call count is the step, from which
-    the received shard's rank follows; whether the ring passed half of the queries (the second chunk) or half of
-    the keys (the first chunk) follows from the shapes."""
+    """One ring step: the rank's queries against the key/value shard of the rank ``i`` steps before it, over the
+    rank's plan rows. Every step sees all of the rank's queries and the shard's keys: pairs of a query run and
+    a later key run (causal) and pairs that keep no block compute nothing."""
 
     def __init__(self, rows: RankRows, layout: ShardLayout, rank: int, options: StepOptions,
                  counts: dict[str, int]) -> None:
-        self.rows, self.layout, self.rank, self.options, self.counts, self.step = rows, layout, rank, options, counts, 0
+        self.rows, self.layout, self.rank, self.options, self.counts = rows, layout, rank, options, counts
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, **_: Any) -> tuple[Tensor, Tensor]:
-        layout = self.layout
-        source = (self.rank - self.step) % layout.world
-        self.step += 1
-        first = layout.local_len - q.shape[-2]  # the ring passes all of the queries, or their second chunk
-        k_positions = layout.positions(source)[:k.shape[-2]].to(q.device)  # all of the keys, or their first chunk
-        out, lse, calls = self.rows.attend(q, k, v, first, k_positions, self.options)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """``(out [B, H, L_rank, Ev], lse float32 [B, H, L_rank])`` of step ``i``."""
+        source = (self.rank - i) % self.layout.world
+        k_positions = self.layout.positions(source).to(q.device)
+        out, lse, calls = self.rows.attend(q, k, v, 0, k_positions, self.options)
         self.counts["run" if calls else "skipped"] += 1  # skipped: nothing kept from this shard, nothing computed
         return out, lse
+
+
+def _ring(group: dist.ProcessGroup, q: Tensor, k: Tensor, v: Tensor, step: _RingStep) -> Tensor:
+    """Ring attention: ``world`` steps, each receiving the previous rank's key/value shard through PyTorch's
+    rotater (as ``_templated_ring_attention`` does) while this step computes, merged in float32 by
+    ``ring_step.merge``. PyTorch's own merger turns a row's ``-inf`` running log-sum-exp into NaN at the next
+    step; a row may keep nothing of its own shard (a calibrated head without diagonal 0: the previous token, or
+    columns only), so the merge must leave such rows unchanged. Returns ``out [B, H, L_rank, Ev]`` float32."""
+    try:
+        from torch.distributed.tensor.experimental._context_parallel._attention import _create_rotater
+    except ImportError:  # before the module moved
+        from torch.distributed.tensor.experimental._attention import _create_rotater
+
+    world = dist.get_world_size(group)
+    rotater = _create_rotater(group, 2)
+    shape = (*q.shape[:3], v.shape[-1])
+    out, lse = merge([], shape, q.new_empty((), dtype=torch.float32))
+    for i in range(world):
+        if i > 0:
+            received = rotater.next_buffer()
+            k, v = received[:k.numel()].view(k.shape), received[k.numel():k.numel() + v.numel()].view(v.shape)
+        if i != world - 1:
+            rotater.exchange_buffers(torch.cat([k.flatten(), v.flatten()]))
+        out, lse = merge([(out, lse), step(q, k, v, i)], shape, out)
+    return out
 
 
 def _all_reduce(value: Tensor, op, group: dist.ProcessGroup) -> Tensor:

@@ -5,7 +5,7 @@ step attends the local queries (or a part of them) to the received keys and retu
 log-sum-exp, and the ring merges the steps by their log-sum-exps. Here a step is our op on the received shard:
 
 - ``dam::sparse_attention_lse``: block-sparse attention that also returns the log-sum-exp ``[B, H, Lq]``
-  (float32; ``-inf`` and zeros for a row that keeps no key, which the merge ignores), with ``q_offset`` (where
+  (float32; ``-inf`` and zeros for a row that keeps no key, which :func:`merge` leaves out), with ``q_offset`` (where
   the queries sit among the keys) and the calibrated source's token pattern;
 - :class:`RankRows`: the rank's rows of the plan one process builds for the whole sequence (the kept key blocks
   of each of its query blocks, partial and full, and the token pattern), and :meth:`RankRows.attend`, a step's

@@ -34,7 +34,7 @@ balancing (``world_size * block_size`` without). The model must be given global 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,11 +46,14 @@ from .kernels.dynamic_mask import QueryShard, dynamic_block_plan
 from .kernels.hybrid_plan import hybrid_token_pattern
 from .kernels.plan import BlockSparsePlan, num_blocks
 from .kernels.pattern_plan import pattern_block_tables
-from .kernels.ring_step import RankRows, StepOptions, blocks_of, merge
+from .kernels.ring_step import RankRows, StepOptions, blocks_of, merge, position_runs
 from .kernels.structured_plans import causal_block_tables
 from .module_stack import AttentionCallMode
 from .passes.dense_layers import dense_layer_reason
 from .reference_mode import plan_for
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 
@@ -81,10 +84,12 @@ class RingAttention(AttentionCallMode):
     ``context_parallel`` hands it) runs as PyTorch's ring attention with our op at each step, under
     ``config``; other calls run unchanged."""
 
-    def __init__(self, model: torch.nn.Module, config: DAMConfig) -> None:
+    def __init__(self, model: torch.nn.Module, config: DAMConfig, record_rows: bool = False) -> None:
         super().__init__(model)
-        self.config = config
-        self.rows: dict[str, Tensor] = {}  # per module, its last call's kept blocks (RankRows' partial | full)
+        self.config, self.record_rows = config, record_rows
+        # With record_rows, per module its last call's kept blocks (RankRows' partial | full, bool
+        # [B, H, Mq_rank, Nk]): off by default, at 1M tokens an 8B model's would hold ~270 MB per layer.
+        self.rows: dict[str, Tensor] = {}
         self.dense_reasons: dict[str, str] = {}  # per module that ran the dense ring, why
         self.steps = {"run": 0, "skipped": 0}  # ring steps that computed, and those that kept no block
 
@@ -106,7 +111,8 @@ class RingAttention(AttentionCallMode):
         layout = ShardLayout(mesh.size(), q.shape[-2], _cp_options.enable_load_balance)
         rank = dist.get_rank(group)
         rows = self.plan_rows(module_name, q, k, layout, rank, group, a["scale"])
-        self.rows[module_name] = rows.partial | rows.full
+        if self.record_rows:
+            self.rows[module_name] = rows.partial | rows.full
         step = _RingStep(rows, layout, rank, StepOptions(a["scale"], k.shape[1] != q.shape[1], self.config.kernel),
                          self.steps)
         out = _ring(group, q, k.contiguous(), v.contiguous(), step)
@@ -143,16 +149,21 @@ class RingAttention(AttentionCallMode):
             return self._dynamic_rows(q, k, layout, rank, group, scale)
         # calibrated: the whole plan from the profile's patterns over global positions, no communication; a
         # hybrid profile's dynamic heads take the dynamic rows and the pass-through token pattern
-        patterns = config.profile.patterns_on(module_name, q.device)
-        dynamic = config.profile.modules[module_name].dynamic_heads.to(q.device)
-        partial, full = (t[:, :, q_blocks] for t in pattern_block_tables(
-            patterns.diagonals, patterns.columns, patterns.corner, seq_len, seq_len, block, True))
+        entry = config.profile.find_module(module_name)
+        if entry is None:
+            raise ValueError(f"the profile has no entry for module {module_name!r}")
+        patterns = config.profile.patterns_on(entry, q.device)
+        dynamic = config.profile.modules[entry].dynamic_heads.to(q.device)
+        # The rank's rows only, run by run of its positions (the whole sequence's tables: gigabytes at 1M tokens).
+        tables = [pattern_block_tables(patterns.diagonals, patterns.columns, patterns.corner, length, seq_len, block,
+                                       True, q_offset=start) for _, start, length in position_runs(positions)]
+        partial, full = (torch.cat(parts, dim=2) for parts in zip(*tables))
         if bool(dynamic.any()):
             rows = self._dynamic_rows(q, k, layout, rank, group, scale)
             heads = dynamic[None, :, None, None]
             partial, full = torch.where(heads, rows.partial, partial), torch.where(heads, rows.full, full)
             patterns = hybrid_token_pattern(patterns, dynamic, block)
-        return RankRows(partial, full, positions, block, (patterns.diagonals, patterns.columns, patterns.corner))
+        return RankRows(partial, full, positions, block, patterns)
 
     def _dynamic_rows(self, q: Tensor, k: Tensor, layout: ShardLayout, rank: int, group: dist.ProcessGroup,
                       scale: float | None) -> RankRows:
@@ -246,17 +257,19 @@ def _gather(local: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 
 @contextmanager
-def context_parallel(mesh, *, buffers: Sequence[Tensor], buffer_seq_dims: Sequence[int], model: torch.nn.Module,
-                     options: DAMConfig | Mapping[str, Any] | None = None,
-                     no_restore_buffers: set[Tensor] | None = None) -> Iterator[RingAttention]:
+def context_parallel(mesh: "DeviceMesh", *, buffers: Sequence[Tensor], buffer_seq_dims: Sequence[int],
+                     model: torch.nn.Module, options: DAMConfig | Mapping[str, Any] | None = None,
+                     no_restore_buffers: set[Tensor] | None = None,
+                     record_rows: bool = False) -> Iterator[RingAttention]:
     """``torch.distributed.tensor.experimental.context_parallel(mesh, buffers=..., buffer_seq_dims=...,
     no_restore_buffers=...)`` with every attention call of ``model`` run as our block-sparse ring under
     ``options`` (``DAMConfig``'s; the ``dam`` backend's defaults when ``None``). Yields the
-    :class:`RingAttention` mode."""
+    :class:`RingAttention` mode (its ``dense_reasons`` and ``steps``; with ``record_rows``, each module's last
+    plan rows in ``rows``)."""
     from torch.distributed.tensor.experimental import context_parallel as torch_context_parallel
 
     config = options if isinstance(options, DAMConfig) else DAMConfig.from_options(options)
-    ring = RingAttention(model, config)
+    ring = RingAttention(model, config, record_rows)
     with torch_context_parallel(mesh, buffers=list(buffers), buffer_seq_dims=list(buffer_seq_dims),
                                 no_restore_buffers=no_restore_buffers), ring:
         yield ring

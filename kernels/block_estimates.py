@@ -41,6 +41,9 @@ SAMPLED_ROW_STRIDE = 8
 # Share of its own attention mass that each query with an exact estimate keeps (the adaptive estimator's last
 # query block or two, a decode row): its mass is known, so a high target costs a row or two only.
 EXACT_ROW_MASS = 0.99
+# The fixed share of a row's other visible blocks that the estimators without mass budgets keep (and their
+# dynamic decode steps at least), unless the config sets ``density``.
+FIXED_DENSITY = 0.075
 
 
 class BlockEstimate(NamedTuple):

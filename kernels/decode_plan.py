@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .block_estimates import EXACT_ROW_MASS, blocks_each_row_needs
+from .block_estimates import EXACT_ROW_MASS, FIXED_DENSITY, blocks_each_row_needs
 from .plan import PATTERN_PAD, num_blocks
 
 DECODE_SOURCES = ("dense", "streaming", "dynamic", "calibrated")
@@ -41,7 +41,7 @@ def decode_block_plan(
     block_size: int,
     sink_blocks: int = 1,
     local_blocks: int = 2,
-    density: float = 0.075,
+    density: float = FIXED_DENSITY,
     scale: float | None = None,
     corner_len: int = 0,
     dynamic_heads: Tensor | None = None,

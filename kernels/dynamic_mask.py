@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .block_estimates import ESTIMATES, sampled_shard_estimate, visible_blocks
+from .block_estimates import ESTIMATES, FIXED_DENSITY, sampled_shard_estimate, visible_blocks
 from .dam_patterns import shifted_box_cox
 from .plan import lists_from_table, num_blocks
 
@@ -63,8 +63,8 @@ class DensityDefaults(NamedTuple):
 # sampled: budgets follow the mass alone (a cap cuts the diffuse heads of a real model's early layers; on
 # SmolLM2-135M at 8K they keep 50-70% of their blocks for 0.99 of their mass). The others keep their earlier
 # fixed default.
-DENSITY_DEFAULTS = {"sampled": DensityDefaults(1.0, 0.0), "adaptive": DensityDefaults(0.075, 0.075),
-                    "pooled": DensityDefaults(0.075, 0.075), "last_block": DensityDefaults(0.075, 0.075)}
+DENSITY_DEFAULTS = {"sampled": DensityDefaults(1.0, 0.0),
+                    **{e: DensityDefaults(FIXED_DENSITY, FIXED_DENSITY) for e in ("adaptive", "pooled", "last_block")}}
 _ALWAYS, _DAM = 4.0, 2.0  # selection priorities above any mass estimate (which lies in [0, 1])
 
 
@@ -121,7 +121,7 @@ def dynamic_block_plan(
     tau: float = 0.3,
     box_cox_lambda: float = 0.5,
     mu: float = 0.8,
-    density: float = DENSITY_DEFAULTS[DEFAULT_ESTIMATOR].prefill_cap,
+    density: float | None = None,
     mass_target: float = DEFAULT_MASS_TARGET,
     sink_blocks: int = 1,
     local_blocks: int = 2,
@@ -131,7 +131,8 @@ def dynamic_block_plan(
     """The dynamic DAM plan for query ``[B, H, Lq, E]`` and key ``[B, KVH, Lk, E]``.
 
     ``shard``: the query is a context-parallel rank's blocks of a longer sequence (the ``sampled`` estimator,
-    causal): the plan's rows are those the whole sequence's plan has for them.
+    causal): the plan's rows are those the whole sequence's plan has for them. ``density``: ``None`` takes the
+    estimator's own cap (``DENSITY_DEFAULTS``).
 
     Returns ``(kv_num_blocks [B, H, Mq], kv_indices [B, H, Mq, K], full_kv_num_blocks, full_kv_indices)``
     (int32, :class:`BlockSparsePlan` layout; partial blocks are those the causal diagonal cuts), with ``K`` from
@@ -142,6 +143,7 @@ def dynamic_block_plan(
         raise ValueError(f"shard: a context-parallel plan takes the sampled estimator and causal attention, got "
                          f"estimator={estimator!r}, is_causal={is_causal}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    density = DENSITY_DEFAULTS[estimator].prefill_cap if density is None else density
     if shard is None:
         estimate, known, exact = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
         all_sum, all_min = _same, _same

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .block_sparse_launch import triton_block_sparse_attention
+from .dam_patterns import HeadPatterns
 from .dispatch import choose_path
 from .lean_op import lean_op
 from .plan import PATTERN_PAD, BlockSparsePlan
@@ -58,7 +59,8 @@ def _(query, key, value, *args) -> tuple[Tensor, Tensor]:
 def sparse_attention_lse(query: Tensor, key: Tensor, value: Tensor, plan: BlockSparsePlan, *,
                          scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False,
                          q_offset: int = 0, kernel: str = "auto") -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` through ``torch.ops.dam.sparse_attention_lse``."""
+    """``(out [B, H, Lq, Ev], lse float32 [B, H, Lq])`` of ``query [B, H, Lq, E]`` over ``plan``'s blocks of
+    ``key`` / ``value [B, KVH, Lk, E / Ev]``, through ``torch.ops.dam.sparse_attention_lse``."""
     return sparse_attention_lse_op(query, key, value, plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks,
                                    plan.full_kv_indices, plan.token_diagonals, plan.token_columns, plan.token_corner,
                                    scale, is_causal, enable_gqa, plan.block_size, q_offset, kernel)
@@ -78,23 +80,25 @@ class RankRows:
     """A rank's rows of the whole sequence's plan: ``partial`` / ``full`` bool ``[B, H, Mq_rank, Nk]`` (the kept
     global key blocks of each of the rank's query blocks, in the rank's order; partial ones get the causal and
     token tests), ``positions`` int64 ``[Mq_rank * block_size]`` (the global position of each of the rank's
-    tokens), and the calibrated source's token pattern ``(diagonals, columns, corner)`` in global positions, or
+    tokens), and the calibrated source's token pattern (:class:`HeadPatterns`) in global positions, or
     ``None``."""
 
     partial: Tensor
     full: Tensor
     positions: Tensor
     block_size: int
-    pattern: tuple[Tensor, Tensor, Optional[Tensor]] | None = None
+    pattern: HeadPatterns | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_first: int, k_positions: Tensor,
                options: StepOptions) -> tuple[Tensor, Tensor, int]:
-        """``(out, lse, calls)``: the step's queries ``q`` (the rank's tokens from its ``q_first``-th on) against
-        keys ``k``/``v`` at global ``k_positions``, over the rows' blocks (``calls``: the op calls made)."""
+        """``(out [B, H, Lq, Ev], lse float32 [B, H, Lq], calls)``: the step's queries ``q [B, H, Lq, E]`` (the
+        rank's tokens from its ``q_first``-th on) against keys ``k [B, KVH, Lk, E]`` / ``v [B, KVH, Lk, Ev]`` at
+        global ``k_positions [Lk]``, over the rows' blocks (``calls``: the op calls made; a row that keeps no key:
+        zeros and ``-inf``)."""
         outs, lses, calls = [], [], 0
-        for q_start, q_at, q_len in _runs(self.positions[q_first:q_first + q.shape[-2]]):
+        for q_start, q_at, q_len in position_runs(self.positions[q_first:q_first + q.shape[-2]]):
             pieces = []
-            for k_start, k_at, k_len in _runs(k_positions):
+            for k_start, k_at, k_len in position_runs(k_positions):
                 if k_at > q_at + q_len - 1:
                     continue  # keys after every query of the run: causal, nothing to see
                 plan = self.cut(q_first + q_start, q_len, k_at, k_len)
@@ -121,9 +125,9 @@ class RankRows:
         plan = BlockSparsePlan.from_block_tables(partial, block, full)
         if self.pattern is None:
             return plan
-        diagonals, columns, corner = self.pattern  # diagonals are distances: the same at any offset
+        columns = self.pattern.columns  # diagonals are distances: the same at any offset
         moved = torch.where(columns == PATTERN_PAD, columns, columns - k_at)
-        return plan.with_token_pattern(diagonals, moved, _moved_corner(corner, k_at))
+        return plan.with_token_pattern(self.pattern.diagonals, moved, _moved_corner(self.pattern.corner, k_at))
 
 
 def merge(pieces: list[tuple[Tensor, Tensor]], shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,7 +149,7 @@ def blocks_of(positions: Tensor, block_size: int) -> Tensor:
     return torch.div(positions[::block_size], block_size, rounding_mode="floor")
 
 
-def _runs(positions: Tensor) -> list[tuple[int, int, int]]:
+def position_runs(positions: Tensor) -> list[tuple[int, int, int]]:
     """``(index, first position, length)`` of each run of consecutive positions."""
     breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten().add(1).tolist()
     starts, ends = [0, *breaks], [*breaks, positions.numel()]

@@ -102,7 +102,8 @@ def test_op_plan_on_cuda_is_the_definition_and_graph_capturable(length):
     call = functools.partial(dynamic_plan_op, block_size=128, is_causal=True, min_seq_len=0, kernel="auto",
                              scale=None, tau=0.3, box_cox_lambda=0.5, mu=0.8, density=0.075, mass_target=0.95,
                              sink_blocks=1, local_blocks=2, estimator="adaptive")
-    want = dynamic_block_plan(q, k, block_size=128, is_causal=True, density=0.075)
+    want = dynamic_block_plan(q, k, block_size=128, is_causal=True, density=0.075, mass_target=0.95,
+                              estimator="adaptive")
     assert all(torch.equal(o, w) for o, w in zip(call(q, k), want))
     static_q, static_k = q.clone(), k.clone()
     call(static_q, static_k)  # warm: kernels compiled before the capture
@@ -113,5 +114,6 @@ def test_op_plan_on_cuda_is_the_definition_and_graph_capturable(length):
     static_q.copy_(q2)
     static_k.copy_(k2)
     graph.replay()
-    want = dynamic_block_plan(q2, k2, block_size=128, is_causal=True, density=0.075)
+    want = dynamic_block_plan(q2, k2, block_size=128, is_causal=True, density=0.075, mass_target=0.95,
+                              estimator="adaptive")
     assert all(torch.equal(o, w) for o, w in zip(captured, want))

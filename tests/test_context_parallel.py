@@ -115,7 +115,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
                     if compiled else model
                 local_ids, local_positions = ids.clone(), positions.clone()
                 with torch.no_grad(), context_parallel(mesh, buffers=[local_ids, local_positions],
-                                                       buffer_seq_dims=[1, 1], model=model, options=options) as ring:
+                                                       buffer_seq_dims=[1, 1], model=model, options=options,
+                                                       record_rows=True) as ring:
                     out = run(local_ids, position_ids=local_positions).logits[0]
                     mine = local_positions[0].clone()
                 runs[compiled], rows[compiled] = out, dict(ring.rows)
@@ -213,8 +214,8 @@ def test_bench_cp_smoke_runs_both_rings_and_writes_its_summary(tmp_path):
     if not script.exists():
         pytest.skip("not run from a source checkout")
     out = tmp_path / "cp.json"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                          "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {r["variant"] for r in result["prefill"]} == {"dense-ring", "dam"}

@@ -12,6 +12,7 @@ from dam_compile.kernels import random_plan, token_mask
 from dam_compile.kernels.block_sparse_launch import interpreting
 from dam_compile.kernels.pattern_plan import pattern_plan
 from dam_compile.kernels.plan import PATTERN_PAD
+from dam_compile.kernels.dam_patterns import HeadPatterns
 from dam_compile.kernels.ring_step import RankRows, StepOptions, blocks_of, merge, sparse_attention_lse
 
 from dam_testing import dense_oracle, rel_err
@@ -82,7 +83,7 @@ def test_calibrated_rows_move_the_token_pattern_to_each_shard(kernel):
     plan = pattern_plan(diagonals, columns, corner, N, N, BLOCK, True)
     partial, full = plan.block_tables(N)
     blocks = blocks_of(RANK0, BLOCK)
-    rows = RankRows(partial[:, :, blocks], full[:, :, blocks], RANK0, BLOCK, (diagonals, columns, corner))
+    rows = RankRows(partial[:, :, blocks], full[:, :, blocks], RANK0, BLOCK, HeadPatterns(diagonals, columns, corner))
     want = dense_oracle(q, k, v, token_mask(plan, N, N, True))[:, :, RANK0]
     assert rel_err(ring_of_rank(rows, q, k, v, kernel), want) < 1e-5
 

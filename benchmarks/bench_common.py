@@ -72,14 +72,16 @@ def merged_header(parts: list[Path], same: dict | None = None) -> tuple[list[dic
 
 def gpu_tag(device_name: str | None = None) -> str:
     """``h100`` for an NVIDIA H100 80GB HBM3, and so on: this machine's GPU or the named one (a merge of parts run
-    elsewhere)."""
+    elsewhere); ``cpu`` for a CPU run."""
+    if device_name == "cpu" or (device_name is None and not torch.cuda.is_available()):
+        return "cpu"
     name = device_name or torch.cuda.get_device_name()
     model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", name.replace("NVIDIA", ""))
     return model.group(1).lower() if model else "gpu"
 
 
 def result_path(name: str, quick: bool, out: Path | None) -> Path:
-    """``out``, or ``benchmarks/results/<name>[_quick]_<gpu>.json``."""
+    """``out``, or ``benchmarks/results/<name>[_quick]_<gpu or cpu>.json``."""
     return out or RESULTS / f"{name}_{'quick_' if quick else ''}{gpu_tag()}.json"
 
 

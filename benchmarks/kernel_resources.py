@@ -144,17 +144,18 @@ def compile_hopper(head_dim: int):
     return hopper_launch.hopper_block_sparse_fwd.warmup(**args, **constants, grid=(1,))
 
 
-def compile_row_lse(shard: bool):
-    """The ``CompiledKernel`` of the plan's row-LSE kernel (``kernels/last_rows_lse.py``) for the default
-    estimator's sampled rows (SmolLM2's heads: 9 query / 3 KV, D64, 4K tokens, bf16), of a whole sequence or of
-    a context-parallel shard (``block_map``), from its launcher's own arguments."""
+def compile_row_lse(shard: bool) -> tuple:
+    """``(CompiledKernel, its launch constants)`` of the plan's row-LSE kernel (``kernels/last_rows_lse.py``)
+    for the default estimator's sampled rows (SmolLM2's heads: 9 query / 3 KV, D64, 4K tokens, bf16), of a
+    whole sequence or of a context-parallel shard (``block_map``), from its launcher's own arguments."""
     from dam_compile.kernels import last_rows_lse
 
     q = torch.randn(1, 9, 4096, 64, dtype=torch.bfloat16)
     k = torch.randn(1, 3, 4096 * (2 if shard else 1), 64, dtype=torch.bfloat16)
     blocks = torch.arange(32) * (2 if shard else 1) if shard else None
     launch = last_rows_lse.lse_launch(q, k, 128, True, 0.125, 32 * 16, 16, blocks)
-    return last_rows_lse._rows_block_lse_kernel.warmup(*launch.args, **launch.constants, grid=(1,))
+    kernel = last_rows_lse._rows_block_lse_kernel.warmup(*launch.args, **launch.constants, grid=(1,))
+    return kernel, launch.constants
 
 
 def resources(kernel, num_warps: int) -> dict:
@@ -190,10 +191,13 @@ def measure(variants: list[Variant], quick: bool = False) -> list[dict]:
                    config=dict(block_m=128, block_n=128, num_warps=HOPPER_WARPS, num_stages=2),
                    **resources(compile_hopper(d), HOPPER_WARPS))
               for d in HOPPER_HEAD_DIMS[:1 if quick else None]]
-    row_lse = [dict(variant=f"row-LSE kernel (the plan's sampled rows{', a shard' if shard else ''}), D64",
-                    config=dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
-                    **resources(compile_row_lse(shard), 4))
-               for shard in (False, True)]
+    row_lse = []
+    for shard in (False, True):
+        kernel, c = compile_row_lse(shard)
+        row_lse.append(dict(variant=f"row-LSE kernel (the plan's sampled rows{', a shard' if shard else ''}), D64",
+                            config=dict(block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], num_warps=c["num_warps"],
+                                        num_stages=c["num_stages"]),
+                            **resources(kernel, c["num_warps"])))
     return rows + hopper + row_lse
 
 

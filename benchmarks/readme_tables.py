@@ -456,6 +456,10 @@ REAL_TARGETS = {  # ../shared/RESULTS.md, section real
 }
 
 
+def _dense_layers(count: int) -> str:
+    return {0: "no layer runs dense", 1: "layer 0 runs dense"}.get(count, f"layers 0-{count - 1} run dense")
+
+
 def real_table(result: dict) -> str:
     """The real-model bench: per length and variant, pooled over the documents; the default's per-layer mass
     recall and density; the headline."""
@@ -464,13 +468,19 @@ def real_table(result: dict) -> str:
     rows = result["rows"]
     lengths = sorted({r["length"] for r in rows})
     docs = list(dict.fromkeys(r["doc"] for r in rows))
+    docs_at = {n: list(dict.fromkeys(r["doc"] for r in rows if r["length"] == n)) for n in lengths}
+    if any(d != docs for d in docs_at.values()):  # parts run apart (bench_real.py --merge)
+        docs_text = "; ".join(f"{_tokens(n)}: {', '.join(d)}" for n, d in docs_at.items())
+    else:
+        docs_text = ", ".join(docs)
     rope = "; ".join(f"{_tokens(int(n))}: {v['rope_parameters'].get('rope_type', 'default')}"
                      + (f" x{v['rope_parameters']['factor']:g}" if "factor" in v["rope_parameters"] else "")
                      for n, v in sorted(result["rope"].items(), key=lambda kv: int(kv[0])))
     lines = [
         f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}, {result['date'][:10]}; "
-        f"{result['model']}; documents {', '.join(docs)} ({', '.join(v['source'] for v in result['texts'].values())}); "
-        f"RoPE {rope}; every position of each prompt's second half scored, {rows[0]['positions'] if rows else 0} "
+        f"{result['model']}; documents {docs_text} ({', '.join(v['source'] for v in result['texts'].values())}); "
+        f"RoPE {rope}; every position of each prompt's second half scored, "
+        f"{next((r['positions'] for r in rows if r['length'] == lengths[0]), 0)} "
         f"at the shortest length. Command: `{_portable(result['command'])}`.",
         "",
         f"| length | variant | perplexity / full's | KL(full, variant) nats | top-1 = full's | prefill density "
@@ -486,10 +496,11 @@ def real_table(result: dict) -> str:
     layers = [r for r in result.get("layers", []) if r.get("variant", "dam-default") == "dam-default"]
     if layers:
         lines += ["", "The default's plans per layer (first document): block density and the exact attention mass they "
-                      "keep, averaged over heads and every query row (layer 0 runs dense):", "",
+                      f"keep, averaged over heads and every query row ({_dense_layers(result['defaults']['dense_layers'])}):",
+                  "",
                   "| layer | " + " | ".join(f"{_tokens(n)} density | {_tokens(n)} mass kept" for n in lengths) + " |",
                   "|---|" + "---|---|" * len(lengths)]
-        by = {(r["module"], r["length"]): r for r in layers}
+        by = {(r["module"], r["length"]): r for r in layers if r["doc"] == docs_at[r["length"]][0]}
         for module in dict.fromkeys(r["module"] for r in layers):
             cells = []
             for n in lengths:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 pytest.importorskip("transformers")
 
 import bench_real  # noqa: E402
+import readme_tables  # noqa: E402
 import real_model  # noqa: E402
 import real_scores  # noqa: E402
 import real_texts  # noqa: E402
@@ -73,6 +74,47 @@ def test_summary_pools_documents_and_names_what_was_not_measured():
     assert summary["real_calibrated_ppl_ratio_8k"] is None and "dam-calibrated" in summary["notes"][
         "real_calibrated_ppl_ratio_8k"]
     assert summary["real_retrieval_max_gap"] is None and summary["notes"]["real_retrieval_max_gap"]
+
+
+def part_file(path: Path, rows: list[dict], **fields) -> Path:
+    """A results file as one bench_real run writes it (the fields its parts must share, rows, layer records)."""
+    header = dict(benchmark="real", device="cpu", torch="2.13.0", triton="3.9.0", python="3.11", date="2026-12-04",
+                  command=f"python bench_real.py --out {path.name}", transformers="5.25.0", model="SmolLM2",
+                  texts={"news": {"source": "gensim", "sha256": "1"}}, new_tokens=32,
+                  defaults={"estimator": "sampled", "dense_layers": 1})
+    layers = [dict(variant=r["variant"], length=r["length"], doc=r["doc"], module="model.layers.1.self_attn",
+                   density=r["density"], recall=0.99) for r in rows if r["variant"] == "dam-default"]
+    rope = {str(r["length"]): {"rope_parameters": {"rope_type": "default"}} for r in rows}
+    part = dict(header, options={"dam-default": {}}, rope=rope, rows=rows,
+                layers=layers, speed=[], **fields)
+    path.write_text(json.dumps(part))
+    return path
+
+
+def test_merge_joins_lengths_and_documents_run_apart(tmp_path):
+    at_4k = [row("full", 4096, 2.0, 1.0, 1.0), row("dam-default", 4096, 2.1, 0.9, 0.6)]
+    news_8k = [row("full", 8192, 2.0, 1.0, 1.0), row("dense-op", 8192, 2.0, 1.0, 1.0),
+               row("dam-default", 8192, 2.01, 0.98, 0.5)]
+    code_8k = [dict(r, doc="code", nll=r["nll"] + 1.0, density=0.3 if r["variant"] == "dam-default" else 1.0)
+               for r in news_8k]
+    again = [row("dam-default", 4096, 2.05, 0.95, 0.6)]  # a later part's row replaces the earlier one
+    parts = [part_file(tmp_path / f"part{i}.json", rows) for i, rows in enumerate((at_4k, news_8k, code_8k, again))]
+    merged = bench_real.main(["--merge", *map(str, parts), "--out", str(tmp_path / "real.json")])
+    assert len(merged["rows"]) == 2 + 3 + 3
+    assert {(r["length"], r["doc"]) for r in merged["layers"]} == {(4096, "news"), (8192, "news"), (8192, "code")}
+    assert next(r for r in merged["rows"] if r["variant"] == "dam-default" and r["length"] == 4096)["nll"] == 2.05
+    assert merged["summary"]["real_density_8k"] == pytest.approx(0.4)  # pooled over both documents
+    assert merged["command"].count("&&") == 3 and json.loads((tmp_path / "real.json").read_text()) == merged
+    table = readme_tables.real_table(merged)
+    assert "documents 4K: news; 8K: news, code" in table and "| 8K | dam-default |" in table
+    assert "| 1 | 0.600 | 0.9900 | 0.500 | 0.9900 |" in table  # each length's first document: news
+
+
+def test_merge_refuses_parts_of_other_defaults(tmp_path):
+    one = part_file(tmp_path / "a.json", [row("full", 4096, 2.0, 1.0, 1.0)])
+    other = part_file(tmp_path / "b.json", [row("full", 8192, 2.0, 1.0, 1.0)], defaults={"estimator": "adaptive"})
+    with pytest.raises(SystemExit, match="parts differ in defaults"):
+        bench_real.main(["--merge", str(one), str(other), "--out", str(tmp_path / "real.json")])
 
 
 @pytest.mark.slow

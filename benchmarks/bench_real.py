@@ -263,7 +263,7 @@ def summarize(rows: list[dict], speed: list[dict]) -> dict:
     at_32k = [s for s in speed if s["length"] == 32768]
     put("real_prefill_speedup_32k", at_32k[0]["speedup"] if at_32k else None, "the speed part did not run at 32K")
     put("real_retrieval_max_gap", None,
-        "not measured: the retrieval fine-tune of SmolLM2 (issue 32, item 2) has not run yet")
+        "the retrieval fine-tune of SmolLM2 (issue 32, item 2) has not run yet")
     calibrated = pooled(rows, "dam-calibrated", 8192)
     put("real_calibrated_ppl_ratio_8k", calibrated and calibrated["ppl_ratio"], "no dam-calibrated rows at 8192")
     summary["notes"] = notes
@@ -271,7 +271,9 @@ def summarize(rows: list[dict], speed: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    """Perplexity ratio against measured density, one panel per length, every variant."""
+    """KL(full || variant) per token against measured density, one panel per length, every variant but those
+    equal to full attention (KL 0: nothing to place on the log scale); KL separates what perplexity hides
+    beside the calibrated masks' x100."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -283,14 +285,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     for ax, length in zip(axes[0], lengths):
         for variant in dict.fromkeys(r["variant"] for r in rows):
             got = pooled(rows, variant, length)
-            if got and variant != "full":
-                ax.scatter(got["density"], got["ppl_ratio"], s=18)
-                ax.annotate(variant.removeprefix("dam-"), (got["density"], got["ppl_ratio"]), fontsize=6)
-        ax.axhline(1.0, color="gray", lw=0.5)
+            if got and got["kl"] > 0:
+                ax.scatter(got["density"], got["kl"], s=18)
+                ax.annotate(variant.removeprefix("dam-"), (got["density"], got["kl"]), fontsize=6)
         ax.set_title(f"{length // 1024}K tokens", fontsize=9)
         ax.set_xlabel("measured prefill density")
         ax.set_yscale("log")
-    axes[0][0].set_ylabel("perplexity / full attention's")
+    axes[0][0].set_ylabel("KL(full || variant), nats per token")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

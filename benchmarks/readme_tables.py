@@ -478,7 +478,7 @@ def real_table(result: dict) -> str:
                      for n, v in sorted(result["rope"].items(), key=lambda kv: int(kv[0])))
     lines = [
         f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}, {result['date'][:10]}; "
-        f"{result['model']}; documents {docs_text} ({', '.join(v['source'] for v in result['texts'].values())}); "
+        f"{result['model']}; documents {docs_text} (their sources and sha256 in the file's `texts`); "
         f"RoPE {rope}; every position of each prompt's second half scored, "
         f"{next((r['positions'] for r in rows if r['length'] == lengths[0]), 0)} "
         f"at the shortest length. Command: `{_portable(result['command'])}`.",
@@ -507,7 +507,7 @@ def real_table(result: dict) -> str:
                 r = by.get((module, n))
                 cells += ["-", "-"] if r is None else [f"{r['density']:.3f}", f"{r['recall']:.4f}"]
             lines.append(f"| {module.split('.')[-2]} | " + " | ".join(cells) + " |")
-    lines += ["", *headline_rows(result["summary"], REAL_TARGETS, lambda value, note: f"{value:.4g}")]
+    lines += ["", *headline_rows(result["summary"], REAL_TARGETS, lambda value, note: f"{value:.5g}")]
     return "\n".join(lines)
 
 

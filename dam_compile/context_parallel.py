@@ -11,8 +11,8 @@ head-tail load balancing for causal attention included) and every ``scaled_dot_p
 model reaches :class:`RingAttention` with the rank's query shard. Each call runs a ring (PyTorch's rotation of
 the key/value shards, as ``_templated_ring_attention`` has it, and a log-sum-exp merge that leaves a row which
 kept nothing so far unchanged), each step as ``dam::sparse_attention_lse`` on the received shard with the
-rank's plan rows cut to the step (``kernels/ring_step.py``); a step that keeps no block computes nothing. The plan rows are those one process
-would build for the whole sequence:
+rank's plan rows cut to the step (``kernels/ring_step.py``); a step that keeps no block computes nothing. The
+plan rows are those one process would build for the whole sequence:
 
 - ``dense`` and ``streaming`` (and the first ``dense_layers`` layers, and sequences under ``min_seq_len``):
   from the global positions of the rank's tokens, no communication;

@@ -61,8 +61,8 @@ class DensityDefaults(NamedTuple):
 
 
 # sampled: budgets follow the mass alone (a cap cuts the diffuse heads of a real model's early layers; on
-# SmolLM2-135M at 8K its layers 1-10 keep 62-75% of their blocks for 0.99 of their mass: results/real_cpu.json). The others keep their earlier
-# fixed default.
+# SmolLM2-135M at 8K its layers 1-10 keep 62-75% of their blocks for 0.99 of their mass:
+# benchmarks/results/real_cpu.json). The others keep their earlier fixed default.
 DENSITY_DEFAULTS = {"sampled": DensityDefaults(1.0, 0.0),
                     **{e: DensityDefaults(FIXED_DENSITY, FIXED_DENSITY) for e in ("adaptive", "pooled", "last_block")}}
 _ALWAYS, _DAM = 4.0, 2.0  # selection priorities above any mass estimate (which lies in [0, 1])

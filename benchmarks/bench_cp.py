@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from bench_common import RESULTS, int_list, run_metadata, write_result
 from bench_e2e import HEADLINE_MODEL, K, release_memory, repeats_for
-from bench_tp import Clock, busiest, join, log, prompt
+from bench_tp import Clock, busiest, joined, log, prompt
 
 import dam_compile
 from dam_compile.model_specs import build_from_config, hf_config
@@ -159,7 +159,12 @@ def summarize(prefill: list[dict], check: dict, options: dict) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device, mesh = join(args.smoke)
+    with joined(args.smoke) as (device, mesh):
+        measure(args, device, mesh)
+
+
+def measure(args: argparse.Namespace, device: str, mesh) -> None:
+    """The dense check, then every (length, ring), on this rank; rank 0 rewrites the file after each."""
     rank = dist.get_rank()
     import transformers
 
@@ -179,16 +184,13 @@ def main(argv=None) -> None:
             result["summary"] = summarize(result["prefill"], result["check"], options)
             write_result(result, "cp", quick=False, out=args.out or (RESULTS / "cp_smoke.json" if args.smoke else None))
 
-    try:
-        model = build(args, device)
-        result["check"] = dense_check(model, mesh, args, options, device)
-        log(f"dense check: {result['check']}")
-        save()
-        result["prefill"] = prefill_rows(model, mesh, args, options, clock, device)
-        save()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model = build(args, device)
+    result["check"] = dense_check(model, mesh, args, options, device)
+    log(f"dense check: {result['check']}")
+    save()
+    result["prefill"] = prefill_rows(model, mesh, args, options, clock, device)
+    save()
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -225,12 +225,13 @@ def speed_part(models: Models, lengths: list[int], runs: int, log) -> list[dict]
 # ---- summary ---------------------------------------------------------------------------------------------------
 
 def pooled(rows: list[dict], variant: str, length: int) -> dict | None:
-    """A variant's scores at ``length`` over all documents: perplexity of all their positions (and the same of
-    full attention), mean KL, agreement and density."""
+    """A variant's scores at ``length`` over the documents it ran on: perplexity of all their positions (and
+    the same of full attention on those documents), mean KL, agreement and density."""
     got = [r for r in rows if r["variant"] == variant and r["length"] == length]
     if not got:
         return None
-    full = [r for r in rows if r["variant"] == "full" and r["length"] == length]
+    docs = {r["doc"] for r in got}  # full attention on the same documents (parts may cover fewer)
+    full = [r for r in rows if r["variant"] == "full" and r["length"] == length and r["doc"] in docs]
     nll = sum(r["nll"] * r["positions"] for r in got) / sum(r["positions"] for r in got)
     nll_full = sum(r["nll"] * r["positions"] for r in full) / sum(r["positions"] for r in full)
     return {"ppl_ratio": math.exp(nll - nll_full), "kl": mean(r["kl"] for r in got),

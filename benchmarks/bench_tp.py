@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -278,21 +280,30 @@ def summarize(prefill: list[dict], single: dict) -> dict:
     return summary
 
 
-def join(smoke: bool):
-    """Join the ``torchrun`` job: gloo on the CPU (``smoke``, or no GPU), else NCCL with this process's GPU.
-    Returns ``(device, a 1-D mesh of every rank)``."""
+@contextmanager
+def joined(smoke: bool) -> Iterator[tuple[str, Any]]:
+    """Inside the ``torchrun`` job: gloo on the CPU (``smoke``, or no GPU), else NCCL with this process's GPU.
+    Yields ``(device, a 1-D mesh of every rank)``; leaves the process group on the way out, error or not."""
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
     dist.init_process_group("gloo" if device == "cpu" else "nccl")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    return device, init_device_mesh(device, (dist.get_world_size(),))
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        yield device, init_device_mesh(device, (dist.get_world_size(),))
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device, mesh = join(args.smoke)
+    with joined(args.smoke) as (device, mesh):
+        measure(args, device, mesh)
+
+
+def measure(args: argparse.Namespace, device: str, mesh) -> None:
+    """Every part on this rank, the file rewritten by rank 0 after each."""
     rank, tp = dist.get_rank(), dist.get_world_size()
     import transformers
 
@@ -312,22 +323,19 @@ def main(argv=None) -> None:
             result["summary"] = summarize(result["prefill"], result["one_gpu"])
             write_result(result, "tp", quick=False, out=args.out or (RESULTS / "tp_smoke.json" if args.smoke else None))
 
-    try:
-        model = shard(build(args, device), mesh)
-        log("model built and sharded")
-        result["prefill"] = prefill_rows(model, args, clock, device, tp)
-        save()
-        check = dense_check_logits(args, device, mesh)  # every rank; compared on rank 0
-        dist.barrier()
-        if rank == 0:
-            result["one_gpu"] = one_gpu(args, clock, device, check)
-        save()
-        dist.barrier()
-        result["decode"] = decode_rows(model, args, clock, device, tp)
-        save()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model = shard(build(args, device), mesh)
+    log("model built and sharded")
+    result["prefill"] = prefill_rows(model, args, clock, device, tp)
+    save()
+    check = dense_check_logits(args, device, mesh)  # every rank; compared on rank 0
+    dist.barrier()
+    if rank == 0:
+        result["one_gpu"] = one_gpu(args, clock, device, check)
+    save()
+    dist.barrier()
+    result["decode"] = decode_rows(model, args, clock, device, tp)
+    save()
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -101,9 +101,7 @@ class PlanAttention(AttentionCallMode):
         is_causal = not decode
         patterns, dynamic = None, None
         if self.config.source == "calibrated":
-            profile = self.config.profile
-            patterns = profile.patterns_on(name, q.device)
-            dynamic = profile.modules[name].dynamic_heads.to(q.device)
+            patterns, dynamic = self.config.profile.patterns_for(name, q.device)
         plan = plan_for(self.config, q, k, is_causal, a["scale"], patterns=patterns, dynamic_heads=dynamic)
         enable_gqa = k.shape[1] != q.shape[1]
         density = density_per_head(plan, q.shape[-2], k.shape[-2], is_causal).float().cpu()

@@ -42,7 +42,8 @@ class DAMConfig:
             its exact attention), 0.075 for the others.
         mass_target: dynamic mode keeps, per query block, the blocks holding this share of the row's estimated
             attention (within ``density``); 0 keeps only DAM's thresholded blocks. The default 0.99 keeps
-            SmolLM2-135M's perplexity on natural text within 0.1% of full attention's at 8K tokens.
+            SmolLM2-135M's perplexity on natural text at 0.997-1.001x full attention's at 4K and 8K tokens
+            (``benchmarks/results/real_cpu.json``).
         estimator: dynamic mode's block-map estimate: ``"sampled"`` (default: every query block's exact mass
             averaged over every eighth of its queries, the last query block exact), ``"adaptive"`` (per head the
             query-aware pooled estimate or the vertical-slash lines of the last query block's exact attention,
@@ -154,7 +155,8 @@ class DAMConfig:
             source=self.source, block_size=self.block_size, min_seq_len=self.min_seq_len, kernel=self.kernel,
             tau=self.tau, box_cox_lambda=self.box_cox_lambda, mu=self.mu,
             density=defaults.prefill_cap if self.density is None else self.density,
-            decode_density=defaults.decode_floor if self.density is None else self.density, mass_target=self.mass_target, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
+            decode_density=defaults.decode_floor if self.density is None else self.density,
+            mass_target=self.mass_target, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
             estimator=self.estimator, dense_layers=self.dense_layers,
             corner_len=self.profile.pcl if self.source == "calibrated" else 0,
         )

@@ -146,32 +146,28 @@ class RingAttention(AttentionCallMode):
             kept = (n <= m) & ((n < config.sink_blocks) | (m - n < config.local_blocks))
             return _block_rows(kept[None, None], q_blocks, positions, block)
         if source == "dynamic":
-            return self._dynamic_rows(q, k, layout, rank, group, scale)
+            return self._dynamic_rows(q, k, layout, positions, group, scale)
         # calibrated: the whole plan from the profile's patterns over global positions, no communication; a
         # hybrid profile's dynamic heads take the dynamic rows and the pass-through token pattern
-        entry = config.profile.find_module(module_name)
-        if entry is None:
-            raise ValueError(f"the profile has no entry for module {module_name!r}")
-        patterns = config.profile.patterns_on(entry, q.device)
-        dynamic = config.profile.modules[entry].dynamic_heads.to(q.device)
+        patterns, dynamic = config.profile.patterns_for(module_name, q.device)
         # The rank's rows only, run by run of its positions (the whole sequence's tables: gigabytes at 1M tokens).
         tables = [pattern_block_tables(patterns.diagonals, patterns.columns, patterns.corner, length, seq_len, block,
                                        True, q_offset=start) for _, start, length in position_runs(positions)]
         partial, full = (torch.cat(parts, dim=2) for parts in zip(*tables))
         if bool(dynamic.any()):
-            rows = self._dynamic_rows(q, k, layout, rank, group, scale)
+            rows = self._dynamic_rows(q, k, layout, positions, group, scale)
             heads = dynamic[None, :, None, None]
             partial, full = torch.where(heads, rows.partial, partial), torch.where(heads, rows.full, full)
             patterns = hybrid_token_pattern(patterns, dynamic, block)
         return RankRows(partial, full, positions, block, patterns)
 
-    def _dynamic_rows(self, q: Tensor, k: Tensor, layout: ShardLayout, rank: int, group: dist.ProcessGroup,
+    def _dynamic_rows(self, q: Tensor, k: Tensor, layout: ShardLayout, positions: Tensor, group: dist.ProcessGroup,
                       scale: float | None) -> RankRows:
-        """The dynamic source's rows: the keys gathered in sequence order; with the sampled estimator each rank
-        plans its own rows (the plan's sums and minima all-reduced), with another the whole plan everywhere."""
+        """The dynamic source's rows of the rank's tokens at ``positions``: the keys gathered in sequence order;
+        with the sampled estimator each rank plans its own rows (the plan's sums and minima all-reduced), with
+        another the whole plan everywhere."""
         config, block = self.config, self.config.block_size
         seq_len = layout.world * layout.local_len
-        positions = layout.positions(rank).to(q.device)
         q_blocks = blocks_of(positions, block)
         order = layout.order().to(q.device)
         restore = torch.empty_like(order)

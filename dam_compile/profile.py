@@ -202,6 +202,14 @@ class DAMProfile:
             self._device_cache[key] = self.modules[name].patterns.to(device)
         return self._device_cache[key]
 
+    def patterns_for(self, path: str, device: torch.device | str) -> tuple[HeadPatterns, Tensor]:
+        """The patterns and dynamic heads (bool ``[H]``) on ``device`` of the entry for a module path
+        (:meth:`find_module`); raises ``ValueError`` naming the path when the profile has none."""
+        entry = self.find_module(path)
+        if entry is None:
+            raise ValueError(f"the profile has no entry for module {path!r}")
+        return self.patterns_on(entry, device), self.modules[entry].dynamic_heads.to(device)
+
     def find_module(self, path: str) -> str | None:
         """The profile's entry for a graph's module path: the same name, or the one entry that ends with it
         or that it ends with (a model compiled from a submodule, or a wrapper around the calibrated model)."""

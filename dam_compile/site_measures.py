@@ -81,9 +81,5 @@ class PlanMeasure(AttentionCallMode):
     def _plan(self, name: str, query: Tensor, key: Tensor, is_causal: bool, scale, mask) -> BlockSparsePlan:
         config, patterns, dynamic = self._planning, None, None
         if config.source == "calibrated":
-            entry = config.profile.find_module(name)
-            if entry is None:
-                raise ValueError(f"the profile has no entry for module {name!r}")
-            patterns = config.profile.patterns_on(entry, query.device)
-            dynamic = config.profile.modules[entry].dynamic_heads.to(query.device)
+            patterns, dynamic = config.profile.patterns_for(name, query.device)
         return plan_for(config, query, key, is_causal, scale, mask, patterns, dynamic)

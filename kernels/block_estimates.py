@@ -174,11 +174,15 @@ def sampled_rows_mass(query: Tensor, key: Tensor, block_size: int, is_causal: bo
     return mass.view(batch, heads, -1, per_block, mass.shape[-1])
 
 
+def sampled_per_block(block_size: int) -> int:
+    """Queries the sampled estimator scores in each query block: every ``SAMPLED_ROW_STRIDE``-th (at least one)."""
+    return max(1, block_size // SAMPLED_ROW_STRIDE)
+
+
 def sampled_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> BlockEstimate:
     """Every query block's mass: the mean of the exact block mass of every ``SAMPLED_ROW_STRIDE``-th of its
     queries (its last query among them); the last rows exact (:func:`with_exact_last_rows`). ``[B, H, Mq, Nk]``."""
-    per_block = max(1, block_size // SAMPLED_ROW_STRIDE)
-    estimate = sampled_rows_mass(query, key, block_size, is_causal, scale, per_block).mean(-2)
+    estimate = sampled_rows_mass(query, key, block_size, is_causal, scale, sampled_per_block(block_size)).mean(-2)
     row_mass = last_rows_mass(query, key, block_size, is_causal, scale)
     return with_exact_last_rows(estimate, row_mass, query.shape[-2], block_size)
 
@@ -207,7 +211,7 @@ def sampled_shard_estimate(query: Tensor, key: Tensor, block_size: int, scale: f
     is blocks ``blocks`` (int64 ``[Mq_shard]``) of a causal ``q_len``-token sequence of whole blocks, against
     all of its keys. The rows are the whole sequence's estimate's: the sampled rows at their places, and the
     sequence's last query block (on the rank that holds it) exact."""
-    per_block = max(1, block_size // SAMPLED_ROW_STRIDE)
+    per_block = sampled_per_block(block_size)
     estimate = sampled_rows_mass(query, key, block_size, True, scale, per_block, blocks).mean(-2)
     exact = blocks.to(estimate.device) == (q_len // block_size - 1)
     needed = torch.zeros_like(estimate, dtype=torch.bool)

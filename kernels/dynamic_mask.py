@@ -44,7 +44,8 @@ from .plan import lists_from_table, num_blocks
 ESTIMATORS = ("sampled", "adaptive", "pooled", "last_block")
 DEFAULT_ESTIMATOR = "sampled"
 # Share of each query block's estimated attention mass its plan keeps: on SmolLM2-135M, 8K tokens of news prose
-# (float32, CPU), 0.99 keeps the perplexity within 0.1% of full attention, 0.98 within 0.4%, 0.95 within 1.3%.
+# (float32, CPU), 0.99 keeps the perplexity within 0.1% of full attention, 0.98 within 0.4%, 0.95 within 1.3%
+# (benchmarks/notes_real.md).
 DEFAULT_MASS_TARGET = 0.99
 # Estimators whose budgets follow the estimated mass (every block may be needed: a full sort, cheaper than topk of
 # every element); the others give each row a fixed share of ``density``.

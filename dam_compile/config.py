@@ -24,7 +24,10 @@ class DAMConfig:
     Attributes:
         block_size: tokens per query and key block of the sparse plan (a power of two, 16 to 256).
         min_seq_len: attention over fewer keys than this (a short prompt, a decode step on a short cache) runs
-            dense, and its mask is not computed; chosen at run time without a recompile.
+            dense, and its mask is not computed; chosen at run time without a recompile. Above it, a call too
+            small for its plan to pay off on the GPU (``kernels/dispatch.below_crossover``: a measured amount of
+            dense attention work, or of K/V bytes a decode step reads) runs dense too; 0 makes every call
+            sparse.
         mask_source: where each attention's plan comes from: ``"dynamic"`` (DAM computed per input from the
             attention's own Q and K; the default without a profile), ``"calibrated"`` (the per-head DAM
             patterns of ``profile``; the default with one), ``"dense"`` (every visible block: identical to full

@@ -1,4 +1,6 @@
-"""The default dynamic plan (``estimator="adaptive"``) as five Triton kernels and a few torch ops.
+"""The adaptive dynamic plan (``estimator="adaptive"``) as five Triton kernels and a few torch ops; its exact-row,
+need and list kernels (:func:`exact_rows`, :func:`lists_from_estimate`) also serve the default ``"sampled"``
+plan (``kernels/sampled_plan_kernel.py``).
 
 :func:`kernels.dynamic_mask.dynamic_block_plan` is the definition, in plain PyTorch; compiled with Inductor it
 ran about 50 kernels, with 2.2 ms of host time per call at 32K and a 47 s compile on first use (H200,
@@ -453,26 +455,75 @@ def adaptive_block_plan(
     lay = _layout(batch, heads, q_len, kv_len, block_size, is_causal, box_cox_lambda)
     mq, nk, bh, dam = lay.mq, lay.nk, batch * heads, lay.constexprs
     ints, floats = dict(device=query.device, dtype=torch.int32), dict(device=query.device, dtype=torch.float32)
-
-    lse = launch_last_rows_block_lse(query, key, block_size, is_causal, scale)  # [B, KVH, G * R, Nk] = [BH, R, Nk]
-    column, group_mass = torch.empty((bh, nk), **floats), torch.empty((bh, 2, nk), **floats)
-    known = torch.zeros((bh, 2, nk), **ints)  # union of atomic maxima
-    _exact_rows_kernel[lay.exact_grid](lse, column, group_mass, known, lay.rows, lay.last_len, nk, EXACT_ROW_MASS,
-                                       BR=lay.exact_rows_per_program, NKP=dam["NKP"], num_warps=dam["num_warps"])
+    column, group_mass, known = exact_rows(query, key, lay, block_size, is_causal, scale)
     logits = _pooled_logits(query, key, block_size)
     est, row_min = torch.empty((bh, mq, nk), **floats), torch.empty((bh, mq), **floats)
     counts = torch.zeros((bh, mq + 2 * nk - 1), **ints)  # per head: block diagonals, then columns
     _estimate_kernel[lay.grid](logits, column, group_mass, est, row_min, counts, mq, nk, kv_len, block_size,
                                lay.exact, scale, QUERY_AWARE_JS_DISTANCE, box_cox_lambda, tau, **dam)
+    return lists_from_estimate(EstimateMaps(est, row_min, counts, known), lay, batch, heads,
+                               BudgetRule(tau, box_cox_lambda, mu, density, mass_target, sink_blocks, local_blocks))
+
+
+def exact_rows(query: Tensor, key: Tensor, lay: "_Layout", block_size: int, is_causal: bool,
+               scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact last queries (``exact_query_rows``) of every head, reduced: ``(column [BH, Nk]``, the mean
+    block mass of all of them; ``group_mass [BH, 2, Nk]``, each exact query block's mean (the one before the
+    last, the last); ``known`` int32 ``[BH, 2, Nk]``, the blocks any of a group's queries needs to reach
+    ``EXACT_ROW_MASS`` of its own attention``)``. Two launches."""
+    bh, nk, device = query.shape[0] * query.shape[1], lay.nk, query.device
+    lse = launch_last_rows_block_lse(query, key, block_size, is_causal, scale)  # [B, KVH, G * R, Nk] = [BH, R, Nk]
+    column = torch.empty((bh, nk), device=device, dtype=torch.float32)
+    group_mass = torch.empty((bh, 2, nk), device=device, dtype=torch.float32)
+    known = torch.zeros((bh, 2, nk), device=device, dtype=torch.int32)  # union of atomic maxima
+    _exact_rows_kernel[lay.exact_grid](lse, column, group_mass, known, lay.rows, lay.last_len, nk, EXACT_ROW_MASS,
+                                       BR=lay.exact_rows_per_program, NKP=lay.constexprs["NKP"],
+                                       num_warps=lay.constexprs["num_warps"])
+    return column, group_mass, known
+
+
+class EstimateMaps(NamedTuple):
+    """What an estimate kernel leaves for the budget and list kernels, per ``bh = b * H + h``: ``est`` float32
+    ``[BH, Mq, Nk]`` (each row's block mass), ``row_min`` float32 ``[BH, Mq]`` (each row's minimum; read only
+    when the map has no invisible block), ``counts`` int32 ``[BH, Mq + 2 Nk - 1]`` (DAM's threshold hits per
+    block diagonal, then per column; filled already when the layout's ``known_low``, else counted here) and
+    ``known`` int32 ``[BH, 2, Nk]`` (blocks the exact query blocks need: the one before the last, the last)."""
+
+    est: Tensor
+    row_min: Tensor
+    counts: Tensor
+    known: Tensor
+
+
+class BudgetRule(NamedTuple):
+    """The dynamic plan's DAM transform and budget options (``dynamic_block_plan``'s meanings)."""
+
+    tau: float
+    box_cox_lambda: float
+    mu: float
+    density: float
+    mass_target: float
+    sink_blocks: int
+    local_blocks: int
+
+
+def lists_from_estimate(maps: EstimateMaps, lay: "_Layout", batch: int, heads: int,
+                        rule: BudgetRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The plan lists of an estimate (DAM's threshold and patterns, the mass budgets, ascending lists):
+    ``(kv_num_blocks [B, H, Mq], kv_indices [B, H, Mq, Nk], full_kv_num_blocks, full_kv_indices)``, int32.
+    Shared by every estimator with a fused estimate kernel."""
+    mq, nk, bh, dam = lay.mq, lay.nk, batch * heads, lay.constexprs
+    device = maps.est.device
+    ints, floats = dict(device=device, dtype=torch.int32), dict(device=device, dtype=torch.float32)
     if not lay.known_low:
-        _threshold_kernel[lay.grid](est, row_min, counts, mq, nk, box_cox_lambda, tau,
+        _threshold_kernel[lay.grid](maps.est, maps.row_min, maps.counts, mq, nk, rule.box_cox_lambda, rule.tau,
                                     **{k: v for k, v in dam.items() if k != "KNOWN_LOW"})
     need, always, seen = torch.empty((3, bh, mq), **ints)
     threshold = torch.empty((bh, mq), **floats)
-    _need_kernel[lay.grid](est, row_min, counts, known, need, threshold, always, seen, mq, nk, lay.exact,
-                           sink_blocks, local_blocks, box_cox_lambda, tau, mu, mass_target, **dam)
+    _need_kernel[lay.grid](*maps, need, threshold, always, seen, mq, nk, lay.exact, rule.sink_blocks,
+                           rule.local_blocks, rule.box_cox_lambda, rule.tau, rule.mu, rule.mass_target, **dam)
     outputs = (torch.empty((batch, heads, mq), **ints), torch.empty((batch, heads, mq, nk), **ints),
                torch.empty((batch, heads, mq), **ints), torch.empty((batch, heads, mq, nk), **ints))
-    _lists_kernel[lay.grid](est, row_min, counts, known, threshold, need, always, seen, *outputs, mq, nk, lay.exact,
-                            sink_blocks, local_blocks, box_cox_lambda, tau, mu, density, **dam)
+    _lists_kernel[lay.grid](*maps, threshold, need, always, seen, *outputs, mq, nk, lay.exact, rule.sink_blocks,
+                            rule.local_blocks, rule.box_cox_lambda, rule.tau, rule.mu, rule.density, **dam)
     return outputs

@@ -22,10 +22,10 @@ the attention):
    ``"pooled"``/``"last_block"``: each row gets a fixed share of that budget, by row length.
 
 Written in plain PyTorch with no data-dependent shapes or host syncs, so inside a compiled graph Inductor
-traces and fuses it. This is the definition: on CUDA, ``dam::dynamic_plan`` runs it compiled once (the exact
-row masses through the ``dam::sampled_rows_block_lse`` / ``dam::last_rows_block_lse`` Triton kernels), and
-computes the adaptive plan with the Triton kernels of ``kernels/adaptive_plan_kernel.py`` (the same lists, no
-compile step, a tenth of the host time).
+traces and fuses it. This is the definition: on CUDA, ``dam::dynamic_plan`` computes the sampled and adaptive
+plans with the Triton kernels of ``kernels/sampled_plan_kernel.py`` and ``kernels/adaptive_plan_kernel.py`` (the
+same lists, no compile step, a tenth of the host time), and runs the others compiled once (the exact row masses
+through the ``dam::sampled_rows_block_lse`` / ``dam::last_rows_block_lse`` Triton kernels).
 """
 
 from __future__ import annotations

@@ -105,10 +105,12 @@ def _rows_block_lse_kernel(
     stride_ob, stride_oh, stride_om,
     q_len, kv_len, rows, group, kv_heads, scale_log2, per_block, nk,
     IS_CAUSAL: tl.constexpr, SAMPLED: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, KEY_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEY_BLOCKS: tl.constexpr, LOOP_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    first_block = tl.program_id(0) * KEY_BLOCKS  # the program's KEY_BLOCKS key blocks (1 on a GPU)
+    # The program's key blocks: LOOP_BLOCKS steps of KEY_BLOCKS blocks (a GPU: steps of one block, the row
+    # tile's queries loaded once; the CPU interpreter: one step over up to every block).
+    first_block = tl.program_id(0) * KEY_BLOCKS * LOOP_BLOCKS
     row_tile = tl.program_id(1)
     batch, kv_head = tl.program_id(2) // kv_heads, tl.program_id(2) % kv_heads
     out_row = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # g * R + r
@@ -125,34 +127,40 @@ def _rows_block_lse_kernel(
     else:  # the last `rows` queries
         q_row = q_len - rows + r
         q_pos = q_row
-    k_pos = first_block * BLOCK_N + tl.arange(0, KEY_BLOCKS * BLOCK_N)
+    last_pos = tl.max(tl.where(row_ok, q_pos, -1))
     out = Out + batch * stride_ob + kv_head * stride_oh + out_row * stride_om
-    # Causal: a tile whose rows all come before the key blocks sees none of them (half the sampled tiles).
-    if (not IS_CAUSAL) or (first_block * BLOCK_N <= tl.max(tl.where(row_ok, q_pos, -1))):
-        dims = tl.arange(0, DIM_PAD)
-        q = tl.load(Q + batch * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_qm
-                    + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-        k = tl.load(K + batch * stride_kb + kv_head * stride_kh + k_pos[:, None] * stride_kn + dims[None, :],
-                    mask=(k_pos[:, None] < kv_len) & (dims[None, :] < HEAD_DIM), other=0.0)
-        if UPCAST:  # the CPU interpreter's tl.dot mishandles bfloat16 (as in block_sparse_kernel.py)
-            q, k = q.to(tl.float32), k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # base 2: exp2 is the fast path
-        seen = k_pos[None, :] < kv_len
-        if IS_CAUSAL:
-            seen = seen & (k_pos[None, :] <= q_pos[:, None])
-        s = tl.where(seen, s, float("-inf"))
-        if KEY_BLOCKS == 1:
-            tl.store(out + first_block, _lse(s, 1), mask=row_ok)
-        else:  # the CPU interpreter: every key block of the row tile in one program (its cost is per program)
-            blocks = first_block + tl.arange(0, KEY_BLOCKS)
-            lse = _lse(tl.reshape(s, (BLOCK_M, KEY_BLOCKS, BLOCK_N)), 2)
-            tl.store(out[:, None] + blocks[None, :], lse, mask=row_ok[:, None] & (blocks[None, :] < nk))
-    elif KEY_BLOCKS == 1:
-        tl.store(out + first_block, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=row_ok)
-    else:
-        blocks = first_block + tl.arange(0, KEY_BLOCKS)
-        tl.store(out[:, None] + blocks[None, :], tl.full((BLOCK_M, KEY_BLOCKS), float("-inf"), tl.float32),
-                 mask=row_ok[:, None] & (blocks[None, :] < nk))
+    dims = tl.arange(0, DIM_PAD)
+    q = tl.load(Q + batch * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_qm + dims[None, :],
+                mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:  # the CPU interpreter's tl.dot mishandles bfloat16 (as in block_sparse_kernel.py)
+        q = q.to(tl.float32)
+    for step in range(LOOP_BLOCKS):
+        block = first_block + step * KEY_BLOCKS
+        row_store = row_ok & (out_row * 0 + block < nk)  # a loop may pass the last key block
+        # Causal: a tile whose rows all come before the key blocks sees none of them (half the sampled tiles).
+        if (not IS_CAUSAL) or (block * BLOCK_N <= last_pos):
+            k_pos = block * BLOCK_N + tl.arange(0, KEY_BLOCKS * BLOCK_N)
+            k = tl.load(K + batch * stride_kb + kv_head * stride_kh + k_pos[:, None] * stride_kn + dims[None, :],
+                        mask=(k_pos[:, None] < kv_len) & (dims[None, :] < HEAD_DIM), other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # base 2: exp2 is the fast path
+            seen = k_pos[None, :] < kv_len
+            if IS_CAUSAL:
+                seen = seen & (k_pos[None, :] <= q_pos[:, None])
+            s = tl.where(seen, s, float("-inf"))
+            if KEY_BLOCKS == 1:
+                tl.store(out + block, _lse(s, 1), mask=row_store)
+            else:  # the CPU interpreter: every key block of the row tile in one step (its cost is per program)
+                blocks = block + tl.arange(0, KEY_BLOCKS)
+                lse = _lse(tl.reshape(s, (BLOCK_M, KEY_BLOCKS, BLOCK_N)), 2)
+                tl.store(out[:, None] + blocks[None, :], lse, mask=row_ok[:, None] & (blocks[None, :] < nk))
+        elif KEY_BLOCKS == 1:
+            tl.store(out + block, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=row_store)
+        else:
+            blocks = block + tl.arange(0, KEY_BLOCKS)
+            tl.store(out[:, None] + blocks[None, :], tl.full((BLOCK_M, KEY_BLOCKS), float("-inf"), tl.float32),
+                     mask=row_ok[:, None] & (blocks[None, :] < nk))
 
 
 @triton.jit
@@ -213,6 +221,13 @@ def launch_last_rows_block_lse(query: Tensor, key: Tensor, block_size: int, is_c
     return _launch(query, key, block_size, is_causal, scale, exact_query_rows(query.shape[-2], block_size), 0)
 
 
+def launch_sampled_rows_block_lse(query: Tensor, key: Tensor, block_size: int, per_block: int, is_causal: bool,
+                                  scale: float) -> Tensor:
+    """The kernel's launch for ``per_block`` rows of every query block, for callers already inside an op."""
+    return _launch(query, key, block_size, is_causal, scale, _sampled_rows(query.shape[-2], block_size, per_block),
+                   per_block)
+
+
 def _sampled_rows(q_len: int, block_size: int, per_block: int) -> int:
     if per_block < 1 or block_size % per_block:
         raise ValueError(f"per_block must divide block_size={block_size}, got {per_block}")
@@ -220,12 +235,30 @@ def _sampled_rows(q_len: int, block_size: int, per_block: int) -> int:
 
 
 def key_blocks_per_program(nk: int, rows_per_program: int, block_size: int) -> int:
-    """Key blocks one program reduces: one on a GPU (a program per (key block, row tile)); on the CPU
-    interpreter as many as a Triton tensor holds (a score tile of at most 2**20 elements), up to every one."""
+    """Key blocks one program reduces in one step: one on a GPU (its steps walk key blocks one by one,
+    :func:`loop_blocks_per_program`); on the CPU interpreter as many as a Triton tensor holds (a score tile of at
+    most 2**20 elements), up to every one."""
     if not interpreting():
         return 1
     fits = max(1, TRITON_MAX_TENSOR_NUMEL // (rows_per_program * block_size))
     return min(next_power_of_2(nk), 1 << (fits.bit_length() - 1))
+
+
+# On a GPU a program walks up to this many key blocks with its row tile's queries loaded once (one key block a
+# program reloaded them for each: 8M programs at 128K), as long as the grid keeps MIN_PROGRAMS programs.
+MAX_LOOP_BLOCKS = 16
+MIN_PROGRAMS = 2048
+
+
+def loop_blocks_per_program(nk: int, row_tiles: int) -> int:
+    """Key blocks one GPU program walks (a power of two, 1 under the interpreter): the most, up to
+    ``MAX_LOOP_BLOCKS``, that leave at least ``MIN_PROGRAMS`` programs (``row_tiles``: over batch and KV heads)."""
+    if interpreting():
+        return 1
+    loop = MAX_LOOP_BLOCKS
+    while loop > 1 and -(-nk // loop) * row_tiles < MIN_PROGRAMS:
+        loop //= 2
+    return loop
 
 
 class LseLaunch(NamedTuple):
@@ -250,7 +283,9 @@ def lse_launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, sca
     out = torch.empty((batch, kv_heads, group * rows, nk), device=query.device, dtype=torch.float32)
     per_program = INTERPRETER_ROWS_PER_PROGRAM if interpreting() else ROWS_PER_PROGRAM
     key_blocks = key_blocks_per_program(nk, per_program, block_size)
-    grid = (-(-nk // key_blocks), -(-group * rows // per_program), batch * kv_heads)
+    row_tiles = -(-group * rows // per_program)
+    loop = loop_blocks_per_program(nk, row_tiles * batch * kv_heads)
+    grid = (-(-nk // (key_blocks * loop)), row_tiles, batch * kv_heads)
     block_map = None if block_map is None else block_map.to(device=query.device, dtype=torch.int32)
     args = (query, key, out, out if block_map is None else block_map,
             query.stride(0), query.stride(1), query.stride(2),
@@ -258,7 +293,8 @@ def lse_launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, sca
             out.stride(0), out.stride(1), out.stride(2),
             q_len, kv_len, rows, group, kv_heads, scale * LOG2E.value, max(per_block, 1), nk)
     constants = dict(IS_CAUSAL=is_causal, SAMPLED=per_block > 0, HAS_MAP=block_map is not None, BLOCK_N=block_size,
-                     BLOCK_M=per_program, KEY_BLOCKS=key_blocks, HEAD_DIM=dim, DIM_PAD=max(16, next_power_of_2(dim)),
+                     BLOCK_M=per_program, KEY_BLOCKS=key_blocks, LOOP_BLOCKS=loop, HEAD_DIM=dim,
+                     DIM_PAD=max(16, next_power_of_2(dim)),
                      **dot_options(query.dtype), num_warps=4, num_stages=2)
     return LseLaunch(grid, args, constants, out)
 

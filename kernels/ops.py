@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import plan_stats
 from .adaptive_plan_kernel import adaptive_block_plan, fused_plan_runs
+from .sampled_plan_kernel import sampled_block_plan
 from .block_sparse_launch import triton_block_sparse_attention
 from .decode_kernel import triton_sparse_decode
 from .decode_plan import decode_block_plan
@@ -38,8 +39,8 @@ from .pattern_plan import cached_pattern_plan
 from .structured_plans import dense_plan, streaming_plan
 
 PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
-# SDPA tries flash before cuDNN; on Hopper cuDNN is the faster dense kernel (0.98 vs 1.72 ms at 8K, causal bf16).
-# The others stay as fallbacks for what cuDNN does not take.
+# SDPA tries flash before cuDNN; on Hopper cuDNN is the faster dense prefill kernel (0.98 vs 1.72 ms at 8K, causal
+# bf16). The others stay as fallbacks for what cuDNN does not take.
 DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -119,7 +120,10 @@ def dense_attention(
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         enable_gqa = False
-    with sdpa_kernel(DENSE_BACKENDS, set_priority=True) if query.is_cuda else contextlib.nullcontext():
+    # A decode step takes SDPA's own choice, as eager and Inductor do: cuDNN builds an execution graph per new key
+    # length, and a decode step's key length is new at every step.
+    prefill = query.is_cuda and query.shape[-2] > 1
+    with sdpa_kernel(DENSE_BACKENDS, set_priority=True) if prefill else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
@@ -225,6 +229,9 @@ def _(query, key, diagonals, columns, corner, block_size, *args) -> PlanTensors:
     return _pattern_plan_buffers(query, key, diagonals, block_size)
 
 
+# Estimators whose plan has Triton kernels (the same lists as the definition, no compile step, no host sync):
+# taken on CUDA where ``fused_plan_runs``; the others run the definition compiled once (``_planner``).
+FUSED_PLANS = {"adaptive": adaptive_block_plan, "sampled": sampled_block_plan}
 _compiled: dict[Callable, Callable] = {}
 
 
@@ -251,8 +258,8 @@ def dynamic_plan_op(
     if path == "dense":
         return _keep_nothing(_dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks,
                                                    estimator))
-    if estimator == "adaptive" and path != "reference" and fused_plan_runs(query, block_size):
-        return adaptive_block_plan(
+    if estimator in FUSED_PLANS and path != "reference" and fused_plan_runs(query, block_size):
+        return FUSED_PLANS[estimator](
             query, key, block_size=block_size, is_causal=is_causal, scale=scale, tau=tau,
             box_cox_lambda=box_cox_lambda, mu=mu, density=density, mass_target=mass_target,
             sink_blocks=sink_blocks, local_blocks=local_blocks,

@@ -85,8 +85,7 @@ def part_file(path: Path, rows: list[dict], **fields) -> Path:
     layers = [dict(variant=r["variant"], length=r["length"], doc=r["doc"], module="model.layers.1.self_attn",
                    density=r["density"], recall=0.99) for r in rows if r["variant"] == "dam-default"]
     rope = {str(r["length"]): {"rope_parameters": {"rope_type": "default"}} for r in rows}
-    part = dict(header, options={"dam-default": {}}, rope=rope, rows=rows,
-                layers=layers, speed=[], **fields)
+    part = dict(header, options={"dam-default": {}}, rope=rope, rows=rows, layers=layers, **{"speed": [], **fields})
     path.write_text(json.dumps(part))
     return path
 
@@ -108,6 +107,30 @@ def test_merge_joins_lengths_and_documents_run_apart(tmp_path):
     table = readme_tables.real_table(merged)
     assert "documents 4K: news; 8K: news, code" in table and "| 8K | dam-default |" in table
     assert "| 1 | 0.600 | 0.9900 | 0.500 | 0.9900 |" in table  # each length's first document: news
+
+
+def test_speed_parts_join_piece_by_piece(tmp_path):
+    """A device call that ran out of time skipped Inductor's generate() and the attention-only piece; a second
+    call's part adds the attention piece: the merged row holds both calls' pieces, the ratios are against the
+    dense paths timed, and the summary says which one was not (a speed-only run: no fidelity rows)."""
+    first = dict(length=32768, eager_ms=130.0, inductor_ms=350.0, dam_default_ms=80.0, generate_eager_ms=756.0,
+                 generate_dam_default_ms=614.0, skipped=["generate_inductor_ms", "attention"])
+    attention = dict(length=32768, layers=29, dense_ms=84.0, plan_ms=20.0, ours_ms=35.0, flex_ms=42.0, density=0.4,
+                     speedup_kernel=2.4, speedup_with_plan=1.5, vs_flex=1.2, plan_share_of_dense=0.24)
+    parts = [part_file(tmp_path / "a.json", [], speed=[first]),
+             part_file(tmp_path / "b.json", [], speed=[dict(length=32768, attention=attention)])]
+    merged = bench_real.main(["--merge", *map(str, parts), "--out", str(tmp_path / "real.json")])
+    (row,) = merged["speed"]
+    assert row["attention"] == attention and row["skipped"] == ["generate_inductor_ms"]
+    assert row["best_dense"] == "eager" and row["speedup"] == pytest.approx(130 / 80)
+    summary = merged["summary"]
+    assert summary["real_prefill_speedup_32k"] == pytest.approx(1.625)
+    assert summary["real_generate_speedup_32k"] == pytest.approx(756 / 614, abs=1e-5)
+    assert summary["notes"]["real_generate_speedup_32k"].startswith("against eager only: inductor not timed")
+    assert "real_prefill_speedup_32k" not in summary["notes"]
+    assert summary["real_attention_speedup_32k"] == 2.4 and summary["real_prefill_speedup_8k"] is None
+    table = readme_tables.real_table(merged)
+    assert "| 32K | 130.000 | 350.000 | 80.000 | 1.62x |" in table and "our kernel 35.00 ms (2.40x cuDNN" in table
 
 
 def test_merge_refuses_parts_of_other_defaults(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # Benchmark scripts with a command line (the others are their helpers).
-BENCHMARK_SCRIPTS = ["bench_cp.py", "bench_e2e.py", "bench_fidelity.py", "bench_kernel.py", "bench_maskgen.py",
+BENCHMARK_SCRIPTS = ["bench_cp.py", "bench_e2e.py", "bench_fidelity.py", "bench_kernel.py", "bench_maskgen.py", "bench_plan.py",
                      "bench_real.py", "bench_tp.py", "kernel_resources.py", "readme_tables.py", "real_model.py",
                      "real_texts.py"]
 

@@ -62,10 +62,12 @@ def test_sampled_rows_kernel_matches_float64_definition(device, dtype, causal, b
     assert ((out - want)[seen].abs().max() / want[seen].abs().max()) < tol
 
 
+@pytest.mark.parametrize("loop", [1, 4])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_sized_programs_give_the_same_values(monkeypatch, causal):
-    """On a GPU a program takes 64 rows and one key block: with tiles that cut a block's rows apart (some tiles
-    seeing none of a key block), one key block each, the values are those of the interpreter's whole tiles."""
+def test_gpu_sized_programs_give_the_same_values(monkeypatch, causal, loop):
+    """On a GPU a program takes 64 rows and walks key blocks one at a time: with tiles that cut a block's rows
+    apart (some tiles seeing none of a key block), one key block a step, ``loop`` steps a program (past the last
+    block too: 7 blocks), the values are those of the interpreter's whole tiles."""
     import dam_compile.kernels.last_rows_lse as lse
 
     if not interpreting():
@@ -75,6 +77,7 @@ def test_gpu_sized_programs_give_the_same_values(monkeypatch, causal):
     monkeypatch.setattr(lse, "INTERPRETER_ROWS_PER_PROGRAM", 16)
     monkeypatch.setattr(lse, "ROWS_PER_PROGRAM", 16)
     monkeypatch.setattr(lse, "key_blocks_per_program", lambda *sizes: 1)
+    monkeypatch.setattr(lse, "loop_blocks_per_program", lambda *sizes: loop)
     torch.testing.assert_close(sampled_rows_block_lse(q, k, 32, 8, causal, 0.2), whole)
     torch.testing.assert_close(last_rows_block_lse(q, k, 32, causal, 0.2), last_rows_block_lse_reference(q, k, 32, causal, 0.2))
 

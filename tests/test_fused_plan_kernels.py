@@ -1,6 +1,6 @@
-"""The default dynamic plan's Triton kernels (``kernels/adaptive_plan_kernel.py``) against its PyTorch definition
-(``dynamic_block_plan(estimator="adaptive")``): the same lists, block for block, over a shape matrix, with the
-outputs poisoned before the kernels write them."""
+"""The dynamic plans' Triton kernels (``kernels/sampled_plan_kernel.py``, the default estimator's, and
+``kernels/adaptive_plan_kernel.py``) against their PyTorch definition (``dynamic_block_plan``): the same lists,
+block for block, over a shape matrix, with the outputs poisoned before the kernels write them."""
 
 import functools
 from unittest import mock
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dam_compile.kernels import block_estimates as be
-from dam_compile.kernels.adaptive_plan_kernel import adaptive_block_plan, fused_plan_runs
+from dam_compile.kernels.adaptive_plan_kernel import fused_plan_runs
 from dam_compile.kernels.block_sparse_launch import interpreting
-from dam_compile.kernels.dynamic_mask import dynamic_block_plan
+from dam_compile.kernels.dynamic_mask import DEFAULT_ESTIMATOR, dynamic_block_plan
+from dam_compile.kernels.ops import FUSED_PLANS
 
 DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
 OPTIONS = dict(tau=0.3, box_cox_lambda=0.5, mu=0.8, density=0.2, mass_target=0.95, sink_blocks=1, local_blocks=2)
@@ -35,6 +36,7 @@ def poisoned_empty(*args, **kwargs):
     return out.fill_(-7 if not out.is_floating_point() else float("nan"))
 
 
+@pytest.mark.parametrize("estimator", sorted(FUSED_PLANS))
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "b, h, kvh, q_len, kv_len, d, block, causal, dtype, options, structured",
@@ -48,17 +50,18 @@ def poisoned_empty(*args, **kwargs):
         (1, 4, 2, 512, 512, 32, 32, True, torch.bfloat16, {}, True),
         (1, 4, 2, 512, 512, 16, 16, True, torch.float32, dict(box_cox_lambda=0.0), False),
         (1, 4, 2, 512, 512, 16, 16, True, torch.float32, dict(box_cox_lambda=0.25, mass_target=0.5), True),
+        (1, 3, 1, 384, 384, 16, 16, True, torch.float32, dict(density=1.0, mass_target=0.99), True),  # defaults
         (1, 4, 4, 20, 20, 16, 16, True, torch.float32, {}, False),  # two blocks, the first one exact too
         (1, 2, 1, 10, 10, 16, 16, True, torch.float32, {}, True),  # one block: no invisible block in the map
     ],
 )
-def test_kernels_equal_the_definition(device, b, h, kvh, q_len, kv_len, d, block, causal, dtype, options,
+def test_kernels_equal_the_definition(estimator, device, b, h, kvh, q_len, kv_len, d, block, causal, dtype, options,
                                       structured):
     q, k = inputs(b, h, kvh, q_len, kv_len, d, q_len * 7 + kv_len, structured, device, dtype)
     kwargs = dict(OPTIONS, **options, block_size=block, is_causal=causal, scale=None)
-    want = dynamic_block_plan(q, k, estimator="adaptive", **kwargs)
+    want = dynamic_block_plan(q, k, estimator=estimator, **kwargs)
     with mock.patch.object(torch, "empty", poisoned_empty):
-        got = adaptive_block_plan(q, k, **kwargs)
+        got = FUSED_PLANS[estimator](q, k, **kwargs)
     for name, w, o in zip(("partial counts", "partial lists", "full counts", "full lists"), want, got):
         assert o.shape == w.shape and o.dtype == w.dtype and o.is_contiguous(), name
         assert torch.equal(o, w), f"{name}: {(o != w).sum().item()} of {w.numel()} differ"
@@ -84,6 +87,12 @@ def test_matrix_reaches_every_branch():
     assert kept[0.05] < kept[1.0]
 
 
+def test_the_default_estimator_has_fused_kernels():
+    """The default's plan never runs the compiled definition on CUDA (about 1.5 ms of host time per call: a
+    real model's compiled prefill was slower than eager at 8K)."""
+    assert DEFAULT_ESTIMATOR in FUSED_PLANS
+
+
 def test_the_op_takes_the_kernels_on_cuda_only():
     q = torch.zeros(1, 2, 256, 16)
     assert not fused_plan_runs(q, 16)  # CPU plans stay on the definition (the CPU has no fast path to feed)
@@ -92,8 +101,9 @@ def test_the_op_takes_the_kernels_on_cuda_only():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("estimator", sorted(FUSED_PLANS))
 @pytest.mark.parametrize("length", [4096, 32768 + 100])  # 32 key blocks; 257 (a ragged one, 8-row tiles)
-def test_op_plan_on_cuda_is_the_definition_and_graph_capturable(length):
+def test_op_plan_on_cuda_is_the_definition_and_graph_capturable(estimator, length):
     """Through ``dam::dynamic_plan`` on the GPU (bf16, GQA): the definition's lists; and the launches capture
     into a CUDA graph (no host sync), whose replay on new inputs gives their plan."""
     from dam_compile.kernels.ops import dynamic_plan_op
@@ -101,9 +111,9 @@ def test_op_plan_on_cuda_is_the_definition_and_graph_capturable(length):
     q, k = inputs(1, 8, 2, length, length, 128, 3, True, "cuda", torch.bfloat16)
     call = functools.partial(dynamic_plan_op, block_size=128, is_causal=True, min_seq_len=0, kernel="auto",
                              scale=None, tau=0.3, box_cox_lambda=0.5, mu=0.8, density=0.075, mass_target=0.95,
-                             sink_blocks=1, local_blocks=2, estimator="adaptive")
+                             sink_blocks=1, local_blocks=2, estimator=estimator)
     want = dynamic_block_plan(q, k, block_size=128, is_causal=True, density=0.075, mass_target=0.95,
-                              estimator="adaptive")
+                              estimator=estimator)
     assert all(torch.equal(o, w) for o, w in zip(call(q, k), want))
     static_q, static_k = q.clone(), k.clone()
     call(static_q, static_k)  # warm: kernels compiled before the capture
@@ -115,5 +125,5 @@ def test_op_plan_on_cuda_is_the_definition_and_graph_capturable(length):
     static_k.copy_(k2)
     graph.replay()
     want = dynamic_block_plan(q2, k2, block_size=128, is_causal=True, density=0.075, mass_target=0.95,
-                              estimator="adaptive")
+                              estimator=estimator)
     assert all(torch.equal(o, w) for o, w in zip(captured, want))

@@ -9,6 +9,7 @@ import platform
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,21 @@ def bench_ms(fn, expected_ms: float | None = None) -> float:
     runs get fewer repeats; at least ~8 timed runs everywhere."""
     rep = 400 if expected_ms is None else max(400, 8 * expected_ms)
     return triton.testing.do_bench(fn, warmup=max(50, 2 * (expected_ms or 0)), rep=rep, return_mode="median")
+
+
+def synced_wall_ms(fn, runs: int, warmups: int = 1) -> list[float]:
+    """Wall milliseconds of each of ``runs`` calls of ``fn`` after ``warmups`` calls, the device synchronised before
+    and after each (host and GPU time together, nothing overlapped: what a whole prefill or generate() costs)."""
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def int_list(text: str) -> list[int]:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_common import bench_ms, int_list, run_metadata, write_result
-from dam_compile.kernels import random_plan, sparse_attention
+from bench_common import bench_ms, int_list, run_metadata, synced_wall_ms, write_result
+from dam_compile.kernels import BlockSparsePlan, plan_density, random_plan, sparse_attention
 from dam_compile.kernels.dynamic_mask import dynamic_block_plan
 from dam_compile.kernels.ops import dense_attention
 from dam_compile.kernels.sampled_plan_kernel import sampled_block_plan
@@ -106,21 +106,12 @@ def host_us(fn, calls: int = 30) -> float:
 
 def wall_ms(fn, runs: int = 20) -> float:
     """Median wall milliseconds of one synchronised call (host and GPU, nothing overlapped)."""
-    fn()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return round(median(times), 3)
+    return round(median(synced_wall_ms(fn, runs)), 3)
 
 
-def density_of(lists) -> float:
-    kept = (lists[0] + lists[2]).sum().item()
-    mq = lists[0].shape[-1]
-    return kept / (lists[0].shape[1] * mq * (mq + 1) / 2)
+def density_of(lists, length: int, block_size: int) -> float:
+    """Mean block density of plan lists ``(counts, indices, full counts, full indices)``, causal and square."""
+    return plan_density(BlockSparsePlan(lists[0], lists[1], block_size, lists[2], lists[3]), length, length, True)
 
 
 def stage_rows(shapes: list[str], lengths: list[int], old: bool) -> list[dict]:
@@ -136,7 +127,7 @@ def stage_rows(shapes: list[str], lengths: list[int], old: bool) -> list[dict]:
             fused = lambda: sampled_block_plan(q, k, **options)  # noqa: E731
             row = {"shape": shape, "seq_len": n, "dense_ms": bench_ms(dense)}
             row["fused"] = dict(kernel_profile(fused), host_us=host_us(fused), wall_ms=wall_ms(fused),
-                                plan_ms=bench_ms(fused), density_random_qk=round(density_of(fused()), 3))
+                                plan_ms=bench_ms(fused), density_random_qk=round(density_of(fused(), n, options["block_size"]), 3))
             if old:
                 compiled = _planner(dynamic_block_plan, q.device)
                 definition = lambda: compiled(q, k, estimator="sampled", **options)  # noqa: E731

@@ -4,13 +4,13 @@ median time of one prefill, and full attention's best dense path (eager SDPA or 
 from __future__ import annotations
 
 import contextlib
-import time
 from statistics import median
 from typing import Iterator
 
 import torch
 
 import dam_compile
+from bench_common import synced_wall_ms
 
 
 @contextlib.contextmanager
@@ -32,18 +32,7 @@ def compiled_forward(model, options: dict | None) -> Iterator[None]:
 def prefill_ms(model, ids: torch.Tensor, runs: int) -> float:
     """Median milliseconds of one prefill (``use_cache=False``, ``logits_to_keep=1``: what the first token
     needs) after two warmup calls (compiles included there)."""
-    def run():
-        return model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-    run(), run()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return median(times)
+    return median(synced_wall_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), runs, warmups=2))
 
 
 def dense_baselines(model, prompts: dict[int, torch.Tensor], runs: int) -> dict[int, dict]:

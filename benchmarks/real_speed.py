@@ -24,11 +24,12 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 import dam_compile
-from bench_common import bench_ms
+from bench_common import bench_ms, synced_wall_ms
 from bench_kernel import flex_block_mask
 from dam_compile.config import DAMConfig
 from dam_compile.kernels.ops import dense_attention
 from dam_compile.kernels.plan import BlockSparsePlan
+from dam_compile.kernels.reference import plan_density
 from dam_compile.module_stack import AttentionCallMode
 from dam_compile.passes.dense_layers import dense_layer_reason
 from e2e_paths import generate
@@ -42,15 +43,7 @@ BACKENDS = {"eager": None, "dam_default": {}, "inductor": None}
 def generate_ms(model, ids: torch.Tensor, new_tokens: int, runs: int = 3) -> float:
     """Median wall milliseconds of a greedy ``generate()`` of ``new_tokens`` tokens after one warm-up call."""
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    generate(model, dict(inputs), new_tokens)
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(model, dict(inputs), new_tokens)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return median(times)
+    return median(synced_wall_ms(lambda: generate(model, dict(inputs), new_tokens), runs))
 
 
 def paths_taken() -> dict[str, int]:
@@ -149,9 +142,7 @@ def attention_only(model, ids: torch.Tensor, log) -> dict:
         totals["ours_ms"] += bench_ms(lambda: dam_compile.sparse_attention(q, k, v, plan, scale=scale, is_causal=True,
                                                                            enable_gqa=gqa))
         totals["flex_ms"] += bench_ms(lambda: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa))
-        kept = (lists[0] + lists[2]).sum().item()
-        mq = lists[0].shape[-1]
-        densities.append(kept / (q.shape[1] * mq * (mq + 1) / 2))
+        densities.append(plan_density(plan, q.shape[-2], k.shape[-2], True))
         layers += 1
     row = {"length": ids.shape[-1], "layers": layers, **totals, "density": sum(densities) / max(1, layers),
            "speedup_kernel": totals["dense_ms"] / totals["ours_ms"],

@@ -34,6 +34,8 @@ documents, e.g. a device lease cut short) join with ``--merge PART ...``, which 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import math
 import time
 from pathlib import Path
@@ -45,6 +47,7 @@ import real_model
 import real_texts
 from bench_common import (RESULTS, gpu_tag, int_list, merged_header, parse_with_smoke, result_path, run_metadata,
                           write_result)
+import real_retrieval
 import real_speed
 from real_scores import compare, reference, scored_run, tokens_until_divergence
 from real_variants import BASELINES, DAM_VARIANTS, VARIANTS, Baseline, PlanAttention, dam_config
@@ -54,7 +57,9 @@ from dam_compile.config import DAMConfig
 
 LENGTHS = (4096, 8192, 16384, 32768)
 CALIBRATION_DOC = "news"
-CALIBRATION_OFFSET = 40_000  # news tokens before this are never calibrated on (prompts use at most 32K)
+HOLDOUT_DOC = "wiki"  # a calibration's held-out check reads another document than its capture
+CALIBRATION_OFFSET = 40_000  # tokens before this are never calibrated on (prompts use at most 32K)
+HOLDOUT_SAMPLES = 4
 HEADLINE = (8192, 32768)  # the summary's lengths
 # Variants whose plans' exact mass per layer and head is measured (first document of each length): where the
 # default and the paper's calibrated masks lose it.
@@ -62,12 +67,15 @@ RECALL_VARIANTS = ("dam-default", "dam-calibrated")
 SMOKE_BLOCK = 16  # the smoke's prompts are a few hundred tokens
 # The CPU pipeline check's sizes: every stage runs, nothing is claimed.
 SMOKE = dict(lengths="256,512", docs="news,code", new_tokens=4, calibration_samples=2, pcl=32, speed_lengths="",
-             generate_lengths="", attention_lengths="")
+             generate_lengths="", attention_lengths="", calibrations="64:0.5", holdout_len=256,
+             retrieval_lengths="256,512", retrieval_samples=4, retrieval_steps=2, retrieval_tokens=1024)
+RETRIEVAL_VARIANTS = ("full", "dense-op", "dam-default", "streaming")
+EVAL_BATCH_TOKENS = 131072  # retrieval prompts of one length per generate() call (no gradients: more than training)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", type=Path, help="the SmolLM2 GGUF file (real_model.py --fetch DIR)")
+    p.add_argument("--gguf", type=Path, help="a model's GGUF file (real_model.py --fetch DIR [--model NAME])")
     p.add_argument("--texts", type=Path, help="documents folder (real_texts.py --out)")
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     p.add_argument("--docs", default=",".join(real_texts.DOCUMENTS))
@@ -75,6 +83,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy generate() tokens per prompt")
     p.add_argument("--pcl", type=int, default=128, help="pattern capture length of dam-calibrated")
     p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--calibrations", default="",
+                   help="more calibrated profiles beside the paper's (dam-calibrated: --pcl, every head calibrated), "
+                        "as PCL:MIN_RECALL pairs, e.g. '512:none,2048:0.5': each runs as "
+                        "dam-calibrated-pcl<P>[-recall<R>] wherever dam-calibrated runs")
+    p.add_argument("--holdout-len", type=int, default=4096, help="tokens of each held-out sample of a calibration "
+                   f"with a min_recall ({HOLDOUT_SAMPLES} samples of {HOLDOUT_DOC})")
+    p.add_argument("--retrieval-lengths", default="",
+                   help="fine-tune for retrieval, then score it through generate() at these lengths ('' for none)")
+    p.add_argument("--retrieval-samples", type=int, default=100, help="held-out prompts per task and length")
+    p.add_argument("--retrieval-steps", type=int, default=1000, help="most fine-tune steps")
+    p.add_argument("--retrieval-seconds", type=float, default=300.0, help="most fine-tune seconds")
+    p.add_argument("--retrieval-tokens", type=int, default=16384, help="fine-tune tokens per step")
     p.add_argument("--speed-lengths", default="8192,16384,32768", help="compiled prefill timing ('' for none)")
     p.add_argument("--generate-lengths", default="8192,32768", help="whole generate() timing ('' for none)")
     p.add_argument("--attention-lengths", default="32768",
@@ -111,27 +131,42 @@ def smoke_model():
 
 
 class Models:
-    """The model at each RoPE scaling (``real_model.rope_factor`` of the length), loaded when first needed and
-    kept (each is 135M parameters), with the documents' token ids."""
+    """The model at each RoPE scaling (``real_model.rope_factor`` of the length), each a copy of one float32 load
+    (``real_model.load`` dequantizes the GGUF file once), in the bench's dtype, kept; and the documents' ids."""
 
     def __init__(self, args: argparse.Namespace, device: str) -> None:
         self.args, self.device, self.loaded = args, device, {}
         self.docs = [d for d in args.docs.split(",") if d]
         self.texts = {} if args.smoke else real_texts.load(args.texts)
         self.tokens: dict[str, torch.Tensor] = {}
+        self.tokenizer = None
+        self.base = None  # float32, unscaled RoPE
+        self.native = real_model.NATIVE_POSITIONS
+
+    def _base(self):
+        if self.base is None:
+            if self.args.smoke:
+                self.base = smoke_model().to(self.device)
+            else:
+                self.tokenizer, self.base = real_model.load(self.args.gguf, torch.float32, self.device)
+                self.native = real_model.native_positions(self.base)
+                self.tokens = {name: self.tokenizer(text, return_tensors="pt").input_ids[0]
+                               for name, text in self.texts.items()}
+        return self.base
+
+    def copy_for(self, length: int, dtype: torch.dtype):
+        """A fresh copy of the model in ``dtype`` with the RoPE scaling of ``length``."""
+        model = copy.deepcopy(self._base())
+        if not self.args.smoke:
+            real_model.scale_rope(model, real_model.rope_factor(length, self.native))
+        return model.to(dtype).eval()
 
     def at(self, length: int):
-        factor = 1.0 if self.args.smoke else real_model.rope_factor(length)
+        self._base()
+        factor = 1.0 if self.args.smoke else real_model.rope_factor(length, self.native)
         if factor not in self.loaded:
-            if self.args.smoke:
-                self.loaded[factor] = smoke_model()
-            else:
-                dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-                tokenizer, model = real_model.load(self.args.gguf, dtype, self.device, length)
-                self.loaded[factor] = model
-                if not self.tokens:
-                    self.tokens = {name: tokenizer(text, return_tensors="pt").input_ids[0]
-                                   for name, text in self.texts.items()}
+            dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+            self.loaded[factor] = self.copy_for(length, dtype)
         return self.loaded[factor]
 
     def prompt(self, doc: str, length: int) -> torch.Tensor:
@@ -139,16 +174,31 @@ class Models:
         if self.args.smoke:
             g = torch.Generator().manual_seed(hash(doc) % 1000 + length)
             return torch.randint(1, 128, (1, length), generator=g)
+        self._base()
         ids = self.tokens[doc]
         if ids.numel() < length:
             raise ValueError(f"{doc} has {ids.numel()} tokens, fewer than {length}")
         return ids[None, :length].to(self.device)
 
-    def calibration_samples(self, count: int, pcl: int) -> list[torch.Tensor]:
+    def calibration_samples(self, count: int, length: int, doc: str = CALIBRATION_DOC) -> list[torch.Tensor]:
+        """Up to ``count`` samples of ``length`` tokens of ``doc`` past ``CALIBRATION_OFFSET`` (as many as fit)."""
         if self.args.smoke:
-            return [torch.randint(1, 128, (1, pcl), generator=torch.Generator().manual_seed(i)) for i in range(count)]
-        ids = self.tokens[CALIBRATION_DOC][CALIBRATION_OFFSET:]
-        return [ids[None, i * pcl:(i + 1) * pcl].to(self.device) for i in range(count)]
+            return [torch.randint(1, 128, (1, length), generator=torch.Generator().manual_seed(i + hash(doc) % 97))
+                    for i in range(count)]
+        self._base()
+        ids = self.tokens[doc][CALIBRATION_OFFSET:]
+        return [ids[None, i * length:(i + 1) * length].to(self.device) for i in range(min(count, len(ids) // length))]
+
+    def prompt_maker(self) -> real_retrieval.PromptMaker:
+        """Retrieval prompts on the documents' ids: training filler from each document's second half, evaluation
+        filler from its first."""
+        self._base()
+        if self.args.smoke:
+            pool = torch.randint(8, 128, (8192,), generator=torch.Generator().manual_seed(1))
+            return real_retrieval.PromptMaker(lambda text: [4 + ord(c) % 120 for c in text], pool[4096:], pool[:4096])
+        halves = [(ids[:ids.numel() // 2], ids[ids.numel() // 2:]) for ids in self.tokens.values()]
+        return real_retrieval.PromptMaker(lambda text: self.tokenizer(text, add_special_tokens=False).input_ids,
+                                          torch.cat([h[1] for h in halves]), torch.cat([h[0] for h in halves]))
 
 
 # ---- one variant on one prompt -------------------------------------------------------------------------------
@@ -177,10 +227,13 @@ def score_variant(model, mode, ids: torch.Tensor, ref, new_tokens: int) -> dict:
 
 
 def evaluate_length(models: Models, length: int, variants: list[str], args: argparse.Namespace, kernel: str,
-                    profile, log) -> tuple[list[dict], list[dict]]:
-    """Every variant on every document at ``length``: ``(rows, per-layer records of the default)``."""
+                    profiles: dict, log) -> tuple[list[dict], list[dict]]:
+    """Every variant on every document at ``length`` (``dam-calibrated`` once per profile of ``profiles``, label
+    -> profile): ``(rows, per-layer records of the default and the calibrated profiles)``."""
     model = models.at(length)
     block = SMOKE_BLOCK if args.smoke else DAMConfig().block_size
+    runs = [(label, "dam-calibrated", profile) for label, profile in profiles.items()]
+    runs = [r for name in variants for r in (runs if name == "dam-calibrated" else [(name, name, None)])]
     rows, layers = [], []
     for doc_index, doc in enumerate(models.docs):
         ids = models.prompt(doc, length)
@@ -188,15 +241,13 @@ def evaluate_length(models: Models, length: int, variants: list[str], args: argp
         ref = reference(model, ids, args.new_tokens)
         full = compare(ref.log_probs, ref)
         matched = None
-        for name in variants:
-            if name == "dam-calibrated" and profile is None:
-                continue
+        for label, name, profile in runs:
             if name in BASELINES and matched is None:
                 continue  # needs the default's densities on this prompt
-            mode = mode_for(name, model, kernel, matched, profile, block,
-                            measure_recall=name in RECALL_VARIANTS and doc_index == 0)
+            measure = name in RECALL_VARIANTS and doc_index == 0
+            mode = mode_for(name, model, kernel, matched, profile, block, measure_recall=measure)
             row = full if mode is None else score_variant(model, mode, ids, ref, args.new_tokens)
-            row = dict(row, variant=name, length=length, doc=doc, ppl_full=full["ppl"],
+            row = dict(row, variant=label, length=length, doc=doc, ppl_full=full["ppl"],
                        ppl_ratio=row["ppl"] / full["ppl"])
             if name == "full":
                 row.update(density=1.0, density_decode=1.0, generate_agree_tokens=args.new_tokens,
@@ -205,14 +256,46 @@ def evaluate_length(models: Models, length: int, variants: list[str], args: argp
                 row.update(density=matched[0], density_decode=matched[1])
             if name == "dam-default":
                 matched = (row["density"], row["density_decode"])
-            if name in RECALL_VARIANTS and doc_index == 0:
-                layers += [dict(r, variant=name, length=length, doc=doc) for r in mode.per_layer()]
+            if measure:
+                layers += [dict(r, variant=label, length=length, doc=doc) for r in mode.per_layer()]
             rows.append(row)
-            log(f"{length:>6} {doc:<5} {name:<16} ppl {row['ppl']:8.3f} (x{row['ppl_ratio']:.4f}) "
+            log(f"{length:>6} {doc:<5} {label:<16} ppl {row['ppl']:8.3f} (x{row['ppl_ratio']:.4f}) "
                 f"kl {row['kl']:.4f} top1 {row['top1']:.4f} density {row.get('density', 1.0):.3f} "
                 f"gen {row['generate_agree_tokens']}/{args.new_tokens}")
         log(f"{length} {doc}: {time.perf_counter() - start:.0f} s")
     return rows, layers
+
+
+def calibration_settings(text: str, pcl: int) -> dict[str, tuple[int, float | None]]:
+    """label -> ``(pcl, min_recall)``: the paper's setting (``dam-calibrated``: ``pcl``, every head calibrated)
+    and each ``PCL:MIN_RECALL`` of ``--calibrations``."""
+    settings = {"dam-calibrated": (pcl, None)}
+    for item in filter(None, text.split(",")):
+        size, _, recall = item.partition(":")
+        r = None if recall.lower() in ("", "none") else float(recall)
+        settings[f"dam-calibrated-pcl{int(size)}" + ("" if r is None else f"-recall{r:g}")] = (int(size), r)
+    return settings
+
+
+def calibrated_profiles(models: Models, model, args: argparse.Namespace, log) -> tuple[dict, dict]:
+    """``(label -> DAMProfile, label -> record)`` for every calibration setting: captured on
+    ``--calibration-samples`` samples of the calibration document past the evaluated prompts; a setting with a
+    ``min_recall`` checks each head on ``HOLDOUT_SAMPLES`` samples of ``--holdout-len`` tokens of another
+    document and runs the heads below it dynamic."""
+    profiles, records = {}, {}
+    holdout = models.calibration_samples(HOLDOUT_SAMPLES, args.holdout_len, HOLDOUT_DOC)
+    for label, (pcl, recall) in calibration_settings(args.calibrations, args.pcl).items():
+        start = time.perf_counter()
+        samples = models.calibration_samples(args.calibration_samples, pcl)
+        profile = dam_compile.calibrate(model, samples, pcl=pcl, min_recall=recall, holdout=holdout,
+                                        holdout_len=args.holdout_len, progress=False)
+        profiles[label] = profile
+        records[label] = {"pcl": pcl, "min_recall": recall, "samples": len(samples),
+                          "holdout_samples": len(holdout) if recall else 0,
+                          "dynamic_heads": profile.dynamic_summary()["dynamic_head_count"],
+                          "seconds": round(time.perf_counter() - start, 1)}
+        log(f"calibrated {label}: {records[label]}")
+    return profiles, records
 
 
 # ---- speed ---------------------------------------------------------------------------------------------------
@@ -240,6 +323,49 @@ def speed_part(models: Models, args: argparse.Namespace, log) -> list[dict]:
     return [dict(rows[n], rope=rope) for n in sorted(rows)]
 
 
+# ---- retrieval ---------------------------------------------------------------------------------------------
+
+def retrieval_part(models: Models, args: argparse.Namespace, kernel: str, log) -> dict:
+    """Fine-tune a float32 copy for retrieval (``real_retrieval.fine_tune``: full attention >= 95% at every
+    length first), then score full attention, the bf16 floor, the default and StreamingLLM at the default's
+    density through ``generate()`` at each of ``--retrieval-lengths``, on the fine-tuned model in the bench's
+    dtype."""
+    lengths = int_list(args.retrieval_lengths)
+    maker = models.prompt_maker()
+    model = models.copy_for(max(lengths), torch.float32)
+    shorter = [n for n in (1024, 2048, 4096) if n < min(lengths)]
+    plan = real_retrieval.TrainingPlan(lengths=tuple(shorter + lengths), max_steps=args.retrieval_steps,
+                                       seconds=args.retrieval_seconds, tokens_per_step=args.retrieval_tokens)
+    training = real_retrieval.fine_tune(model, maker, lengths, plan, log)
+    model = model.to(torch.bfloat16 if models.device == "cuda" else torch.float32)
+    block = SMOKE_BLOCK if args.smoke else DAMConfig().block_size
+    rows = []
+    for length in lengths:
+        batch = max(1, EVAL_BATCH_TOKENS // length)
+        for task in real_retrieval.TASKS:
+            samples = maker.held_out(task, length, args.retrieval_samples)
+            matched = None
+            for name in RETRIEVAL_VARIANTS:
+                start = time.perf_counter()
+                mode = mode_for(name, model, kernel, matched, None, block, measure_recall=False)
+                with mode or contextlib.nullcontext():
+                    hits = real_retrieval.generate_accuracy(model, samples, batch)
+                row = {"task": task, "length": length, "variant": name, "samples": len(hits), "correct": sum(hits),
+                       "accuracy": round(100 * sum(hits) / len(hits), 2),
+                       "interval95": real_retrieval.wilson_interval(sum(hits), len(hits))}
+                if isinstance(mode, PlanAttention):
+                    row.update(density=round(mode.prefill_density(), 4), density_decode=round(mode.decode_density(), 4))
+                if name == "dam-default":
+                    matched = (row["density"], row["density_decode"])
+                if name in BASELINES:
+                    row.update(density=round(matched[0], 4), density_decode=round(matched[1], 4))
+                rows.append(row)
+                log(f"retrieval {task} {length} {name}: {row['accuracy']:.1f}% ({row['correct']}/{row['samples']}) "
+                    f"density {row.get('density', 1.0):.3f}, {time.perf_counter() - start:.0f} s")
+    del model
+    return {"training": training, "rows": rows}
+
+
 # ---- summary ---------------------------------------------------------------------------------------------------
 
 def pooled(rows: list[dict], variant: str, length: int) -> dict | None:
@@ -257,29 +383,52 @@ def pooled(rows: list[dict], variant: str, length: int) -> dict | None:
             "generate_agree": mean(r["generate_agree_tokens"] for r in got)}
 
 
-def summarize(rows: list[dict], speed: list[dict]) -> dict:
+def native_lengths(rope: dict) -> set[int]:
+    """The lengths the model ran at its own positions (no RoPE scaling): where perplexity ratios mean fidelity."""
+    return {int(n) for n, v in rope.items() if v["rope_parameters"].get("rope_type", "default") == "default"}
+
+
+def summarize(rows: list[dict], speed: list[dict], rope: dict | None = None,
+              retrieval: dict | None = None) -> dict:
+    """The headline: KL and top-1 gap to the bf16 floor (``dense-op``, same run) at every length first, then
+    generate() agreement relative to the floor's own, perplexity ratios only at native lengths, speed,
+    retrieval and the calibrated profiles."""
     summary, notes = {}, {}
+    native = native_lengths(rope) if rope else {r["length"] for r in rows}  # no RoPE record: taken as native
 
     def put(field: str, value, why: str) -> None:
         summary[field] = None if value is None else round(value, 5)
         if value is None:
             notes[field] = why
 
-    for length in HEADLINE:
+    for length in (4096, 8192, 16384, 32768):
         tag = f"{length // 1024}k"
         default, floor = pooled(rows, "dam-default", length), pooled(rows, "dense-op", length)
         missing = f"no dam-default rows at {length}"
-        put(f"real_ppl_ratio_{tag}", default and default["ppl_ratio"], missing)
-        put(f"real_top1_gap_{tag}", default and floor and floor["top1"] - default["top1"],
-            missing if not default else f"no dense-op rows at {length}")
+        no_floor = missing if not default else f"no dense-op rows at {length}"
         put(f"real_kl_{tag}", default and default["kl"], missing)
+        put(f"real_top1_gap_{tag}", default and floor and floor["top1"] - default["top1"], no_floor)
+        put(f"real_generate_agree_vs_floor_{tag}",
+            default and floor and floor["generate_agree"] and default["generate_agree"] / floor["generate_agree"],
+            no_floor)
         put(f"real_density_{tag}", default and default["density"], missing)
-    margins = []
+        if length in HEADLINE:
+            scaled = default and length not in native
+            put(f"real_ppl_ratio_{tag}", None if scaled else default and default["ppl_ratio"],
+                f"{length} tokens are past the model's native positions (RoPE scaled): full attention's own "
+                f"perplexity rises there, so the ratio is no fidelity measure; see real_kl_{tag} and "
+                f"real_top1_gap_{tag}" if scaled else missing)
+    margins, kl_margins = [], []
     for length in sorted({r["length"] for r in rows}):
         default, streaming = pooled(rows, "dam-default", length), pooled(rows, "streaming", length)
         if default and streaming:
-            margins.append(streaming["ppl_ratio"] - default["ppl_ratio"])
-    put("real_min_margin_over_streaming", min(margins) if margins else None, "no streaming rows beside the default")
+            kl_margins.append(streaming["kl"] - default["kl"])
+            if length in native:
+                margins.append(streaming["ppl_ratio"] - default["ppl_ratio"])
+    put("real_min_margin_over_streaming", min(margins) if margins else None,
+        "no streaming rows beside the default at a native length")
+    put("real_min_kl_margin_over_streaming", min(kl_margins) if kl_margins else None,
+        "no streaming rows beside the default")
     at = {s["length"]: s for s in speed}
     for length in (8192, 16384, 32768):
         tag, row = f"{length // 1024}k", at.get(length, {})
@@ -299,10 +448,19 @@ def summarize(rows: list[dict], speed: list[dict]) -> dict:
     put("real_attention_speedup_32k", attention.get("speedup_kernel"), why)
     put("real_attention_with_plan_speedup_32k", attention.get("speedup_with_plan"), why)
     put("real_attention_vs_flex_32k", attention.get("vs_flex"), why)
-    put("real_retrieval_max_gap", None,
-        "the retrieval fine-tune of SmolLM2 (issue 32, item 2) has not run yet")
+    got = (retrieval or {}).get("rows", [])
+    accuracy = {(r["task"], r["length"], r["variant"]): r["accuracy"] for r in got}
+    gaps = [accuracy[(t, n, "full")] - a for (t, n, v), a in accuracy.items() if v == "dam-default"]
+    put("real_retrieval_max_gap", max(gaps) if gaps else None, "the retrieval part (--retrieval-lengths) did not run")
+    put("real_retrieval_min_full", min((a for (t, n, v), a in accuracy.items() if v == "full"), default=None),
+        "the retrieval part (--retrieval-lengths) did not run")
     calibrated = pooled(rows, "dam-calibrated", 8192)
     put("real_calibrated_ppl_ratio_8k", calibrated and calibrated["ppl_ratio"], "no dam-calibrated rows at 8192")
+    profiles = [p for v in dict.fromkeys(r["variant"] for r in rows) if v.startswith("dam-calibrated")
+                and (p := pooled(rows, v, 8192))]
+    best = min(profiles, key=lambda p: p["kl"], default=None)
+    put("real_calibrated_best_kl_8k", best and best["kl"], "no dam-calibrated rows at 8192")
+    put("real_calibrated_best_density_8k", best and best["density"], "no dam-calibrated rows at 8192")
     summary["notes"] = notes
     return summary
 
@@ -352,7 +510,7 @@ def run(args: argparse.Namespace) -> dict:
     out_path = None if args.smoke and args.out is None else result_path("real", False, args.out)
     result = {**run_metadata("real"), "transformers": __import__("transformers").__version__,
               "model": "tiny random Llama (smoke)" if args.smoke else
-              f"SmolLM2-135M-Instruct (Q4_1 GGUF, {'bf16' if device == 'cuda' else 'float32'})",
+              real_model.title(args.gguf, "bf16" if device == "cuda" else "float32"),
               "texts": {} if args.smoke else real_texts.manifest(args.texts),
               "options": {name: DAM_VARIANTS[name] for name in variants if name in DAM_VARIANTS},
               "defaults": DAMConfig().describe(), "new_tokens": args.new_tokens, "rows": [], "layers": [], "speed": [],
@@ -360,21 +518,23 @@ def run(args: argparse.Namespace) -> dict:
     result["defaults"].pop("profile", None)
 
     def save() -> None:
-        result["summary"] = summarize(result["rows"], result["speed"])
+        result["summary"] = summarize(result["rows"], result["speed"], result["rope"], result.get("retrieval"))
         if out_path is not None:
             write_result(result, "real", False, out_path)
             plot(result["rows"], out_path.with_suffix(".png"))
 
-    profile = None
+    profiles = None
     for length in int_list(args.lengths):
         model = models.at(length)
         result["rope"][str(length)] = real_model.rope_description(model)
-        if "dam-calibrated" in variants and profile is None:
-            samples = models.calibration_samples(args.calibration_samples, args.pcl)
-            profile = dam_compile.calibrate(model, samples, pcl=args.pcl, min_recall=None, progress=False)
-        rows, layers = evaluate_length(models, length, variants, args, kernel, profile, log)
+        if "dam-calibrated" in variants and profiles is None:
+            profiles, result["calibrations"] = calibrated_profiles(models, model, args, log)
+        rows, layers = evaluate_length(models, length, variants, args, kernel, profiles or {}, log)
         result["rows"] += rows
         result["layers"] += layers
+        save()
+    if int_list(args.retrieval_lengths):
+        result["retrieval"] = retrieval_part(models, args, kernel, log)
         save()
     if device == "cuda":
         result["speed"] = speed_part(models, args, log)
@@ -405,8 +565,12 @@ def merge(parts: list[Path], out: Path | None) -> dict:
     result.update({f: loaded[0][f] for f in SAME_IN_PARTS},
                   options={k: v for part in loaded for k, v in part["options"].items()},
                   rope={k: v for part in loaded for k, v in part["rope"].items()},
-                  rows=list(rows.values()), layers=list(layers.values()), speed=list(speed.values()))
-    result["summary"] = summarize(result["rows"], result["speed"])
+                  rows=list(rows.values()), layers=list(layers.values()), speed=list(speed.values()),
+                  calibrations={k: v for part in loaded for k, v in part.get("calibrations", {}).items()})
+    retrieval = [part["retrieval"] for part in loaded if part.get("retrieval")]
+    if retrieval:
+        result["retrieval"] = retrieval[-1]
+    result["summary"] = summarize(result["rows"], result["speed"], result["rope"], result.get("retrieval"))
     path = write_result(result, "real", False, out or RESULTS / f"real_{gpu_tag(result['device'])}.json")
     plot(result["rows"], path.with_suffix(".png"))
     return result

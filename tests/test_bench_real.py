@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 import bench_real  # noqa: E402
 import readme_tables  # noqa: E402
 import real_model  # noqa: E402
+import real_retrieval  # noqa: E402
 import real_scores  # noqa: E402
 import real_texts  # noqa: E402
 
@@ -146,7 +147,11 @@ def test_smoke_runs_every_variant_through_generate(tmp_path):
     bench_real.main(["--smoke", "--docs", "news", "--out", str(out)])
     result = json.loads(out.read_text())
     variants = {r["variant"] for r in result["rows"]}
-    assert variants == set(bench_real.VARIANTS)
+    assert variants == set(bench_real.VARIANTS) | {"dam-calibrated-pcl64-recall0.5"}  # the smoke's --calibrations
+    assert set(result["calibrations"]) == {"dam-calibrated", "dam-calibrated-pcl64-recall0.5"}
+    retrieval = {(r["task"], r["length"], r["variant"]) for r in result["retrieval"]["rows"]}
+    assert retrieval == {(t, n, v) for t in ("passkey", "kv") for n in (256, 512) for v in bench_real.RETRIEVAL_VARIANTS}
+    assert result["retrieval"]["training"]["checks"][0]["step"] == 0  # the model as it ships, checked first
     by = {(r["variant"], r["length"], r["doc"]): r for r in result["rows"]}
     for (variant, length, doc), r in by.items():
         assert r["positions"] == length // 2 and 0 <= r["generate_agree_tokens"] <= 4
@@ -177,3 +182,41 @@ def test_the_real_model_loads_from_its_wheel_and_knows_paris(tmp_path_factory):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_retrieval_prompts_have_the_exact_length_and_their_fact():
+    pool = torch.arange(1000, 5000)
+    maker = real_retrieval.PromptMaker(lambda text: [ord(c) for c in text], pool[2000:], pool[:2000])
+    for task in real_retrieval.TASKS:
+        for depth in (0.0, 0.5, 1.0):
+            s = maker.sample(task, 1500, depth, seed=3)
+            assert s.prompt.numel() == 1500 and s.prompt.dtype == torch.int64
+            answer = "".join(chr(c) for c in s.answer.tolist())
+            text = "".join(chr(c) if c < 1000 else "_" for c in s.prompt.tolist())
+            assert answer.strip().isdigit() and answer.strip() in text  # the answer is in the context
+            assert text.rstrip("_").endswith(" is")  # the prompt ends in the question
+        held = maker.held_out(task, 1500, 5)
+        assert [round(h.depth, 3) for h in held] == [0.05, 0.275, 0.5, 0.725, 0.95]
+    with pytest.raises(ValueError, match="cannot be built"):
+        maker.sample("kv", 3000, 0.5, seed=0)
+
+
+def test_summary_leads_with_the_floor_and_drops_perplexity_past_native_positions():
+    rows = [row(v, n, nll, top1) | {"kl": kl, "generate_agree_tokens": agree}
+            for n in (8192, 32768) for v, nll, kl, top1, agree in
+            (("full", 2.0, 0.0, 1.0, 32), ("dense-op", 2.0, 0.001, 0.98, 16), ("dam-default", 2.01, 0.01, 0.96, 8))]
+    rope = {"8192": {"rope_parameters": {"rope_type": "default"}},
+            "32768": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}}
+    summary = bench_real.summarize(rows, [], rope)
+    assert summary["real_top1_gap_32k"] == pytest.approx(0.02) and summary["real_kl_32k"] == pytest.approx(0.01)
+    assert summary["real_generate_agree_vs_floor_32k"] == pytest.approx(0.5)
+    assert summary["real_ppl_ratio_8k"] == pytest.approx(math.exp(0.01), abs=1e-5)
+    assert summary["real_ppl_ratio_32k"] is None and "native positions" in summary["notes"]["real_ppl_ratio_32k"]
+
+
+def test_retrieval_gap_is_full_minus_default_per_task_and_length():
+    rows = [{"task": t, "length": n, "variant": v, "accuracy": a} for t, n, v, a in
+            (("passkey", 4096, "full", 100.0), ("passkey", 4096, "dam-default", 99.0),
+             ("kv", 8192, "full", 96.0), ("kv", 8192, "dam-default", 93.0))]
+    summary = bench_real.summarize([], [], retrieval={"rows": rows})
+    assert summary["real_retrieval_max_gap"] == pytest.approx(3.0) and summary["real_retrieval_min_full"] == 96.0

@@ -199,7 +199,23 @@ def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace, spec) 
             recall = ", ".join(f"{r:.2f}" for r in module.holdout_recall.tolist())
             print(f"  {name}: dynamic {dynamic_heads_text(module.dynamic_heads.nonzero().flatten().tolist())}; "
                   f"recall per head {recall}")
+    _print_answer_check(spec.model, profile, samples[-1][:, :args.holdout_len].to(device))
     return 0
+
+
+def _print_answer_check(model, profile, ids) -> None:
+    """The profile's next-token predictions against full attention's on the last sample, and a clear warning
+    when it would change the model's answers."""
+    from .answer_check import MAX_KL, MIN_TOP1, answer_check
+
+    check = answer_check(model, profile, ids)
+    print(f"answer check on the last sample ({ids.shape[1]} tokens, {check.positions} positions scored): "
+          f"KL(full || profile) {check.kl:.4f} nats per token, top-1 token unchanged at {check.top1:.3f}")
+    if check.loses_answers:
+        print(f"WARNING: this profile changes the model's answers (limits: KL <= {MAX_KL}, top-1 >= {MIN_TOP1}). "
+              "Use the default dynamic mask (no profile), or calibrate with --min-recall 0.9 or higher and check "
+              "again; on real pretrained models the paper's every-head profiles lose most of the attention "
+              "(README, 'On a real pretrained model').")
 
 
 def _read_samples(parser: argparse.ArgumentParser, path: Path) -> list:

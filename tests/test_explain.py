@@ -198,3 +198,31 @@ def test_dump_of_a_calibrated_model_draws_the_profile(tmp_path):
     links = resolved_links(tmp_path / "index.html")
     drawn = {p.relative_to(tmp_path).as_posix() for p in links}
     assert "masks/profile/model.layers.0.self_attn.png" in drawn and all(p.is_file() for p in links)
+
+
+def test_calibrate_command_warns_when_the_profile_changes_the_answers(tmp_path, capsys, monkeypatch):
+    from dam_compile import answer_check
+
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(map(str, torch.randint(1, 500, (96,), generator=g).tolist())) for _ in range(3)]
+    (tmp_path / "samples.txt").write_text("\n".join(lines) + "\n")
+    args = ["calibrate", "tiny-llama", "--samples", str(tmp_path / "samples.txt"), "--pcl", "16", "--min-recall",
+            "none", "--out", str(tmp_path / "p.safetensors"), "--device", "cpu"]
+    monkeypatch.setattr(answer_check, "MAX_KL", -1.0)  # any change at all counts: the warning must appear
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "answer check on the last sample (96 tokens, 48 positions scored)" in out and "WARNING" in out
+
+
+def test_answer_check_of_a_profile_that_keeps_every_key_is_full_attention():
+    from dam_compile.answer_check import answer_check
+
+    model = build("llama")
+    ids = ids_for("llama", n=256)
+    profile = dam_compile.calibrate(model, [ids], pcl=16, min_recall=None, progress=False)
+    check = answer_check(model, profile, ids, dense_layers=len(profile.modules))  # every layer dense: exact
+    assert check.kl == pytest.approx(0.0, abs=1e-6) and check.top1 == 1.0 and not check.loses_answers
+    sparse = answer_check(model, profile, ids, dense_layers=0)  # PCL 16 patterns over 256 tokens drop keys
+    assert sparse.kl > 1e-6 and sparse.positions == 128
+    with pytest.raises(ValueError, match="input_ids"):
+        answer_check(model, profile, ids[0])

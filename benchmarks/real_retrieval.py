@@ -21,6 +21,7 @@ depths, in the model's bf16 as a user runs it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ class PromptMaker:
         codes = [digits] + ["".join(str(d) for d in torch.randint(10, (5,), generator=g).tolist())
                             for _ in words[1:]]
         facts = [self.encode(f" The code for {w} is {c}.") for w, c in zip(words, codes)]
-        return facts, self.encode(f" What is the code for {words[0]}? The code for {words[0]} is"), self.encode(" " + digits)
+        question = self.encode(f" What is the code for {words[0]}? The code for {words[0]} is")
+        return facts, question, self.encode(" " + digits)
 
     def sample(self, task: str, length: int, depth: float, seed: int, split: str = "eval") -> RetrievalSample:
         """A prompt of exactly ``length`` tokens whose asked fact sits at ``depth`` of the filler (the other facts
@@ -108,8 +110,8 @@ class PromptMaker:
 
     def held_out(self, task: str, length: int, count: int) -> list[RetrievalSample]:
         """``count`` evaluation prompts, the asked fact at evenly spread depths (5% to 95%)."""
-        return [self.sample(task, length, 0.05 + 0.9 * i / max(1, count - 1), seed=length * 1000 + i + 7919 * (task == "kv"))
-                for i in range(count)]
+        return [self.sample(task, length, 0.05 + 0.9 * i / max(1, count - 1),
+                            seed=length * 1000 + i + 7919 * (task == "kv")) for i in range(count)]
 
 
 # ---- the fine-tune ---------------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def teacher_forced_accuracy(model, samples: list[RetrievalSample], batch: int) -
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    """bf16 autocast on CUDA; the CPU runs float32 as it is."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def fine_tune(model, maker: PromptMaker, eval_lengths: list[int], plan: TrainingPlan, log) -> dict:
@@ -163,7 +166,8 @@ def fine_tune(model, maker: PromptMaker, eval_lengths: list[int], plan: Training
         accuracy = {f"{t}@{n}": teacher_forced_accuracy(model, s, batch=max(1, plan.tokens_per_step // n))
                     for (t, n), s in checks.items()}
         record["checks"].append({"step": step, "seconds": round(time.monotonic() - start, 1), **accuracy})
-        log(f"retrieval fine-tune step {step}: full attention " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+        log(f"retrieval fine-tune step {step}: full attention "
+            + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
         record["reached"] = min(accuracy.values()) >= TARGET_ACCURACY
         model.train()
         return record["reached"]

@@ -150,7 +150,8 @@ def test_smoke_runs_every_variant_through_generate(tmp_path):
     assert variants == set(bench_real.VARIANTS) | {"dam-calibrated-pcl64-recall0.5"}  # the smoke's --calibrations
     assert set(result["calibrations"]) == {"dam-calibrated", "dam-calibrated-pcl64-recall0.5"}
     retrieval = {(r["task"], r["length"], r["variant"]) for r in result["retrieval"]["rows"]}
-    assert retrieval == {(t, n, v) for t in ("passkey", "kv") for n in (256, 512) for v in bench_real.RETRIEVAL_VARIANTS}
+    assert retrieval == {(t, n, v) for t in ("passkey", "kv") for n in (256, 512)
+                         for v in bench_real.RETRIEVAL_VARIANTS}
     assert result["retrieval"]["training"]["checks"][0]["step"] == 0  # the model as it ships, checked first
     by = {(r["variant"], r["length"], r["doc"]): r for r in result["rows"]}
     for (variant, length, doc), r in by.items():

@@ -499,13 +499,17 @@ def score_sample(model, variant: Variant, sample: ft.Sample, device: str, scores
 
 def measured(stats: PlanStats, variant: Variant) -> tuple[float, float]:
     """Mean density of one generate()'s prefill and decode calls of our op (full attention: 1.0). A sparse
-    variant whose prefill or decode never reached the op would be full attention under another name: refused."""
+    variant whose prefill or decode never reached the op would be full attention under another name: refused.
+    The first ``dense_layers`` layers' decode steps stay the model's SDPA call (decided when compiled: no op
+    call to record), so they are counted here at 1.0, as their prefill calls are by the op."""
     if variant.name == "full":
         return 1.0, 1.0
     if not stats.prefill or not stats.decode:
         raise RuntimeError(f"{variant.label}: generate() made {len(stats.prefill)} prefill and {len(stats.decode)} "
                            "decode calls of dam::sparse_attention; every attention call should reach it")
-    return mean(stats.prefill), mean(stats.decode)
+    layers, dense = len(stats.prefill), DAMConfig().dense_layers  # one prefill: one call per layer
+    steps = len(stats.decode) // max(1, layers - dense)
+    return mean(stats.prefill), (sum(stats.decode) + dense * steps) / (layers * steps)
 
 
 def attention_for(model, variant: Variant, length: int, index: int, args: argparse.Namespace, device: str):

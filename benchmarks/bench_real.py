@@ -103,11 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generate-lengths", default="8192,32768", help="whole generate() timing ('' for none)")
     p.add_argument("--attention-lengths", default="32768",
                    help="attention alone on the model's own Q/K/V ('' for none)")
-    p.add_argument("--speed-backends", default=",".join(real_speed.BACKENDS),
+    p.add_argument("--speed-backends", default=",".join(real_speed.DEFAULT_BACKENDS),
                    help="of " + ", ".join(real_speed.BACKENDS))
     p.add_argument("--speed-seconds", type=float, default=float("inf"),
                    help="start no speed piece after this many seconds of the speed part (a device call's limit)")
     p.add_argument("--timing-runs", type=int, default=5)
+    p.add_argument("--no-long-answer", action="store_true",
+                   help=f"skip the generate() of {real_speed.LONG_ANSWER} tokens (a device call's time)")
     p.add_argument("--smoke", action="store_true", help="CPU pipeline check: tiny random Llama, no claims")
     p.add_argument("--out", type=Path)
     p.add_argument("--merge", nargs="+", type=Path, metavar="PART",
@@ -316,7 +318,7 @@ def speed_part(models: Models, args: argparse.Namespace, log) -> list[dict]:
     prompts = {n: models.prompt(models.docs[0], n) for n in lengths}
     deadline = time.monotonic() + args.speed_seconds
     rows = real_speed.end_to_end(model, prompts, prefill, gen, args.speed_backends.split(","), args.timing_runs,
-                                 args.new_tokens, deadline, log)
+                                 args.new_tokens, deadline, log, long_answer=not args.no_long_answer)
     for n in attention:
         row = rows.setdefault(n, {"length": n})
         if time.monotonic() > deadline:
@@ -435,17 +437,21 @@ def summarize(rows: list[dict], speed: list[dict], rope: dict | None = None,
     at = {s["length"]: s for s in speed}
     for length in (8192, 16384, 32768):
         tag, row = f"{length // 1024}k", at.get(length, {})
-        for field, prefix, what in (("prefill", "", "our prefill and the dense paths"),
-                                    ("generate", "generate_", "generate()")):
-            put(f"real_{field}_speedup_{tag}", row.get(f"{prefix}speedup"),
-                f"the speed part did not time {what} at {length}")
-            timed = [k for k in ("eager", "inductor") if f"{prefix}{k}_ms" in row]
+        for field, prefix, what in (("prefill", "", "our prefill (no attention_mask) and the dense paths"),
+                                    ("prefill", "masked_", "our prefill with attention_mask=ones and the dense paths"),
+                                    ("generate", "generate_", "generate()"),
+                                    ("generate256", "generate256_", f"generate() of {real_speed.LONG_ANSWER} tokens")):
+            name = f"real_{field}_speedup_{'masked_' if prefix == 'masked_' else ''}{tag}"
+            put(name, row.get(f"{prefix}speedup"), f"the speed part did not time {what} at {length}")
+            timed = [k for k in real_speed.DENSE if f"{prefix}{k}_ms" in row]
             missing = [k for k in ("eager", "inductor") if k not in timed]
             if row.get(f"{prefix}speedup") is not None and timed and missing:
                 skipped = any(f"{prefix}{k}_ms" in row.get("skipped", []) for k in missing)
                 why = "skipped: the device call ran out of time" if skipped else "failed or not run"
-                notes[f"real_{field}_speedup_{tag}"] = (f"against {' and '.join(timed)} only: "
-                                                       f"{' and '.join(missing)} not timed at {length} ({why})")
+                notes[name] = f"against {' and '.join(timed)} only: {' and '.join(missing)} not timed at {length} ({why})"
+        for key, mode in (("token_ratio", "default"), ("token_ratio_ro", "reduce-overhead")):
+            put(f"real_{key.replace('token_ratio', 'token_ms_ratio')}_{tag}", row.get(key),
+                f"per-token times of ours and Inductor in the {mode} compile mode not both measured at {length}")
     attention = at.get(32768, {}).get("attention", {})
     why = "the attention-only part did not run at 32768"
     put("real_attention_speedup_32k", attention.get("speedup_kernel"), why)

@@ -14,13 +14,13 @@ from bench_common import synced_wall_ms
 
 
 @contextlib.contextmanager
-def compiled_forward(model, options: dict | None) -> Iterator[None]:
+def compiled_forward(model, options: dict | None, mode: str | None = None) -> Iterator[None]:
     """``model.forward`` compiled with the ``dam`` backend (``None``: with Inductor), once for every length
-    (``dynamic=True``); ``generate()`` then runs it for the prefill and every decode step. Dynamo's caches are
-    reset before and after, so no graph of another variant is reused."""
+    (``dynamic=True``), in ``torch.compile``'s ``mode``; ``generate()`` then runs it for the prefill and every
+    decode step. Dynamo's caches are reset before and after, so no graph of another variant is reused."""
     torch._dynamo.reset()
     backend = "inductor" if options is None else dam_compile.backend(**options)
-    model.forward = torch.compile(model.forward, backend=backend, dynamic=True)
+    model.forward = torch.compile(model.forward, backend=backend, dynamic=True, mode=mode)
     try:
         yield
     finally:
@@ -29,10 +29,13 @@ def compiled_forward(model, options: dict | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def prefill_ms(model, ids: torch.Tensor, runs: int) -> float:
+def prefill_ms(model, ids: torch.Tensor, runs: int, masked: bool = False) -> float:
     """Median milliseconds of one prefill (``use_cache=False``, ``logits_to_keep=1``: what the first token
-    needs) after two warmup calls (compiles included there)."""
-    return median(synced_wall_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), runs, warmups=2))
+    needs) after two warmup calls (compiles included there); ``masked``: with ``attention_mask=ones``, as
+    ``generate()`` and most user code call the model."""
+    mask = {"attention_mask": torch.ones_like(ids)} if masked else {}
+    return median(synced_wall_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1, **mask), runs,
+                                 warmups=2))
 
 
 def dense_baselines(model, prompts: dict[int, torch.Tensor], runs: int) -> dict[int, dict]:

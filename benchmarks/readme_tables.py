@@ -454,6 +454,13 @@ REAL_TARGETS = {  # ../shared/RESULTS.md, section real; issue 39: KL and top-1 g
     "real_generate_speedup_8k": "reported",
     "real_generate_speedup_16k": "reported",
     "real_generate_speedup_32k": "> 1.0 (issue 38)",
+    "real_prefill_speedup_masked_8k": ">= 1.0 (with attention_mask, as generate() calls it)",
+    "real_prefill_speedup_masked_32k": ">= real_prefill_speedup_32k - 3%",
+    "real_token_ms_ratio_8k": "<= 1.0 (ours / Inductor per generated token)",
+    "real_token_ms_ratio_32k": "<= 1.0",
+    "real_token_ms_ratio_ro_8k": "<= 1.0 (both with mode='reduce-overhead')",
+    "real_generate256_speedup_8k": ">= 1.0",
+    "real_generate256_speedup_32k": ">= 1.3",
     "real_attention_speedup_32k": ">= 2.0 (issue 38)",
     "real_attention_with_plan_speedup_32k": "reported",
     "real_attention_vs_flex_32k": "reported",
@@ -565,29 +572,51 @@ def real_retrieval_table(retrieval: dict | None) -> list[str]:
 
 
 def real_speed_table(speed: list[dict]) -> list[str]:
-    """The real model's compiled prefill and generate() against eager and Inductor, and attention alone on its own
-    Q/K/V (``benchmarks/real_speed.py``)."""
+    """The real model's compiled prefill (with and without ``attention_mask``), time per generated token and
+    whole ``generate()`` against eager and Inductor, and attention alone on its own Q/K/V
+    (``benchmarks/real_speed.py``). Files from before issue 43 timed prefill without the mask only."""
     if not speed:
         return []
     rope = speed[0].get("rope", {}).get("rope_parameters", {})
-    lines = ["", f"Speed (median ms, bf16, batch 1; every length on the model with "
-                 f"{rope.get('rope_type', 'default')} RoPE x{rope.get('factor', 1):g}; `logits_to_keep=1` prefill; "
-                 f"generate() = prefill + 32 greedy tokens):",
+    lines = ["", f"Prefill (median ms, bf16, batch 1; every length on the model with "
+                 f"{rope.get('rope_type', 'default')} RoPE x{rope.get('factor', 1):g}; `logits_to_keep=1`). "
+                 "With `attention_mask=ones` is how `generate()` and most user code call the model:",
              "",
-             "| length | eager prefill | Inductor prefill | ours (default) | vs best dense | our attention calls (2 "
-             "warm-up and the timed prefills) "
-             "| eager generate() | Inductor generate() | ours generate() | vs best dense |",
+             "| length | eager, with mask | Inductor, with mask | ours, with mask | vs best dense | eager, no mask | "
+             "Inductor, no mask | ours, no mask | vs best dense | our attention calls (2 warm-up and the timed "
+             "prefills with the mask) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in speed:
-        def cell(key: str) -> str:
-            return _ms(r.get(key)) if key in r else ("OOM" if key.replace("_ms", "_error") in r else "-")
 
-        ratio = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
-        lines.append(f"| {_tokens(r['length'])} | {cell('eager_ms')} | {cell('inductor_ms')} | "
-                     f"{cell('dam_default_ms')} | {ratio('speedup')} | {_paths(r.get('dam_paths'))} | "
-                     f"{cell('generate_eager_ms')} | {cell('generate_inductor_ms')} | "
-                     f"{cell('generate_dam_default_ms')} "
-                     f"| {ratio('generate_speedup')} |")
+    def cell(r: dict, key: str) -> str:
+        return _ms(r.get(key)) if key in r else ("OOM" if key.replace("_ms", "_error") in r else "-")
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}x" if key in r else "-"
+
+    for r in speed:
+        paths = r.get("dam_default_paths", r.get("dam_paths"))
+        lines.append(f"| {_tokens(r['length'])} | {cell(r, 'masked_eager_ms')} | {cell(r, 'masked_inductor_ms')} | "
+                     f"{cell(r, 'masked_dam_default_ms')} | {ratio(r, 'masked_speedup')} | {cell(r, 'eager_ms')} | "
+                     f"{cell(r, 'inductor_ms')} | {cell(r, 'dam_default_ms')} | {ratio(r, 'speedup')} | "
+                     f"{_paths(paths)} |")
+    if any("generate_dam_default_ms" in r for r in speed):
+        lines += ["", "Whole `generate()` (greedy, the default cache, `attention_mask=ones`; ms) and the time of one "
+                      "generated token ((generate of 32 - generate of 1) / 31); `-ro`: `mode=\"reduce-overhead\"`:",
+                  "", "| length | per token: eager | Inductor | ours | ours / Inductor | Inductor-ro | ours-ro | "
+                      "ours-ro / Inductor-ro | 32 tokens: eager | Inductor | ours | vs best dense | 256 tokens: eager "
+                      "| Inductor | ours | vs best dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in speed:
+            if "generate_dam_default_ms" not in r:
+                continue
+            lines.append(
+                f"| {_tokens(r['length'])} | {cell(r, 'token_eager_ms')} | {cell(r, 'token_inductor_ms')} | "
+                f"{cell(r, 'token_dam_default_ms')} | {ratio(r, 'token_ratio')} | {cell(r, 'token_inductor_ro_ms')} | "
+                f"{cell(r, 'token_dam_ro_ms')} | {ratio(r, 'token_ratio_ro')} | {cell(r, 'generate_eager_ms')} | "
+                f"{cell(r, 'generate_inductor_ms')} | {cell(r, 'generate_dam_default_ms')} | "
+                f"{ratio(r, 'generate_speedup')} | {cell(r, 'generate256_eager_ms')} | "
+                f"{cell(r, 'generate256_inductor_ms')} | {cell(r, 'generate256_dam_default_ms')} | "
+                f"{ratio(r, 'generate256_speedup')} |")
     for r in speed:
         a = r.get("attention")
         if a:

@@ -1,16 +1,21 @@
 """The real-model bench's speed part: what a user of ``torch.compile(model.forward, backend="dam")`` gets on
-SmolLM2, against eager HF (SDPA) and Inductor, in one run on one GPU (issue 38).
+SmolLM2, against eager HF (SDPA) and Inductor, in one run on one GPU (issues 38 and 43).
 
 - ``prefill``: median milliseconds of one prefill (``logits_to_keep=1``), every backend compiled once with
-  ``dynamic=True``; for ours, which path each attention call took (``dam_compile.runtime_stats``: sparse, or dense
-  below the measured crossover);
-- ``generate``: the whole greedy ``generate()`` (prefill and ``new_tokens`` decode steps, the default cache);
+  ``dynamic=True``, called the way ``generate()`` calls it (``masked_<backend>_ms``: with
+  ``attention_mask=ones``) and without the mask (``<backend>_ms``, the earlier files' rows); for ours, which
+  path each attention call took (``dam_compile.runtime_stats``: sparse, or dense below the measured crossover);
+- ``generate``: the whole greedy ``generate()`` (the default cache, ``attention_mask=ones``) of one token
+  (``generate1_``: the prefill as generate() runs it), ``new_tokens`` (``generate_``) and ``LONG_ANSWER``
+  tokens (``generate256_``); ``token_<backend>_ms`` = (generate - generate1) / (new_tokens - 1), the time of one
+  generated token;
 - ``attention``: attention alone on the model's own Q/K/V (captured from an eager prefill), summed over the
   sparse layers: dense cuDNN SDPA, our default plan (``dam::dynamic_plan``), our kernel and FlexAttention on
   that identical plan.
 
-Every length runs the model loaded for the longest one (its RoPE scaling; a timing does not depend on it): one
-load and one compile per backend.
+Backends: ``eager`` (the model as loaded), ``dam_default`` and ``inductor`` (``torch.compile``'s default mode),
+``dam_ro`` and ``inductor_ro`` (``mode="reduce-overhead"``: CUDA graphs). Every length runs the model loaded
+for the longest one (its RoPE scaling; a timing does not depend on it): one load and one compile per backend.
 """
 
 from __future__ import annotations
@@ -35,9 +40,21 @@ from dam_compile.passes.dense_layers import dense_layer_reason
 from e2e_paths import generate
 from prefill_timing import compiled_forward, prefill_ms
 
-# compiled_forward's options (None: Inductor); eager runs the model as loaded. In order of value: a device call
-# that runs out of time keeps eager and ours.
-BACKENDS = {"eager": None, "dam_default": {}, "inductor": None}
+# name -> (compiled_forward's options (None: Inductor), torch.compile mode); eager runs the model as loaded.
+# In order of value: a device call that runs out of time keeps eager and ours.
+BACKENDS: dict[str, tuple[dict | None, str | None] | None] = {
+    "eager": None, "dam_default": ({}, None), "inductor": (None, None),
+    "dam_ro": ({}, "reduce-overhead"), "inductor_ro": (None, "reduce-overhead"),
+}
+DEFAULT_BACKENDS = ("eager", "dam_default", "inductor")
+DENSE = {"eager": None, "inductor": None, "inductor_ro": None}  # the dense paths a user could run instead
+# ours -> (the dense path in the same compile mode, the field of our time per token over its)
+OURS = {"dam_default": ("inductor", "token_ratio"), "dam_ro": ("inductor_ro", "token_ratio_ro")}
+LONG_ANSWER = 256  # tokens of the long generate()
+# Timed quantities: key prefix -> what a row says of it.
+MEASURES = {"": "prefill without attention_mask", "masked_": "prefill with attention_mask=ones",
+            "generate1_": "generate() of 1 token", "generate_": "generate() of new_tokens tokens",
+            "generate256_": f"generate() of {LONG_ANSWER} tokens"}
 
 
 def generate_ms(model, ids: torch.Tensor, new_tokens: int, runs: int = 3) -> float:
@@ -53,12 +70,21 @@ def paths_taken() -> dict[str, int]:
     return stats
 
 
+@contextlib.contextmanager
+def backend_forward(model, name: str):
+    """``model.forward`` as backend ``name`` runs it (see ``BACKENDS``)."""
+    spec = BACKENDS[name]
+    with contextlib.nullcontext() if spec is None else compiled_forward(model, *spec):
+        yield
+
+
 def end_to_end(model, prompts: dict[int, torch.Tensor], prefill_lengths: list[int], generate_lengths: list[int],
-               backends: list[str], runs: int, new_tokens: int, deadline: float, log) -> dict[int, dict]:
-    """Per length: eager, ours and Inductor prefill and ``generate()`` times (``backends``, in that order of
-    value), and the path of our calls. Pieces that would start after ``deadline`` (``time.monotonic()``) are
-    skipped and named in the row's ``skipped`` (a device call has a time limit; ``bench_real.py --merge`` joins a
-    later part's pieces)."""
+               backends: list[str], runs: int, new_tokens: int, deadline: float, log,
+               long_answer: bool = True) -> dict[int, dict]:
+    """Per length and backend (``backends``, in that order of value): prefill times with and without the mask,
+    ``generate()`` times of 1, ``new_tokens`` and (``long_answer``) ``LONG_ANSWER`` tokens, and the path of our
+    calls. Pieces that would start after ``deadline`` (``time.monotonic()``) are skipped and named in the row's
+    ``skipped`` (a device call has a time limit; ``bench_real.py --merge`` joins a later part's pieces)."""
     rows: dict[int, dict] = {n: {"length": n} for n in sorted({*prefill_lengths, *generate_lengths})}
 
     def timed(n: int, key: str, measure) -> None:
@@ -71,36 +97,52 @@ def end_to_end(model, prompts: dict[int, torch.Tensor], prefill_lengths: list[in
             rows[n][key.replace("_ms", "_error")] = str(err).split("\n")[0][:160]
 
     for name in backends:
-        options = BACKENDS.get(name)
-        with contextlib.nullcontext() if name == "eager" else compiled_forward(model, options):
+        with backend_forward(model, name):
             for n in prefill_lengths:
                 paths_taken()
+                timed(n, f"masked_{name}_ms", lambda: prefill_ms(model, prompts[n], runs, masked=True))
+                if name.startswith("dam") and f"masked_{name}_ms" in rows[n]:
+                    rows[n][f"{name}_paths"] = paths_taken()
                 timed(n, f"{name}_ms", lambda: prefill_ms(model, prompts[n], runs))
-                if name == "dam_default" and f"{name}_ms" in rows[n]:
-                    rows[n]["dam_paths"] = paths_taken()
             for n in generate_lengths:
+                timed(n, f"generate1_{name}_ms", lambda: generate_ms(model, prompts[n], 1))
                 timed(n, f"generate_{name}_ms", lambda: generate_ms(model, prompts[n], new_tokens))
+                if long_answer:
+                    timed(n, f"generate256_{name}_ms", lambda: generate_ms(model, prompts[n], LONG_ANSWER, runs=2))
     for row in rows.values():
-        speedups(row)
+        speedups(row, new_tokens)
         log("speed " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                                 if k != "dam_paths"))
-        if "dam_paths" in row:
-            log(f"  our attention calls at {row['length']}: {row['dam_paths']}")
+                                 if not k.endswith("_paths")))
+        for name in backends:
+            if f"{name}_paths" in row:
+                log(f"  {name}'s attention calls at {row['length']}: {row[f'{name}_paths']}")
     return rows
 
 
-def speedups(row: dict) -> None:
-    """The row's ratios: the best dense path (eager or Inductor, whichever ran faster) over ours, and eager's."""
-    for prefix in ("", "generate_"):
+def speedups(row: dict, new_tokens: int | None = None) -> None:
+    """The row's derived numbers: per generated token (``token_<backend>_ms``, from ``generate1_`` and
+    ``generate_`` with ``new_tokens``; kept when ``None``), and for each measure the best dense path (eager or
+    Inductor in either mode, whichever ran faster) over ours (``<measure>speedup``) and eager's over ours; our
+    time per token over Inductor's in the same compile mode (``token_ratio``, ``token_ratio_ro``)."""
+    if new_tokens is not None:
+        for name in BACKENDS:
+            first, whole = row.get(f"generate1_{name}_ms"), row.get(f"generate_{name}_ms")
+            if first is not None and whole is not None and new_tokens > 1:
+                row[f"token_{name}_ms"] = (whole - first) / (new_tokens - 1)
+    for prefix in (*MEASURES, "token_"):
         for key in ("best_dense", "speedup", "speedup_vs_eager"):
             row.pop(f"{prefix}{key}", None)
-        dense = {k: row[f"{prefix}{k}_ms"] for k in ("eager", "inductor") if f"{prefix}{k}_ms" in row}
+        dense = {k: row[f"{prefix}{k}_ms"] for k in DENSE if f"{prefix}{k}_ms" in row}
         if dense and f"{prefix}dam_default_ms" in row:
             best = min(dense, key=dense.get)
             row[f"{prefix}best_dense"] = best
             row[f"{prefix}speedup"] = dense[best] / row[f"{prefix}dam_default_ms"]
             if "eager" in dense:
                 row[f"{prefix}speedup_vs_eager"] = dense["eager"] / row[f"{prefix}dam_default_ms"]
+    for ours, (theirs, key) in OURS.items():
+        row.pop(key, None)
+        if f"token_{ours}_ms" in row and f"token_{theirs}_ms" in row:
+            row[key] = row[f"token_{ours}_ms"] / row[f"token_{theirs}_ms"]
 
 
 class CaptureQKV(AttentionCallMode):

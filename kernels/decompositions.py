@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import choose_path
+from .key_padding import key_padding_op, key_padding_unknown
 from .last_rows_lse import last_rows_block_lse_reference, sampled_rows_block_lse_reference
 from .plan import BlockSparsePlan
 from .reference import token_mask
@@ -26,9 +27,12 @@ def sparse_attention_as_masked_sdpa(
     full_kv_num_blocks: Optional[Tensor], full_kv_indices: Optional[Tensor], token_diagonals: Optional[Tensor],
     token_columns: Optional[Tensor], token_corner: Optional[Tensor], attn_mask: Optional[Tensor],
     scale: Optional[float], is_causal: bool, enable_gqa: bool, block_size: int, min_seq_len: int, kernel: str,
-    kv_range: Optional[Tensor] = None, q_offset: int = 0,
+    kv_range: Optional[Tensor] = None, q_offset: int = 0, padding_kind: Optional[Tensor] = None,
 ) -> Tensor:
-    """``dam::sparse_attention`` as SDPA: ``[B, H, Lq, E]`` -> ``[B, H, Lq, Ev]``."""
+    """``dam::sparse_attention`` as SDPA: ``[B, H, Lq, E]`` -> ``[B, H, Lq, Ev]``. A key padding the pass
+    described (``padding_kind``) is read from its row, ``attn_mask``: exact for any padding, with no host read."""
+    if padding_kind is not None:
+        kv_range = None
     path, _ = choose_path(query, key, min_seq_len, kernel)
     if path == "dense":
         return ops.dense_attention(query, key, value, attn_mask, scale, is_causal, enable_gqa)
@@ -55,6 +59,7 @@ def decomposition_table() -> dict[Any, Callable]:
     table: dict[Any, Callable] = {torch.ops.dam.sparse_attention.default: sparse_attention_as_masked_sdpa}
     for op in (ops.dense_plan_op, ops.streaming_plan_op, ops.pattern_plan_op, ops.dynamic_plan_op, ops.decode_plan_op):
         table[op.opoverload] = op.fn
+    table[key_padding_op.opoverload] = key_padding_unknown
     table[torch.ops.dam.last_rows_block_lse.default] = last_rows_block_lse_reference
     table[torch.ops.dam.sampled_rows_block_lse.default] = sampled_rows_block_lse_reference
     return table

@@ -16,6 +16,7 @@ Each has a fake implementation so Dynamo, AOTAutograd and Inductor can trace it 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -29,9 +30,12 @@ from .sampled_plan_kernel import sampled_block_plan
 from .block_sparse_launch import triton_block_sparse_attention
 from .decode_kernel import triton_sparse_decode
 from .decode_plan import decode_block_plan
-from .dispatch import choose_path, record
+from .constants import MAX_HEAD_DIM
+from .dispatch import FUSED_DTYPES, choose_path, record
 from .dynamic_mask import dynamic_block_plan, dynamic_plan_width
 from .hopper_launch import CallFlags, launch_kept
+from .key_padding import padding_inputs, range_mask
+from .launch_common import interpreting
 from .lean_op import lean_op
 from .plan import BlockSparsePlan, num_blocks
 from .reference import block_sparse_attention_reference
@@ -65,20 +69,27 @@ def sparse_attention_op(
     kernel: str,
     kv_range: Optional[Tensor] = None,
     q_offset: int = 0,
+    padding_kind: Optional[Tensor] = None,
 ) -> Tensor:
     """Shapes: query ``[B, H, Lq, E]``, key ``[B, KVH, Lk, E]``, value ``[B, KVH, Lk, Ev]`` -> ``[B, H, Lq, Ev]``
     (contiguous). The plan tensors follow :class:`BlockSparsePlan`; ``kv_range`` and ``q_offset`` are those of
-    :func:`triton_block_sparse_attention`. The dense path (short inputs, no fused kernel) is SDPA and
-    supports neither (``kv_range=None``, ``q_offset=0``), so callers that set them use ``min_seq_len=0``."""
+    :func:`triton_block_sparse_attention`. The dense path (short inputs, no fused kernel) is SDPA, which takes
+    ``kv_range`` but not ``q_offset`` (callers that set it use ``min_seq_len=0``).
+
+    ``padding_kind`` (CPU int64 ``[1]``, from ``dam::key_padding``): ``attn_mask`` (a key padding row, with
+    ``is_causal``) and ``kv_range`` then describe the same padding, and the call uses the cheaper exact one
+    (:func:`.key_padding.padding_inputs`): neither when every key is valid."""
+    if padding_kind is not None:
+        attn_mask, kv_range = padding_inputs(int(padding_kind), attn_mask, kv_range, query.shape[0])
     path, reason = choose_path(query, key, min_seq_len, kernel)
     record(path, reason, key.shape[-2], min_seq_len)
     if plan_stats.recording():  # a benchmark measuring the plans that ran; one list check otherwise
         plan = BlockSparsePlan(kv_num_blocks, kv_indices, block_size, full_kv_num_blocks, full_kv_indices)
         plan_stats.record(plan, query.shape[-2], key.shape[-2], is_causal, q_offset, path == "dense")
     if path == "dense":
-        if kv_range is not None or q_offset != 0:
-            raise ValueError("kv_range and q_offset need the sparse path; this call runs dense: " + reason)
-        return dense_attention(query, key, value, attn_mask, scale, is_causal, enable_gqa)
+        if q_offset != 0:
+            raise ValueError("q_offset needs the sparse path; this call runs dense: " + reason)
+        return dense_attention(query, key, value, attn_mask, scale, is_causal, enable_gqa, kv_range, block_size)
     if path == "triton" and query.shape[-2] == 1 and kv_range is None:
         # A decode plan keeps whole blocks of one row; the decode kernel reads only those.
         return triton_sparse_decode(
@@ -105,12 +116,25 @@ def sparse_attention_op(
 
 def dense_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: Optional[float], is_causal: bool,
-    enable_gqa: bool,
+    enable_gqa: bool, kv_range: Optional[Tensor] = None, block_size: int = 128,
 ) -> Tensor:
     """SDPA, contiguous. With a mask and grouped K/V heads the heads are repeated first, as the model would have
     done before the pass read its K/V before ``repeat_kv``: SDPA's fast kernels take GQA only without a mask. A
     mask with ``is_causal`` (the pass's reading of a causal-and-padding mask: its key row) is joined into one
-    mask, which SDPA requires."""
+    mask, which SDPA requires.
+
+    ``kv_range`` (int32 ``[B, 2]``, each sequence's valid keys): where the fused kernel runs (CUDA, float16 or
+    bfloat16) it runs every visible block of ``block_size`` keys with the range, reading no mask (SDPA has no
+    such argument: it would need the ``[B, 1, Lq, Lk]`` mask); elsewhere the range becomes a key mask."""
+    if kv_range is not None:
+        if attn_mask is None and _fused_dense_runs(query, value):
+            plan = _dense_plan(query.shape[-2], key.shape[-2], block_size, is_causal, query.device)
+            return triton_block_sparse_attention(query, key, value, plan, scale=scale, is_causal=is_causal,
+                                                 enable_gqa=enable_gqa, kv_range=kv_range, check_plan=False)
+        inside = range_mask(kv_range, key.shape[-2])
+        attn_mask = inside if attn_mask is None else (
+            attn_mask & inside if attn_mask.dtype == torch.bool
+            else attn_mask.masked_fill(~inside, torch.finfo(attn_mask.dtype).min))
     if attn_mask is not None and is_causal:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         attn_mask = (attn_mask & causal if attn_mask.dtype == torch.bool
@@ -128,6 +152,18 @@ def dense_attention(
             query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
     return out.contiguous()
+
+
+def _fused_dense_runs(query: Tensor, value: Tensor) -> bool:
+    """Whether the fused kernel takes a dense call: CUDA float16/bfloat16 (or the CPU interpreter's tests)."""
+    return (query.is_cuda or interpreting()) and query.dtype in FUSED_DTYPES \
+        and query.shape[-1] == value.shape[-1] <= MAX_HEAD_DIM
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_plan(q_len: int, kv_len: int, block_size: int, is_causal: bool, device: torch.device) -> BlockSparsePlan:
+    """Every visible block, built once per length (a padded batch's dense calls, one per layer)."""
+    return dense_plan(q_len, kv_len, block_size, is_causal, device)
 
 
 @sparse_attention_op.register_fake

@@ -20,7 +20,8 @@ A mask that also reads an integer or bool tensor input (``generate()`` always pa
 the causal mask AND a per-key padding vector. Then the op takes ``is_causal=True`` and only the mask's last query
 row, ``[B, 1, 1, N]`` (under causality the last row sees every key, so it is the padding vector): Inductor computes
 that row and never the N x N mask. The claim is checked like the causal one, at sampled sizes with random 0/1 data
-in the tensor inputs: the mask must equal ``causal & mask[..., -1:, :]`` on every sample.
+in the tensor inputs: the mask must equal ``causal & mask[..., -1:, :]`` on every sample. The pipeline then
+describes that row once per forward (:mod:`.key_padding`), so an all-ones ``attention_mask`` costs nothing.
 """
 
 from __future__ import annotations
@@ -44,22 +45,46 @@ _RANDOM = ("rand", "bernoulli", "normal", "uniform", "dropout", "multinomial", "
 KEY_PADDING_ROW = (slice(None), slice(None), slice(-1, None), slice(None))  # mask[:, :, -1:, :]
 
 
+SIZES_ONLY, KEY_PADDING = "causal", "causal and key padding"  # what a mask can be read as
+
+
 def read_causal_mask(site: SDPASite) -> SDPASite:
     """``site`` with ``is_causal=True`` when its mask is the square causal mask: ``attn_mask=None`` when the mask
     is computed from sizes alone, or a new ``getitem`` node taking the mask's last row (``[B, 1, 1, N]``) when it
     is causal and a key padding vector read from tensor inputs; otherwise ``site`` unchanged."""
+    reading = causal_reading(site)
+    if reading is None:
+        return site
+    if reading == SIZES_ONLY:
+        return dataclasses.replace(site, attn_mask=None, is_causal=True)
+    return dataclasses.replace(site, attn_mask=key_padding_row(site.attn_mask), is_causal=True)
+
+
+def key_padding_row(mask: Node) -> Node:
+    """A new ``mask[:, :, -1:, :]`` node just after ``mask``: under causality its last row is the key padding."""
+    with mask.graph.inserting_after(mask):
+        row = mask.graph.call_function(operator.getitem, (mask, KEY_PADDING_ROW))
+    row.meta.update({k: v for k, v in mask.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    row.meta["example_value"] = example_value(mask)[KEY_PADDING_ROW]
+    return row
+
+
+def causal_reading(site: SDPASite) -> str | None:
+    """What ``site``'s mask is, without changing the graph: ``SIZES_ONLY`` (the square causal mask, from sizes
+    alone), ``KEY_PADDING`` (causal AND a key padding vector read from tensor inputs), or ``None`` (neither,
+    or not provably: the mask stays)."""
     mask = site.attn_mask
     if not isinstance(mask, Node) or site.is_causal is not False:
-        return site
+        return None
     q, k = example_value(site.query), example_value(site.key)
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or str(q.shape[-2]) != str(k.shape[-2]):
-        return site  # SDPA's is_causal is top-left aligned: only the square case means the same
+        return None  # SDPA's is_causal is top-left aligned: only the square case means the same
     subgraph = _mask_subgraph(mask)
     if subgraph is None:
-        return site
+        return None
     module, params, data = subgraph
     if data and example_value(mask).dtype != torch.bool:
-        return site  # key padding is read from bool masks only (what HF builds for SDPA)
+        return None  # key padding is read from bool masks only (what HF builds for SDPA)
     length = q.shape[-2]
     if isinstance(length, int) and length * length > MAX_SAMPLE_ELEMENTS:
         params.append(_lift_static_length(module, length))
@@ -69,14 +94,8 @@ def read_causal_mask(site: SDPASite) -> SDPASite:
         n = _length_at(length, params, values)
         tensors = [_random_data(t, params, values, length, n, generator) for t in data]
         if not _is_causal_at(module, n, (*values, *tensors), bool(data)):
-            return site
-    if not data:
-        return dataclasses.replace(site, attn_mask=None, is_causal=True)
-    with mask.graph.inserting_after(mask):
-        row = mask.graph.call_function(operator.getitem, (mask, KEY_PADDING_ROW))
-    row.meta.update({k: v for k, v in mask.meta.items() if k in ("stack_trace", "nn_module_stack")})
-    row.meta["example_value"] = example_value(mask)[KEY_PADDING_ROW]
-    return dataclasses.replace(site, attn_mask=row, is_causal=True)
+            return None
+    return KEY_PADDING if data else SIZES_ONLY
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,12 +11,14 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..kernels.constants import ALWAYS_DENSE
 from ..kernels.mask_options import MaskOptions
-from .causal_mask import read_causal_mask
+from .causal_mask import SIZES_ONLY, causal_reading
 from .decide import Decision, decide, example_value
+from .decode_path import dense_decode_reason
 from .dense_layers import dense_layer_reason
 from .find_sdpa import SDPASite, find_sdpa_sites
 from .gqa import read_before_repeat
 from .insert_mask import insert_mask_generation
+from .key_padding import KeyPaddingNodes, insert_key_padding
 from .rewrite import replace_with_sparse_attention
 from .profile_protocol import ProfileMismatchError, SiteProfile, profile_entry
 from .verify import RewrittenSite, check_rewrite
@@ -95,6 +97,8 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
     graph = new_gm.graph
     original = {copy: orig for orig, copy in val_map.items()}
     reports, done = [], []
+    readings: dict[Node, str | None] = {}  # each mask node is read once, however many sites share it
+    paddings: dict[Node, KeyPaddingNodes] = {}
     for site in find_sdpa_sites(graph):
         decision = decide(site)
         entry = None
@@ -111,29 +115,44 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
             site_options = replace(options, min_seq_len=ALWAYS_DENSE)
             reports[-1].decision, reports[-1].reason, reports[-1].mask_source = "dense", kept_dense, None
             reports[-1].reaches_min_seq_len = False
+        decode_dense = dense_decode_reason(read_before_repeat(site), site_options.min_seq_len, site_options.kernel)
+        if decode_dense is not None:
+            reports[-1].decision, reports[-1].reason, reports[-1].mask_source = "dense", decode_dense, None
+            # Its size guard may bound the keys below min_seq_len: then nothing is missed (no dense warning).
+            reports[-1].reaches_min_seq_len = kept_dense is None and _can_reach(example_value(site.key),
+                                                                                site_options.min_seq_len)
+            continue
         name = site.node.name
-        causal = read_causal_mask(site)
-        mask_dropped = causal is not site
-        mask_row = causal.attn_mask if mask_dropped else None
-        if mask_dropped:
-            reports[-1].reason += (
-                "; attn_mask is the causal mask, computed from sizes alone: read as is_causal=True" if mask_row is None
-                else "; attn_mask is the causal mask and a key padding vector: read as is_causal=True with its last "
-                     "row as the mask ([B, 1, 1, N])"
-            )
-            site = causal
+        padding = None
+        if isinstance(site.attn_mask, Node) and site.attn_mask not in readings:
+            readings[site.attn_mask] = causal_reading(site)
+        reading = readings.get(site.attn_mask) if isinstance(site.attn_mask, Node) else None
+        if reading is not None:
+            if reading == SIZES_ONLY:
+                reports[-1].reason += "; attn_mask is the causal mask, computed from sizes alone: read as is_causal=True"
+                site = replace(site, attn_mask=None, is_causal=True)
+            else:
+                if site.attn_mask not in paddings:
+                    paddings[site.attn_mask] = insert_key_padding(site.attn_mask)
+                padding = paddings[site.attn_mask]
+                reports[-1].reason += (
+                    "; attn_mask is the causal mask and a key padding vector: read as is_causal=True with its last "
+                    "row, described once per forward by dam::key_padding (no mask when every key is valid, "
+                    "per-sequence key ranges for padding)"
+                )
+                site = replace(site, attn_mask=padding.row, is_causal=True)
         grouped = read_before_repeat(site)
         if grouped is not site:
             reports[-1].reason += "; reads K/V before repeat_kv (grouped heads)"
             site = grouped
         mask = insert_mask_generation(new_gm, site, site_options, profile, entry)
-        op = replace_with_sparse_attention(graph, site, mask, site_options)
+        op = replace_with_sparse_attention(graph, site, mask, site_options, padding)
         if entry is not None:
             reports[-1].dynamic_heads = list(mask.dynamic_heads)
         done.append(RewrittenSite(
             name, mask.plan.target, mask.plan, mask.outputs, op, mask.patterns, mask.decode,
-            kv_sources=(original[site.key].name, original[site.value].name), mask_dropped=mask_dropped,
-            mask_row=mask_row, plan_inputs=mask.plan_inputs,
+            kv_sources=(original[site.key].name, original[site.value].name), mask_dropped=reading is not None,
+            padding=padding, plan_inputs=mask.plan_inputs,
         ))
     unmatched = [r for r in reports if r.reason.startswith(NO_PROFILE_ENTRY)]
     if unmatched and len(unmatched) == len(reports):

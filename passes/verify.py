@@ -17,6 +17,7 @@ from torch.fx.node import _get_qualified_name
 
 from .find_sdpa import _read_site
 from .insert_mask import PLAN_OP_ARGS
+from .key_padding import KEY_PADDING, KeyPaddingNodes
 from .rewrite import SPARSE_ATTENTION
 
 
@@ -37,13 +38,13 @@ class RewrittenSite:
     decode: bool = False  # a decode plan: reads the mask too, and its patterns feed only the plan
     kv_sources: tuple[str, str] | None = None  # original names of the key/value the op reads (before repeat_kv)
     mask_dropped: bool = False  # the original mask was read as is_causal=True: nothing new reads it
-    mask_row: Node | None = None  # ... except this key padding row of it (mask[:, :, -1:, :]), which the op reads
+    padding: KeyPaddingNodes | None = None  # ... except its key padding row and description, shared by its sites
     plan_inputs: tuple[Node, ...] = ()  # get_attr nodes only the plan reads (a calibrated site's dynamic heads)
 
     def roles(self) -> dict[Node, str]:
         roles = {self.plan: f"{self.name}/plan", self.op: f"{self.name}/attn"}
-        if self.mask_row is not None:
-            roles[self.mask_row] = f"{self.name}/mask_row"
+        if self.padding is not None:
+            roles.update(self.padding.roles())
         roles.update({out: f"{self.name}/plan.{i}" for i, out in enumerate(self.plan_outputs)})
         roles.update({p: f"{self.name}/pattern.{i}" for i, p in enumerate(self.patterns)})
         roles.update({p: f"{self.name}/plan_input.{i}" for i, p in enumerate(self.plan_inputs)})
@@ -116,12 +117,14 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
             _add_input(g, out, attn, f"args.{3 + i}")
         # A decode plan reads the mask (args.2), then the calibrated diagonals and columns; a prefill plan reads
         # the calibrated pattern buffers after query and key, and they also feed the op's token pattern. The mask
-        # read is the original one, none (read as is_causal), or a new key padding row of the original.
+        # read is the original one, none (read as is_causal), or the shared key padding row of the original,
+        # with its key ranges and kind.
         mask = sdpa.attn_mask.name if isinstance(sdpa.attn_mask, Node) and not site.mask_dropped else None
-        if site.mask_row is not None:
-            mask = f"{site.name}/mask_row"
-            g.add_node(mask, op="call_function", target=target_name_of(operator.getitem), consts=None)
-            _add_input(g, sdpa.attn_mask.name, mask, "args.0")
+        if site.padding is not None:
+            roles = _add_key_padding(g, sdpa.attn_mask.name)
+            mask = roles["row"]
+            _add_input(g, roles["kv_range"], attn, "kwargs.kv_range")
+            _add_input(g, roles["kind"], attn, "kwargs.padding_kind")
         if site.decode and mask is not None:
             _add_input(g, mask, plan, "args.2")
         for i, node in enumerate(site.patterns):
@@ -146,6 +149,23 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
         for dst, pos in users:
             g.add_edge(attn, dst, pos=pos)
     return g
+
+
+def _add_key_padding(g: nx.DiGraph, mask: str) -> dict[str, str]:
+    """The shared key padding nodes of the original ``mask`` (added once, whichever site comes first): the row
+    ``mask[:, :, -1:, :]``, ``dam::key_padding`` on it and its two outputs. Their roles by short name."""
+    stem = f"{mask}/key_padding"
+    roles = {part: f"{stem}.{part}" for part in ("row", "call", "kv_range", "kind")}
+    if roles["row"] not in g:
+        getitem = target_name_of(operator.getitem)
+        g.add_node(roles["row"], op="call_function", target=getitem, consts=None)
+        _add_input(g, mask, roles["row"], "args.0")
+        g.add_node(roles["call"], op="call_function", target=target_name_of(KEY_PADDING), consts=None)
+        _add_input(g, roles["row"], roles["call"], "args.0")
+        for part in ("kv_range", "kind"):
+            g.add_node(roles[part], op="call_function", target=getitem, consts=None)
+            _add_input(g, roles["call"], roles[part], "args.0")
+    return roles
 
 
 def _positions(user: Node, arg: Node, by_name: bool = False) -> list[str]:

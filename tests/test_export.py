@@ -77,3 +77,21 @@ def test_mlir_arguments_are_checked():
         export_mlir(build("llama"), example_kwargs=inputs(), output_type="torch", decompose=False, **OPTIONS)
     with pytest.raises(ValueError, match="output_type"):
         export_mlir(build("llama"), example_kwargs=inputs(), output_type="llvm", **OPTIONS)
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_exported_program_with_a_padded_attention_mask(decompose):
+    """A left-padded batch with its attention_mask: the key padding is read once (dam.key_padding) and the
+    program equals the eager oracle on every valid position, with our ops or decomposed to ATen."""
+    model = build("llama")
+    ids = ids_for("llama", batch=2, n=64)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    program = export_rewritten(model, example_kwargs=kwargs, decompose=decompose, **OPTIONS)
+    targets = dam_targets(program)
+    assert targets == set() if decompose else "dam.key_padding.default" in targets
+    with torch.no_grad(), SparseReferenceMode(OPTIONS, model):
+        expected = model(**kwargs).logits
+    valid = mask.bool()
+    assert rel_err(program.module()(**kwargs).logits[valid], expected[valid]) < 1e-5

@@ -306,9 +306,10 @@ def calibrated_profiles(models: Models, model, args: argparse.Namespace, log) ->
 
 # ---- speed ---------------------------------------------------------------------------------------------------
 
-def speed_part(models: Models, args: argparse.Namespace, log) -> list[dict]:
+def speed_part(models: Models, args: argparse.Namespace, log, progress=None) -> list[dict]:
     """``real_speed``'s prefill and generate() rows on the first document, and its attention-only row at each of
-    ``--attention-lengths``, one model (the longest length's RoPE scaling) for all."""
+    ``--attention-lengths``, one model (the longest length's RoPE scaling) for all. ``progress(rows)``: called
+    with the rows so far after each backend."""
     prefill, gen, attention = (int_list(args.speed_lengths), int_list(args.generate_lengths),
                                int_list(args.attention_lengths))
     lengths = sorted({*prefill, *gen, *attention})
@@ -317,16 +318,18 @@ def speed_part(models: Models, args: argparse.Namespace, log) -> list[dict]:
     model = models.at(lengths[-1])
     prompts = {n: models.prompt(models.docs[0], n) for n in lengths}
     deadline = time.monotonic() + args.speed_seconds
+    rope = real_model.rope_description(model)
+    listed = lambda rows: [dict(rows[n], rope=rope) for n in sorted(rows)]  # noqa: E731
     rows = real_speed.end_to_end(model, prompts, prefill, gen, args.speed_backends.split(","), args.timing_runs,
-                                 args.new_tokens, deadline, log, long_answer=not args.no_long_answer)
+                                 args.new_tokens, deadline, log, long_answer=not args.no_long_answer,
+                                 progress=progress and (lambda rows: progress(listed(rows))))
     for n in attention:
         row = rows.setdefault(n, {"length": n})
         if time.monotonic() > deadline:
             row.setdefault("skipped", []).append("attention")
         else:
             row["attention"] = real_speed.attention_only(model, prompts[n], log)
-    rope = real_model.rope_description(model)
-    return [dict(rows[n], rope=rope) for n in sorted(rows)]
+    return listed(rows)
 
 
 # ---- retrieval ---------------------------------------------------------------------------------------------
@@ -546,7 +549,7 @@ def run(args: argparse.Namespace) -> dict:
         result["retrieval"] = retrieval_part(models, args, kernel, log)
         save()
     if device == "cuda":
-        result["speed"] = speed_part(models, args, log)
+        result["speed"] = speed_part(models, args, log, progress=lambda rows: (result.update(speed=rows), save()))
     save()
     return result
 

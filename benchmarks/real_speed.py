@@ -80,11 +80,12 @@ def backend_forward(model, name: str):
 
 def end_to_end(model, prompts: dict[int, torch.Tensor], prefill_lengths: list[int], generate_lengths: list[int],
                backends: list[str], runs: int, new_tokens: int, deadline: float, log,
-               long_answer: bool = True) -> dict[int, dict]:
+               long_answer: bool = True, progress=None) -> dict[int, dict]:
     """Per length and backend (``backends``, in that order of value): prefill times with and without the mask,
     ``generate()`` times of 1, ``new_tokens`` and (``long_answer``) ``LONG_ANSWER`` tokens, and the path of our
     calls. Pieces that would start after ``deadline`` (``time.monotonic()``) are skipped and named in the row's
-    ``skipped`` (a device call has a time limit; ``bench_real.py --merge`` joins a later part's pieces)."""
+    ``skipped`` (a device call has a time limit; ``bench_real.py --merge`` joins a later part's pieces).
+    ``progress(rows)`` is called after each backend (the bench writes its file then)."""
     rows: dict[int, dict] = {n: {"length": n} for n in sorted({*prefill_lengths, *generate_lengths})}
 
     def timed(n: int, key: str, measure) -> None:
@@ -109,6 +110,10 @@ def end_to_end(model, prompts: dict[int, torch.Tensor], prefill_lengths: list[in
                 timed(n, f"generate_{name}_ms", lambda: generate_ms(model, prompts[n], new_tokens))
                 if long_answer:
                     timed(n, f"generate256_{name}_ms", lambda: generate_ms(model, prompts[n], LONG_ANSWER, runs=2))
+        for row in rows.values():
+            speedups(row, new_tokens)
+        if progress is not None:
+            progress(rows)
     for row in rows.values():
         speedups(row, new_tokens)
         log("speed " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()

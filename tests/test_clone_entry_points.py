@@ -19,7 +19,7 @@ BENCHMARKS = ROOT / "benchmarks"
 # Benchmark scripts with a command line (the others are their helpers).
 BENCHMARK_SCRIPTS = ["bench_cp.py", "bench_e2e.py", "bench_fidelity.py", "bench_kernel.py", "bench_maskgen.py", "bench_plan.py",
                      "bench_real.py", "bench_tp.py", "kernel_resources.py", "readme_tables.py", "real_model.py",
-                     "real_texts.py"]
+                     "profile_decode.py", "real_texts.py"]
 
 # What a user's first lines do: a transformers model class, HF's kernels (as transformers imports it), then a
 # tiny Llama compiled with backend="dam", checked against eager. argv[1]: the folder dam_compile must come from.

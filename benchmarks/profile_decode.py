@@ -1,0 +1,159 @@
+"""Where a generated token's time goes: ``generate()`` under ``backend="dam"`` against Inductor (issue 43, item 1).
+
+SmolLM2-135M's shape (30 layers, 9 query / 3 KV heads of dim 64; random weights unless ``--gguf``: below the
+crossover every decode step runs dense, whatever the weights), bf16, ``model.forward`` compiled with
+``dynamic=True`` as ``real_speed.py`` does. Per backend:
+
+- the time of one generated token ((generate of ``--tokens`` - generate of 1) / (tokens - 1), median of 3);
+- the prefill with ``attention_mask=ones`` and without (``logits_to_keep=1``), median of 5;
+- ``torch.profiler`` over a ``generate()`` of ``PROFILED_TOKENS`` tokens: the host (CPU) time of each op per
+  generated step, the top ``--top`` ops, and the GPU time per step, so a gap between the backends is named;
+- ``--padded``: a left-padded batch of two (a quarter of the second row padding) against eager SDPA, time and
+  relative error of the last logits on the valid rows.
+
+    python profile_decode.py [--length 8192] [--gguf FILE]      # on a GPU
+
+Writes ``results/decode_profile_<gpu>.json`` (or ``--out``) with a ``summary``: ``token_ms_ratio`` (ours /
+Inductor per token), ``host_ms_per_token_dam`` / ``_inductor``, ``masked_prefill_ratio`` (ours with the mask /
+ours without), ``padded_speedup_vs_eager``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dam_compile
+from bench_common import run_metadata, synced_wall_ms, write_result
+from e2e_paths import generate
+from prefill_timing import compiled_forward, prefill_ms
+
+PROFILED_TOKENS = 5
+BACKENDS = {"dam": {}, "inductor": None}
+
+
+def smollm2_shape(gguf: Path | None, length: int):
+    """The model: SmolLM2-135M-Instruct from ``gguf`` (``real_model.py``), else its shape with random weights."""
+    if gguf is not None:
+        import real_model
+        return real_model.load(gguf, torch.bfloat16, "cuda", length)[1]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=1e5,
+                         max_position_embeddings=max(8192, length), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+
+
+def generate_ms(model, ids: torch.Tensor, tokens: int, runs: int = 3) -> float:
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return median(synced_wall_ms(lambda: generate(model, dict(inputs), tokens), runs))
+
+
+def host_profile(model, ids: torch.Tensor, top: int) -> dict:
+    """Host and GPU time per generated step of a profiled ``generate()``, and the ops that cost the host most."""
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(model, dict(inputs), PROFILED_TOKENS)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    steps = PROFILED_TOKENS  # the prefill is one of them: a bound, compared alike for every backend
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1e3 / steps,
+        "gpu_ms_per_step": sum(e.self_device_time_total for e in events) / 1e3 / steps,
+        "top_host_ops": [{"name": e.key[:90], "self_cpu_us_per_step": e.self_cpu_time_total / steps,
+                          "calls_per_step": e.count / steps} for e in ops],
+    }
+
+
+@torch.no_grad()
+def padded_batch(model, length: int, runs: int) -> dict:
+    """A left-padded batch of two through ours against eager SDPA: times and the last logits' relative error."""
+    ids = torch.randint(1, model.config.vocab_size, (2, length), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, : length // 4] = 0
+    call = lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=8).logits  # noqa: E731
+    eager_ms = median(synced_wall_ms(call, runs, warmups=1))
+    expected = call().float()
+    with compiled_forward(model, {}):
+        ours_ms = median(synced_wall_ms(call, runs, warmups=2))
+        got = call().float()
+    return {"eager_ms": eager_ms, "dam_ms": ours_ms, "speedup_vs_eager": eager_ms / ours_ms,
+            "rel_err": ((got - expected).norm() / expected.norm()).item()}
+
+
+def summarize(result: dict) -> dict:
+    summary, notes = {}, {}
+    got = result["backends"]
+
+    def put(field: str, value, why: str) -> None:
+        summary[field] = None if value is None else round(value, 4)
+        if value is None:
+            notes[field] = why
+
+    both = "dam" in got and "inductor" in got
+    put("token_ms_ratio", both and got["dam"]["token_ms"] / got["inductor"]["token_ms"] or None,
+        "ours and Inductor not both timed")
+    for name in BACKENDS:
+        put(f"host_ms_per_token_{name}", got.get(name, {}).get("profile", {}).get("host_ms_per_step"),
+            f"{name} not profiled")
+    dam = got.get("dam", {})
+    put("masked_prefill_ratio", dam.get("masked_prefill_ms") and dam["masked_prefill_ms"] / dam["prefill_ms"],
+        "our prefill not timed")
+    put("padded_speedup_vs_eager", result.get("padded", {}).get("speedup_vs_eager"), "--padded not run")
+    summary["notes"] = notes
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", type=int, default=8192, help="prompt tokens")
+    p.add_argument("--tokens", type=int, default=33, help="generated tokens of the timed generate()")
+    p.add_argument("--gguf", type=Path, help="SmolLM2's GGUF file (real_model.py --fetch); random weights without")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--padded", action="store_true", help="also a left-padded batch of two against eager")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    model = smollm2_shape(args.gguf, args.length)
+    ids = torch.randint(1, model.config.vocab_size, (1, args.length), device="cuda")
+    result = {**run_metadata("decode_profile"), "transformers": __import__("transformers").__version__,
+              "model": "SmolLM2-135M-Instruct" if args.gguf else "SmolLM2-135M's shape, random weights",
+              "length": args.length, "tokens": args.tokens, "backends": {}}
+
+    def save() -> None:
+        result["summary"] = summarize(result)
+        write_result(result, "decode_profile", False, args.out)
+
+    for name in args.backends.split(","):
+        start = time.monotonic()
+        row = result["backends"].setdefault(name, {})
+        with compiled_forward(model, BACKENDS[name]), torch.no_grad():
+            dam_compile.reset_runtime_stats()
+            generate_ms(model, ids, 2, runs=1)  # compiles the prefill and decode graphs
+            first, whole = generate_ms(model, ids, 1), generate_ms(model, ids, args.tokens)
+            row.update(generate1_ms=first, generate_ms=whole, token_ms=(whole - first) / (args.tokens - 1))
+            row["masked_prefill_ms"] = prefill_ms(model, ids, 5, masked=True)
+            row["prefill_ms"] = prefill_ms(model, ids, 5)
+            row["profile"] = host_profile(model, ids, args.top)
+            if name == "dam":
+                row["paths"] = dam_compile.runtime_stats()
+        row["seconds"] = round(time.monotonic() - start, 1)
+        print(name, {k: v for k, v in row.items() if k != "profile"}, flush=True)
+        save()
+    if args.padded:
+        result["padded"] = padded_batch(model, args.length, 5)
+        print("padded", result["padded"], flush=True)
+        save()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -8,19 +8,22 @@ crossover every decode step runs dense, whatever the weights), bf16, ``model.for
 - the prefill with ``attention_mask=ones`` and without (``logits_to_keep=1``), median of 5;
 - ``torch.profiler`` over a ``generate()`` of ``PROFILED_TOKENS`` tokens: the host (CPU) time of each op per
   generated step, the top ``--top`` ops, and the GPU time per step, so a gap between the backends is named;
+- ``--prefill-lengths``: the prefill with and without the mask at more lengths (the graphs compiled for the
+  first, ``dynamic=True``);
 - ``--padded``: a left-padded batch of two (a quarter of the second row padding) against eager SDPA, time and
   relative error of the last logits on the valid rows.
 
     python profile_decode.py [--length 8192] [--gguf FILE]      # on a GPU
 
 Writes ``results/decode_profile_<gpu>.json`` (or ``--out``) with a ``summary``: ``token_ms_ratio`` (ours /
-Inductor per token), ``host_ms_per_token_dam`` / ``_inductor``, ``masked_prefill_ratio`` (ours with the mask /
-ours without), ``padded_speedup_vs_eager``.
+Inductor per token), ``host_ms_per_token_dam`` / ``_inductor``, ``masked_prefill_ratio_<len>`` (ours with the
+mask / ours without), ``masked_prefill_speedup_vs_eager_<len>``, ``padded_speedup_vs_eager``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from statistics import median
@@ -29,12 +32,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dam_compile
-from bench_common import run_metadata, synced_wall_ms, write_result
+from bench_common import int_list, run_metadata, synced_wall_ms, write_result
 from e2e_paths import generate
 from prefill_timing import compiled_forward, prefill_ms
 
 PROFILED_TOKENS = 5
-BACKENDS = {"dam": {}, "inductor": None}
+BACKENDS = {"dam": {}, "inductor": None, "eager": "eager"}
 
 
 def smollm2_shape(gguf: Path | None, length: int):
@@ -99,14 +102,20 @@ def summarize(result: dict) -> dict:
             notes[field] = why
 
     both = "dam" in got and "inductor" in got
-    put("token_ms_ratio", both and got["dam"]["token_ms"] / got["inductor"]["token_ms"] or None,
+    put("token_ms_ratio", got["dam"]["token_ms"] / got["inductor"]["token_ms"] if both else None,
         "ours and Inductor not both timed")
     for name in BACKENDS:
         put(f"host_ms_per_token_{name}", got.get(name, {}).get("profile", {}).get("host_ms_per_step"),
             f"{name} not profiled")
     dam = got.get("dam", {})
-    put("masked_prefill_ratio", dam.get("masked_prefill_ms") and dam["masked_prefill_ms"] / dam["prefill_ms"],
-        "our prefill not timed")
+    eager = got.get("eager", {})
+    for n in result["prefill_lengths"]:
+        ours, theirs = dam.get("prefill", {}).get(str(n), {}), eager.get("prefill", {}).get(str(n), {})
+        tag = f"{n // 1024}k"
+        put(f"masked_prefill_ratio_{tag}", ours["masked_ms"] / ours["ms"] if ours else None,
+            f"our prefill not timed at {n}")
+        put(f"masked_prefill_speedup_vs_eager_{tag}", theirs["masked_ms"] / ours["masked_ms"] if ours and theirs
+            else None, f"ours and eager not both timed at {n}")
     put("padded_speedup_vs_eager", result.get("padded", {}).get("speedup_vs_eager"), "--padded not run")
     summary["notes"] = notes
     return summary
@@ -118,15 +127,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=33, help="generated tokens of the timed generate()")
     p.add_argument("--gguf", type=Path, help="SmolLM2's GGUF file (real_model.py --fetch); random weights without")
     p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--prefill-lengths", default="", help="more prefill lengths, e.g. 32768")
     p.add_argument("--padded", action="store_true", help="also a left-padded batch of two against eager")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    model = smollm2_shape(args.gguf, args.length)
+    model = smollm2_shape(args.gguf, max([args.length, *int_list(args.prefill_lengths)]))
     ids = torch.randint(1, model.config.vocab_size, (1, args.length), device="cuda")
     result = {**run_metadata("decode_profile"), "transformers": __import__("transformers").__version__,
               "model": "SmolLM2-135M-Instruct" if args.gguf else "SmolLM2-135M's shape, random weights",
-              "length": args.length, "tokens": args.tokens, "backends": {}}
+              "length": args.length, "tokens": args.tokens, "backends": {},
+              "prefill_lengths": [args.length, *int_list(args.prefill_lengths)]}
 
     def save() -> None:
         result["summary"] = summarize(result)
@@ -135,14 +146,18 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.backends.split(","):
         start = time.monotonic()
         row = result["backends"].setdefault(name, {})
-        with compiled_forward(model, BACKENDS[name]), torch.no_grad():
+        spec = BACKENDS[name]
+        with contextlib.nullcontext() if spec == "eager" else compiled_forward(model, spec), torch.no_grad():
             dam_compile.reset_runtime_stats()
             generate_ms(model, ids, 2, runs=1)  # compiles the prefill and decode graphs
             first, whole = generate_ms(model, ids, 1), generate_ms(model, ids, args.tokens)
             row.update(generate1_ms=first, generate_ms=whole, token_ms=(whole - first) / (args.tokens - 1))
-            row["masked_prefill_ms"] = prefill_ms(model, ids, 5, masked=True)
-            row["prefill_ms"] = prefill_ms(model, ids, 5)
             row["profile"] = host_profile(model, ids, args.top)
+            row["prefill"] = {}
+            for n in result["prefill_lengths"]:
+                prompt = torch.randint(1, model.config.vocab_size, (1, n), device="cuda")
+                row["prefill"][str(n)] = {"masked_ms": prefill_ms(model, prompt, 5, masked=True),
+                                          "ms": prefill_ms(model, prompt, 5)}
             if name == "dam":
                 row["paths"] = dam_compile.runtime_stats()
         row["seconds"] = round(time.monotonic() - start, 1)

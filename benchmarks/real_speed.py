@@ -98,18 +98,19 @@ def end_to_end(model, prompts: dict[int, torch.Tensor], prefill_lengths: list[in
             rows[n][key.replace("_ms", "_error")] = str(err).split("\n")[0][:160]
 
     for name in backends:
-        with backend_forward(model, name):
-            for n in prefill_lengths:
-                paths_taken()
-                timed(n, f"masked_{name}_ms", lambda: prefill_ms(model, prompts[n], runs, masked=True))
-                if name.startswith("dam") and f"masked_{name}_ms" in rows[n]:
-                    rows[n][f"{name}_paths"] = paths_taken()
-                timed(n, f"{name}_ms", lambda: prefill_ms(model, prompts[n], runs))
+        with backend_forward(model, name):  # what users run first; the unmasked prefill (another graph) last
             for n in generate_lengths:
                 timed(n, f"generate1_{name}_ms", lambda: generate_ms(model, prompts[n], 1))
                 timed(n, f"generate_{name}_ms", lambda: generate_ms(model, prompts[n], new_tokens))
                 if long_answer:
                     timed(n, f"generate256_{name}_ms", lambda: generate_ms(model, prompts[n], LONG_ANSWER, runs=2))
+            for n in prefill_lengths:
+                paths_taken()
+                timed(n, f"masked_{name}_ms", lambda: prefill_ms(model, prompts[n], runs, masked=True))
+                if name.startswith("dam") and f"masked_{name}_ms" in rows[n]:
+                    rows[n][f"{name}_paths"] = paths_taken()
+            for n in prefill_lengths:
+                timed(n, f"{name}_ms", lambda: prefill_ms(model, prompts[n], runs))
         for row in rows.values():
             speedups(row, new_tokens)
         if progress is not None:

@@ -171,3 +171,15 @@ def test_dense_decode_steps_stay_the_models_sdpa_until_the_cache_grows_past_the_
     assert "decided when compiled" in decode[0].sites[0].reason
     # Steps with 60 to 69 cached keys ran the sparse op; none below it went through the op.
     assert dam_compile.runtime_stats()["reference: kernel='reference'"] == LAYERS * 10
+
+
+@pytest.mark.parametrize("options", [DENSE_ON_CPU, CPU_SPARSE], ids=["dense path", "sparse reference"])
+def test_batched_left_padded_generate_gives_eagers_tokens(options):
+    """Batched generate() of two prompts of different lengths (left padding): the prefill's key padding runs as
+    key ranges, every decode step reads the padding row; the tokens are eager's."""
+    model, x = build("llama"), ids_for("llama", batch=2, n=40)
+    attention_mask = padding_cases(2, 40)["left padding"]
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(x, **kwargs)
+    model.forward = torch.compile(model.forward, backend="dam", options=options)
+    assert torch.equal(model.generate(x, **kwargs), expected)

@@ -1,6 +1,7 @@
-"""FX graph passes of dam-compile, one step per module: find SDPA, decide, read a size-only causal mask as
-``is_causal`` (``causal_mask``), read K/V before ``repeat_kv`` (``gqa``), insert mask generation, rewrite,
-verify; ``pipeline`` chains them.
+"""FX graph passes of dam-compile, one step per module: find SDPA, decide, keep a decode step that runs dense as
+SDPA (``decode_path``), read a causal mask as ``is_causal`` (``causal_mask``) and its key padding once per mask
+(``key_padding``), read K/V before ``repeat_kv`` (``gqa``), insert mask generation, rewrite, verify;
+``pipeline`` chains them.
 
 This file is the package module itself, loaded as ``dam_compile.passes`` by ``dam_compile/__init__.py``. The folder
 has no ``__init__.py`` on purpose: a clone's root on ``sys.path`` must not make it a top-level ``passes``

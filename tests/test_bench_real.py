@@ -115,7 +115,9 @@ def test_speed_parts_join_piece_by_piece(tmp_path):
     call's part adds the attention piece: the merged row holds both calls' pieces, the ratios are against the
     dense paths timed, and the summary says which one was not (a speed-only run: no fidelity rows)."""
     first = dict(length=32768, eager_ms=130.0, inductor_ms=350.0, dam_default_ms=80.0, generate_eager_ms=756.0,
-                 generate_dam_default_ms=614.0, skipped=["generate_inductor_ms", "attention"])
+                 generate_dam_default_ms=614.0, masked_eager_ms=131.0, masked_inductor_ms=352.0,
+                 masked_dam_default_ms=81.0, token_dam_default_ms=9.0, token_inductor_ms=10.0,
+                 skipped=["generate_inductor_ms", "attention"])
     attention = dict(length=32768, layers=29, dense_ms=84.0, plan_ms=20.0, ours_ms=35.0, flex_ms=42.0, density=0.4,
                      speedup_kernel=2.4, speedup_with_plan=1.5, vs_flex=1.2, plan_share_of_dense=0.24)
     parts = [part_file(tmp_path / "a.json", [], speed=[first]),
@@ -130,8 +132,11 @@ def test_speed_parts_join_piece_by_piece(tmp_path):
     assert summary["notes"]["real_generate_speedup_32k"].startswith("against eager only: inductor not timed")
     assert "real_prefill_speedup_32k" not in summary["notes"]
     assert summary["real_attention_speedup_32k"] == 2.4 and summary["real_prefill_speedup_8k"] is None
+    assert summary["real_prefill_speedup_masked_32k"] == pytest.approx(131 / 81, abs=1e-5)
+    assert summary["real_token_ms_ratio_32k"] == pytest.approx(0.9)
     table = readme_tables.real_table(merged)
-    assert "| 32K | 130.000 | 350.000 | 80.000 | 1.62x |" in table and "our kernel 35.00 ms (2.40x cuDNN" in table
+    assert "| 32K | 131.000 | 352.000 | 81.000 | 1.62x | 130.000 | 350.000 | 80.000 | 1.62x |" in table
+    assert "our kernel 35.00 ms (2.40x cuDNN" in table
 
 
 def test_merge_refuses_parts_of_other_defaults(tmp_path):

@@ -97,8 +97,7 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
     graph = new_gm.graph
     original = {copy: orig for orig, copy in val_map.items()}
     reports, done = [], []
-    readings: dict[Node, str | None] = {}  # each mask node is read once, however many sites share it
-    paddings: dict[Node, KeyPaddingNodes] = {}
+    masks = _MaskReadings()
     for site in find_sdpa_sites(graph):
         decision = decide(site)
         entry = None
@@ -123,24 +122,7 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
                                                                                 site_options.min_seq_len)
             continue
         name = site.node.name
-        padding = None
-        if isinstance(site.attn_mask, Node) and site.attn_mask not in readings:
-            readings[site.attn_mask] = causal_reading(site)
-        reading = readings.get(site.attn_mask) if isinstance(site.attn_mask, Node) else None
-        if reading is not None:
-            if reading == SIZES_ONLY:
-                reports[-1].reason += "; attn_mask is the causal mask, computed from sizes alone: read as is_causal=True"
-                site = replace(site, attn_mask=None, is_causal=True)
-            else:
-                if site.attn_mask not in paddings:
-                    paddings[site.attn_mask] = insert_key_padding(site.attn_mask)
-                padding = paddings[site.attn_mask]
-                reports[-1].reason += (
-                    "; attn_mask is the causal mask and a key padding vector: read as is_causal=True with its last "
-                    "row, described once per forward by dam::key_padding (no mask when every key is valid, "
-                    "per-sequence key ranges for padding)"
-                )
-                site = replace(site, attn_mask=padding.row, is_causal=True)
+        site, padding, mask_dropped = masks.read(site, reports[-1])
         grouped = read_before_repeat(site)
         if grouped is not site:
             reports[-1].reason += "; reads K/V before repeat_kv (grouped heads)"
@@ -151,7 +133,7 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
             reports[-1].dynamic_heads = list(mask.dynamic_heads)
         done.append(RewrittenSite(
             name, mask.plan.target, mask.plan, mask.outputs, op, mask.patterns, mask.decode,
-            kv_sources=(original[site.key].name, original[site.value].name), mask_dropped=reading is not None,
+            kv_sources=(original[site.key].name, original[site.value].name), mask_dropped=mask_dropped,
             padding=padding, plan_inputs=mask.plan_inputs,
         ))
     unmatched = [r for r in reports if r.reason.startswith(NO_PROFILE_ENTRY)]
@@ -165,6 +147,37 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
     new_gm.recompile()
     check_rewrite(gm.graph, graph, val_map, done)
     return RewriteResult(new_gm, reports, done, val_map)
+
+
+@dataclass
+class _MaskReadings:
+    """What each mask node of the graph is (read once, however many sites share it: HF hands one mask to every
+    layer) and, for a causal-and-padding mask, its shared key padding nodes."""
+
+    readings: dict[Node, str | None] = field(default_factory=dict)
+    paddings: dict[Node, KeyPaddingNodes] = field(default_factory=dict)
+
+    def read(self, site: SDPASite, report: SiteReport) -> tuple[SDPASite, KeyPaddingNodes | None, bool]:
+        """``(site as rewritten, its key padding nodes or None, whether its mask was read away)``; the report's
+        reason says what was read."""
+        mask = site.attn_mask
+        if not isinstance(mask, Node):
+            return site, None, False
+        if mask not in self.readings:
+            self.readings[mask] = causal_reading(site)
+        reading = self.readings[mask]
+        if reading is None:
+            return site, None, False
+        if reading == SIZES_ONLY:
+            report.reason += "; attn_mask is the causal mask, computed from sizes alone: read as is_causal=True"
+            return replace(site, attn_mask=None, is_causal=True), None, True
+        if mask not in self.paddings:
+            self.paddings[mask] = insert_key_padding(mask)
+        padding = self.paddings[mask]
+        report.reason += ("; attn_mask is the causal mask and a key padding vector: read as is_causal=True with its "
+                          "last row, described once per forward by dam::key_padding (no mask when every key is "
+                          "valid, per-sequence key ranges for padding)")
+        return replace(site, attn_mask=padding.row, is_causal=True), padding, True
 
 
 def _describe(arg: Any) -> str:

@@ -440,11 +440,12 @@ def summarize(rows: list[dict], speed: list[dict], rope: dict | None = None,
     at = {s["length"]: s for s in speed}
     for length in (8192, 16384, 32768):
         tag, row = f"{length // 1024}k", at.get(length, {})
-        for field, prefix, what in (("prefill", "", "our prefill (no attention_mask) and the dense paths"),
-                                    ("prefill", "masked_", "our prefill with attention_mask=ones and the dense paths"),
-                                    ("generate", "generate_", "generate()"),
-                                    ("generate256", "generate256_", f"generate() of {real_speed.LONG_ANSWER} tokens")):
-            name = f"real_{field}_speedup_{'masked_' if prefix == 'masked_' else ''}{tag}"
+        for field, prefix, what in (
+                ("prefill_speedup", "", "our prefill (no attention_mask) and the dense paths"),
+                ("prefill_speedup_masked", "masked_", "our prefill with attention_mask=ones and the dense paths"),
+                ("generate_speedup", "generate_", "generate()"),
+                ("generate256_speedup", "generate256_", f"generate() of {real_speed.LONG_ANSWER} tokens")):
+            name = f"real_{field}_{tag}"
             put(name, row.get(f"{prefix}speedup"), f"the speed part did not time {what} at {length}")
             timed = [k for k in real_speed.DENSE if f"{prefix}{k}_ms" in row]
             missing = [k for k in ("eager", "inductor") if k not in timed]
@@ -452,8 +453,9 @@ def summarize(rows: list[dict], speed: list[dict], rope: dict | None = None,
                 skipped = any(f"{prefix}{k}_ms" in row.get("skipped", []) for k in missing)
                 why = "skipped: the device call ran out of time" if skipped else "failed or not run"
                 notes[name] = f"against {' and '.join(timed)} only: {' and '.join(missing)} not timed at {length} ({why})"
-        for key, mode in (("token_ratio", "default"), ("token_ratio_ro", "reduce-overhead")):
-            put(f"real_{key.replace('token_ratio', 'token_ms_ratio')}_{tag}", row.get(key),
+        for field, key, mode in (("token_ms_ratio", "token_ratio", "default"),
+                                 ("token_ms_ratio_ro", "token_ratio_ro", "reduce-overhead")):
+            put(f"real_{field}_{tag}", row.get(key),
                 f"per-token times of ours and Inductor in the {mode} compile mode not both measured at {length}")
     attention = at.get(32768, {}).get("attention", {})
     why = "the attention-only part did not run at 32768"

@@ -16,14 +16,13 @@ crossover every decode step runs dense, whatever the weights), bf16, ``model.for
     python profile_decode.py [--length 8192] [--gguf FILE]      # on a GPU
 
 Writes ``results/decode_profile_<gpu>.json`` (or ``--out``) with a ``summary``: ``token_ms_ratio`` (ours /
-Inductor per token), ``host_ms_per_token_dam`` / ``_inductor``, ``masked_prefill_ratio_<len>`` (ours with the
+Inductor per token), ``host_ms_per_token_<backend>``, ``masked_prefill_ratio_<len>`` (ours with the
 mask / ours without), ``masked_prefill_speedup_vs_eager_<len>``, ``padded_speedup_vs_eager``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
 from statistics import median
@@ -35,9 +34,10 @@ import dam_compile
 from bench_common import int_list, run_metadata, synced_wall_ms, write_result
 from e2e_paths import generate
 from prefill_timing import compiled_forward, prefill_ms
+from real_speed import backend_forward, generate_ms
 
 PROFILED_TOKENS = 5
-BACKENDS = {"dam": {}, "inductor": None, "eager": "eager"}
+BACKENDS = ("dam_default", "inductor", "eager")  # real_speed.BACKENDS names
 
 
 def smollm2_shape(gguf: Path | None, length: int):
@@ -52,11 +52,6 @@ def smollm2_shape(gguf: Path | None, length: int):
                          max_position_embeddings=max(8192, length), tie_word_embeddings=True)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
-
-
-def generate_ms(model, ids: torch.Tensor, tokens: int, runs: int = 3) -> float:
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return median(synced_wall_ms(lambda: generate(model, dict(inputs), tokens), runs))
 
 
 def host_profile(model, ids: torch.Tensor, top: int) -> dict:
@@ -101,13 +96,13 @@ def summarize(result: dict) -> dict:
         if value is None:
             notes[field] = why
 
-    both = "dam" in got and "inductor" in got
-    put("token_ms_ratio", got["dam"]["token_ms"] / got["inductor"]["token_ms"] if both else None,
+    both = "dam_default" in got and "inductor" in got
+    put("token_ms_ratio", got["dam_default"]["token_ms"] / got["inductor"]["token_ms"] if both else None,
         "ours and Inductor not both timed")
     for name in BACKENDS:
         put(f"host_ms_per_token_{name}", got.get(name, {}).get("profile", {}).get("host_ms_per_step"),
             f"{name} not profiled")
-    dam = got.get("dam", {})
+    dam = got.get("dam_default", {})
     eager = got.get("eager", {})
     for n in result["prefill_lengths"]:
         ours, theirs = dam.get("prefill", {}).get(str(n), {}), eager.get("prefill", {}).get(str(n), {})
@@ -152,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         start = time.monotonic()
         row = result["backends"].setdefault(name, {})
-        spec = BACKENDS[name]
-        with contextlib.nullcontext() if spec == "eager" else compiled_forward(model, spec), torch.no_grad():
+        with backend_forward(model, name), torch.no_grad():
             dam_compile.reset_runtime_stats()
             generate_ms(model, ids, 2, runs=1)  # compiles the prefill and decode graphs
             first, whole = generate_ms(model, ids, 1), generate_ms(model, ids, args.tokens)
@@ -164,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
                 prompt = torch.randint(1, model.config.vocab_size, (1, n), device="cuda")
                 row["prefill"][str(n)] = {"masked_ms": prefill_ms(model, prompt, 5, masked=True),
                                           "ms": prefill_ms(model, prompt, 5)}
-            if name == "dam":
+            if name == "dam_default":
                 row["paths"] = dam_compile.runtime_stats()
         row["seconds"] = round(time.monotonic() - start, 1)
         print(name, {k: v for k, v in row.items() if k != "profile"}, flush=True)

@@ -115,8 +115,7 @@ def end_to_end(model, prompts: dict[int, torch.Tensor], prefill_lengths: list[in
             speedups(row, new_tokens)
         if progress is not None:
             progress(rows)
-    for row in rows.values():
-        speedups(row, new_tokens)
+    for row in rows.values():  # speedups() ran after each backend
         log("speed " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                  if not k.endswith("_paths")))
         for name in backends:

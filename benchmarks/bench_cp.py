@@ -36,7 +36,7 @@ from bench_e2e import HEADLINE_MODEL, K, release_memory, repeats_for
 from bench_tp import Clock, busiest, joined, log, prompt
 
 import dam_compile
-from dam_compile.model_specs import build_from_config, hf_config
+from dam_compile.cli.model_specs import build_from_config, hf_config
 
 LENGTHS = (128 * K, 256 * K, 512 * K, 1024 * K)
 SMOKE = dict(lengths="128,256", check_length=128, layers=2)

@@ -36,10 +36,10 @@ from bench_common import filled_static_cache, merged_header, result_path, run_me
 from e2e_paths import ANSWER_TOKENS, PATHS, PREFILL_PATHS, generate, mark_dynamic, path_runner
 
 import dam_compile
-from dam_compile.kernels.dispatch import reset_runtime_stats, runtime_stats
-from dam_compile.model_specs import build_from_config, hf_config
+from dam_compile.ops.dispatch import reset_runtime_stats, runtime_stats
+from dam_compile.cli.model_specs import build_from_config, hf_config
 
-# The released models' shapes (dam_compile.model_specs holds their configs).
+# The released models' shapes (dam_compile.cli.model_specs holds their configs).
 MODELS = ("llama-3.1-8b", "llama-3.2-3b", "llama-3.2-1b", "qwen2-7b", "mistral-7b-v0.3")
 VARIANTS = ("eager", "inductor", "dam-dense", "dam-dynamic", "dam-calibrated", "flex")
 HEADLINE_MODEL = "llama-3.1-8b"

@@ -61,7 +61,7 @@ from prefill_timing import compiled_forward, dense_baselines, prefill_ms
 
 import dam_compile
 from dam_compile.config import DAMConfig
-from dam_compile.kernels.plan_stats import PlanStats
+from dam_compile.plan.plan_stats import PlanStats
 
 DENSITIES = (0.10, 0.15)
 DAM_VARIANTS = ("dam-default", "dam-pooled", "dam-last-block", "dam-calibrated-hybrid")

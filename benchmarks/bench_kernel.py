@@ -32,13 +32,22 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
-from dam_compile.kernels import (dense_plan, fixed_count_plan, plan_density, random_plan, sparse_attention,
-                                 triton_block_sparse_attention)
+from dam_compile.plan.structured_plans import dense_plan, fixed_count_plan, random_plan
+from dam_compile.plan.reference import plan_density
+from dam_compile.ops.attention import sparse_attention
+from dam_compile.kernels.block_sparse_launch import triton_block_sparse_attention
 from dam_compile.kernels.block_sparse_launch import _tuned_kernel
 from dam_compile.kernels.decode_kernel import triton_sparse_decode
-from dam_compile.kernels.hopper_launch import (BLOCK_M, BLOCK_N, NUM_STAGES, hopper_args, hopper_constants,
-                                               hopper_unsupported, launch_hopper)
-from dam_compile.kernels.launch_common import CallShape
+from dam_compile.kernels.hopper_launch import (
+    BLOCK_M,
+    BLOCK_N,
+    NUM_STAGES,
+    hopper_args,
+    hopper_constants,
+    hopper_unsupported,
+    launch_hopper,
+)
+from dam_compile.kernels.common import CallShape
 from read_ceiling import KeptBlockReader
 
 HOPPER_CONFIG = (f"hopper: 2 consumer warpgroups x {BLOCK_M} rows, {BLOCK_N}-key tiles, {NUM_STAGES} stages, "

@@ -33,12 +33,13 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
-from dam_compile.kernels import BlockSparsePlan, plan_density
-from dam_compile.kernels.structured_plans import density_matched_streaming_plan
+from dam_compile.plan.block_plan import BlockSparsePlan
+from dam_compile.plan.reference import plan_density
+from dam_compile.plan.structured_plans import density_matched_streaming_plan
 from dam_compile.config import DAMConfig
-from dam_compile.kernels.dynamic_mask import DEFAULT_ESTIMATOR, ESTIMATORS, dynamic_block_plan
-from dam_compile.kernels.ops import dynamic_plan_op, pattern_plan_op
-from dam_compile.kernels.pattern_plan import _CACHE as PATTERN_PLAN_CACHE
+from dam_compile.dynamic.dynamic_plan import DEFAULT_ESTIMATOR, ESTIMATORS, dynamic_block_plan
+from dam_compile.ops.attention import dynamic_plan_op, pattern_plan_op
+from dam_compile.plan.pattern_plan import _CACHE as PATTERN_PLAN_CACHE
 from dam_compile.metrics import attention_mass_recall, top_mass_plan
 
 DENSITIES = (0.05, 0.1, 0.15, 0.3)

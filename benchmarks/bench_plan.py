@@ -29,10 +29,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_common import bench_ms, int_list, run_metadata, synced_wall_ms, write_result
-from dam_compile.kernels import BlockSparsePlan, plan_density, random_plan, sparse_attention
-from dam_compile.kernels.dynamic_mask import dynamic_block_plan
-from dam_compile.kernels.ops import dense_attention
-from dam_compile.kernels.sampled_plan_kernel import sampled_block_plan
+from dam_compile.plan.block_plan import BlockSparsePlan
+from dam_compile.plan.reference import plan_density
+from dam_compile.plan.structured_plans import random_plan
+from dam_compile.ops.attention import sparse_attention
+from dam_compile.dynamic.dynamic_plan import dynamic_block_plan
+from dam_compile.ops.attention import dense_attention
+from dam_compile.dynamic.sampled_plan_kernel import sampled_block_plan
 from dam_compile.config import DAMConfig
 
 SHAPES = {"smollm2": (9, 3, 64), "llama-8b": (32, 8, 128)}  # heads, KV heads, head dim
@@ -115,7 +118,7 @@ def density_of(lists, length: int, block_size: int) -> float:
 
 
 def stage_rows(shapes: list[str], lengths: list[int], old: bool) -> list[dict]:
-    from dam_compile.kernels.ops import _planner
+    from dam_compile.ops.attention import _planner
 
     options = plan_options()
     rows = []

@@ -35,7 +35,7 @@ from bench_e2e import HEADLINE_MODEL, K, release_memory, repeats_for
 from e2e_paths import mark_dynamic
 
 import dam_compile
-from dam_compile.model_specs import build_from_config, hf_config
+from dam_compile.cli.model_specs import build_from_config, hf_config
 
 # HuggingFace's tp_plan for Llama-family decoder layers (config.base_model_tp_plan), as parallelize_module styles.
 TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",

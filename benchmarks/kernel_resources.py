@@ -28,7 +28,8 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from dam_compile.kernels import KernelConfig, random_plan  # noqa: E402
+from dam_compile.kernels.block_sparse_launch import KernelConfig
+from dam_compile.plan.structured_plans import random_plan  # noqa: E402
 from dam_compile.kernels import block_sparse_launch as launch  # noqa: E402
 from dam_compile.kernels.block_sparse_kernel import block_sparse_attention_fwd  # noqa: E402
 

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dam_compile.kernels.decode_kernel import _STAGES, _TILE_KEYS, decode_splits
-from dam_compile.kernels.launch_common import interpreting
+from dam_compile.kernels.common import interpreting
 
 
 @triton.jit

@@ -1,9 +1,10 @@
-"""Regenerate the README's benchmark tables from ``benchmarks/results/*.json`` (never typed by hand).
+"""Regenerate the benchmark tables from ``benchmarks/results/*.json`` (never typed by hand).
 
-    python benchmarks/readme_tables.py            # rewrites the marked sections of README.md in place
-    python benchmarks/readme_tables.py --check    # exit 1 if README.md is out of date
+    python benchmarks/readme_tables.py            # rewrites the marked sections in place
+    python benchmarks/readme_tables.py --check    # exit 1 if a marked section is out of date
 
-Each table sits between ``<!-- bench:<name>:start -->`` and ``<!-- bench:<name>:end -->`` markers.
+The full tables live in ``benchmarks/README.md``; the project README carries only the short headline table.
+Each sits between ``<!-- bench:<name>:start -->`` and ``<!-- bench:<name>:end -->`` markers (:data:`FILES`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from e2e_paths import PATHS
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-KERNEL_TARGETS = {  # ../shared/RESULTS.md, kernel section; files from before a field existed show it as not in that run
+KERNEL_TARGETS = {  # ../shared/RESULTS.md, kernel section; a file from before a field existed has no row for it
     "dense_vs_cudnn_32k": ">= 0.95",
     "dense_vs_cudnn_128k": ">= 0.95",
     "sparse_vs_cudnn_32k": "<= 1.3",
@@ -109,12 +110,13 @@ def _ms(value: float | None) -> str:
 
 def headline_rows(summary: dict, targets: dict[str, str], shown: Callable[[Any, str], str]) -> list[str]:
     """The ``summary`` fields against their targets: a value as ``shown(value, its note)`` renders it, a null one
-    as not measured with its reason, and a field the file's summary predates as not in that run."""
+    as not measured with its reason; a field the file's summary predates (an older file) has no row."""
     lines = ["| headline (`summary`) | measured | target |", "|---|---|---|"]
     for field, target in targets.items():
+        if field not in summary:
+            continue
         note = summary.get("notes", {}).get(field, "")
-        text = ("not in this run (an earlier version of the summary)" if field not in summary
-                else "not measured" + (f": {note}" if note else "") if summary[field] is None
+        text = ("not measured" + (f": {note}" if note else "") if summary[field] is None
                 else shown(summary[field], note))
         lines.append(f"| `{field}` | {text} | {target} |")
     return lines
@@ -176,7 +178,7 @@ def _portable(command: str) -> str:
 
 
 E2E_VARIANTS = ("eager", "inductor", "flex", "dam-dense", "dam-dynamic", "dam-calibrated")
-E2E_TARGETS = {  # ../shared/RESULTS.md; files from before a field existed show it as not in that run
+E2E_TARGETS = {  # ../shared/RESULTS.md; a file from before a field existed has no row for it
     "prefill_speedup_32k": ">= 1.5 (vs the best dense baseline)",
     "prefill_speedup_128k": ">= 2.3 (vs the best dense baseline)",
     "prefill_speedup_vs_inductor_32k": "reported",
@@ -688,36 +690,108 @@ TABLES = {
 }
 RENDERABLE = {"fidelity": scored_through_generate}  # files of a layout the table functions read
 
+# The project README's headline: (results file, summary field, what it measures). Each row reads the file's
+# ``summary``; its target is the one the full table in benchmarks/README.md shows.
+HEADLINE = [
+    ("kernel_h200.json", "dense_vs_cudnn_128k", "kernel, every block kept, 128K: cuDNN SDPA time / ours"),
+    ("kernel_h200.json", "sparse_vs_cudnn_128k",
+     "kernel at 30% / 10% / 3% density, 128K: worst of time / (density x cuDNN dense time)"),
+    ("kernel_h200.json", "vs_flex_min", "kernel vs FlexAttention on the same plan, 32K and 128K: least speedup"),
+    ("plan_h100.json", "overhead_vs_dense_32k", "the default plan's cost / dense cuDNN attention, 8B shape, 32K"),
+    ("real_h100.json", "real_prefill_speedup_32k", "SmolLM2-135M compiled prefill, 32K: best dense path / ours"),
+    ("real_h100.json", "real_attention_speedup_32k", "SmolLM2-135M attention alone on its plans, 32K: cuDNN / ours"),
+    ("real_h100.json", "real_generate_speedup_8k", "SmolLM2-135M `generate()` of 32 tokens, 8K: best dense / ours"),
+    ("real_h100.json", "real_generate_speedup_32k", "SmolLM2-135M `generate()` of 32 tokens, 32K: best dense / ours"),
+    ("real_h100.json", "real_kl_8k", "SmolLM2-135M at 8K: KL(full, default) per token, nats"),
+    ("real_h100.json", "real_top1_gap_8k",
+     "SmolLM2-135M at 8K: top-1 agreement with full attention, gap under the bf16 floor's"),
+    ("real_qwen_h100.json", "real_kl_32k", "Qwen2.5-Coder-0.5B at 32K: KL(full, default) per token, nats"),
+    ("real_qwen_h100.json", "real_ppl_ratio_32k", "Qwen2.5-Coder-0.5B at 32K: perplexity / full attention's"),
+    ("real_h100.json", "real_retrieval_max_gap", "SmolLM2-135M fine-tuned in the run, passkey and key-value "
+                                                 "retrieval through `generate()` at 4K and 8K: largest accuracy "
+                                                 "gap to full attention, points"),
+]
+HEADLINE_TARGETS = {**KERNEL_TARGETS, **PLAN_TARGETS, **REAL_TARGETS}
 
-def render(readme: str) -> str:
+
+def headline_table(results: Path = RESULTS) -> str:
+    """A few numbers that say where the project stands, each from its results file's ``summary`` (rows whose
+    file is not there are left out)."""
+    lines = ["| measure | value | target | run |", "|---|---|---|---|"]
+    for name, field, what in HEADLINE:
+        path = results / name
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        value = result["summary"].get(field)
+        note = result["summary"].get("notes", {}).get(field, "")
+        shown = ("not measured" if value is None else f"{value:.3g}") + (f" ({note})" if note else "")
+        device = result["device"].replace("NVIDIA ", "").replace(" 80GB HBM3", "")
+        lines.append(f"| {what} | {shown} | {HEADLINE_TARGETS.get(field, 'reported')} "
+                     f"| [{device}, {result['date'][:10]}](benchmarks/results/{name}) |")
+    return "\n".join(lines)
+
+
+ROOT_README = ROOT / "README.md"
+BENCH_README = ROOT / "benchmarks" / "README.md"
+
+
+def _bench_sections() -> dict[str, str]:
+    """The full tables of benchmarks/README.md, by marker name (a name with no renderable file is left out:
+    its section stays as it is)."""
+    sections = {}
     for name, (pattern, make) in TABLES.items():
         results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern)) if "quick" not in p.name]
         results = [r for r in results if RENDERABLE.get(name, bool)(r)]
-        if not results:
-            continue  # the section stays as it is
-        body = "\n\n".join(make(r) for r in results)
+        if results:
+            sections[name] = "\n\n".join(make(r) for r in results)
+    return sections
+
+
+FILES: dict[Path, Callable[[], dict[str, str]]] = {  # each file and its marked sections
+    ROOT_README: lambda: {"headline": headline_table()},
+    BENCH_README: _bench_sections,
+}
+
+
+def render(text: str, sections: dict[str, str], where: str = "README.md") -> str:
+    """``text`` with each marked section replaced by its body."""
+    for name, body in sections.items():
         start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-        if start not in readme or end not in readme:
-            raise SystemExit(f"README.md lacks the {start} ... {end} markers")
-        before, rest = readme.split(start, 1)
+        if start not in text or end not in text:
+            raise SystemExit(f"{where} lacks the {start} ... {end} markers")
+        before, rest = text.split(start, 1)
         _, after = rest.split(end, 1)
-        readme = f"{before}{start}\n{body}\n{end}{after}"
-    return readme
+        text = f"{before}{start}\n{body}\n{end}{after}"
+    return text
+
+
+def updates(files: dict[Path, Callable[[], dict[str, str]]] | None = None) -> dict[Path, tuple[str, str]]:
+    """Per file, its current text and the text with every marked section regenerated."""
+    out = {}
+    for path, sections in (files or FILES).items():
+        current = path.read_text()
+        out[path] = (current, render(current, sections(), _shown(path)))
+    return out
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail if README.md is not up to date")
+    parser.add_argument("--check", action="store_true", help="fail if a marked section is not up to date")
     args = parser.parse_args(argv)
-    path = ROOT / "README.md"
-    current = path.read_text()
-    updated = render(current)
+    changed = {path: updated for path, (current, updated) in updates().items() if updated != current}
     if args.check:
-        if updated != current:
-            print("README.md benchmark tables are out of date: run python benchmarks/readme_tables.py")
+        if changed:
+            names = ", ".join(_shown(p) for p in changed)
+            print(f"benchmark tables out of date in {names}: run python benchmarks/readme_tables.py")
             sys.exit(1)
         return
-    path.write_text(updated)
+    for path, updated in changed.items():
+        path.write_text(updated)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ import dam_compile
 from bench_common import bench_ms, synced_wall_ms
 from bench_kernel import flex_block_mask
 from dam_compile.config import DAMConfig
-from dam_compile.kernels.ops import dense_attention
-from dam_compile.kernels.plan import BlockSparsePlan
-from dam_compile.kernels.reference import plan_density
+from dam_compile.ops.attention import dense_attention
+from dam_compile.plan.block_plan import BlockSparsePlan
+from dam_compile.plan.reference import plan_density
 from dam_compile.module_stack import AttentionCallMode
 from dam_compile.passes.dense_layers import dense_layer_reason
 from e2e_paths import generate

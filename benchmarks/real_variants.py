@@ -27,9 +27,9 @@ from torch import Tensor
 
 import dam_compile
 from dam_compile.config import DAMConfig
-from dam_compile.kernels.decompositions import sparse_attention_as_masked_sdpa
-from dam_compile.kernels.plan import BlockSparsePlan
-from dam_compile.kernels.reference import density_per_head
+from dam_compile.ops.decompositions import sparse_attention_as_masked_sdpa
+from dam_compile.plan.block_plan import BlockSparsePlan
+from dam_compile.plan.reference import density_per_head
 from dam_compile.metrics import attention_mass_recall
 from dam_compile.module_stack import AttentionCallMode
 from dam_compile.passes.dense_layers import dense_layer_reason

@@ -1,11 +1,12 @@
-"""A clone works however a user starts code in it: ``python -c`` or a notebook at its root, ``PYTHONPATH=<clone>``,
-an editable install, and the benchmarks' own scripts. Our ``kernels/`` and ``passes/`` folders must never be
-found as top-level ``kernels`` / ``passes``: HuggingFace's hub-kernels package is ``kernels``, and transformers
-(5.25 and newer) imports it."""
+"""A clone works however a user starts code in it: ``python -c`` or a notebook at its root (an installed or
+editable dam-compile), ``PYTHONPATH=<clone>/src``, an editable install, and the benchmarks' own scripts. The code
+lives under ``src/``, so the root never offers a top-level ``kernels`` / ``passes``: HuggingFace's hub-kernels
+package is ``kernels``, and transformers (5.25 and newer) imports it."""
 
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "dam_compile"
+# Where this interpreter's dam_compile is (the clone's src/ for an editable install, site-packages otherwise).
+INSTALLED = Path(importlib.util.find_spec("dam_compile").origin).parent
 BENCHMARKS = ROOT / "benchmarks"
 # Benchmark scripts with a command line (the others are their helpers).
 BENCHMARK_SCRIPTS = ["bench_cp.py", "bench_e2e.py", "bench_fidelity.py", "bench_kernel.py", "bench_maskgen.py", "bench_plan.py",
@@ -38,6 +42,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # transformers < 5.25 does not need it
     assert getattr(kernels, "__file__", None) is None, f"kernels is a module of ours: {kernels!r}"
 import dam_compile
+import dam_compile.kernels, dam_compile.passes
 for sub in ("kernels", "passes"):
     folder = Path(getattr(dam_compile, sub).__path__[0]).resolve()
     assert folder == Path(sys.argv[1]).resolve() / sub, f"dam_compile.{sub} from {folder}"
@@ -83,15 +88,15 @@ def test_the_checkout_root_holds_no_package_of_that_name(name):
 def test_a_users_script_in_a_clone_imports_transformers_and_compiles(how, tmp_path):
     needs_checkout()
     if how == "python -c at the root":
-        run_user_script(sys.executable, ROOT, ROOT)
+        run_user_script(sys.executable, ROOT, INSTALLED)
     else:
-        run_user_script(sys.executable, tmp_path, ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        run_user_script(sys.executable, tmp_path, SOURCE, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
 
 @pytest.mark.slow
 def test_an_editable_install_imports_from_the_clone(tmp_path):
     """``pip install -e <clone>`` in a new environment whose other packages are this one's, less dam-compile
-    (a folder of links to them): dam_compile, its kernels and passes come from the clone."""
+    (a folder of links to them): dam_compile, its kernels and passes come from the clone's ``src/``."""
     needs_checkout()
     site = Path(sysconfig.get_path("purelib"))
     dependencies = tmp_path / "dependencies"
@@ -108,7 +113,7 @@ def test_an_editable_install_imports_from_the_clone(tmp_path):
     install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
-    run_user_script(python, tmp_path, ROOT)
+    run_user_script(python, tmp_path, SOURCE)
 
 
 # Runs each script as ``python <script> --help`` does (its folder first on sys.path, run as __main__), all in one

@@ -7,7 +7,7 @@ import torch
 
 import dam_compile
 from dam_compile.config import DAMConfig
-from dam_compile.passes import rewrite_attention
+from dam_compile.passes.pipeline import rewrite_attention
 
 from dam_testing import CPU_SPARSE, rel_err
 from hf_models import ALL_MODELS, LAYERS, build, ids_for, main_output

@@ -10,7 +10,8 @@ import torch
 
 import dam_compile
 from dam_compile import DAMConfig
-from dam_compile.kernels import streaming_plan, block_sparse_attention_reference
+from dam_compile.plan.structured_plans import streaming_plan
+from dam_compile.plan.reference import block_sparse_attention_reference
 
 from dam_testing import CPU_SPARSE, rel_err, sdpa
 

@@ -28,7 +28,7 @@ PROFILE_SOURCES = ("calibrated", "hybrid", "previous-token")
 
 def previous_token_profile(profile):
     """``profile`` with every head's mean attention on the previous token: its patterns are diagonal 1 alone."""
-    from dam_compile.profile import DAMProfile
+    from dam_compile.calibration.profile import DAMProfile
 
     pcl = profile.pcl
     mean = {}
@@ -53,7 +53,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _one_process(model, ids, positions, options) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One process's sparse logits (the reference kernel; a calibrated profile's through the compiled model,
     which SparseReferenceMode does not run), and per attention module the block table of its plan."""
-    from dam_compile.kernels.pattern_plan import pattern_block_tables
+    from dam_compile.plan.pattern_plan import pattern_block_tables
     from dam_compile.reference_mode import SparseReferenceMode, plan_for
 
     tables = {}

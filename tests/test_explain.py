@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dam_compile
-from dam_compile import cli
+from dam_compile.cli import main as cli
 
 from dam_testing import sdpa
 from hf_models import build, ids_for
@@ -121,7 +121,7 @@ def test_dump_index_links_every_file_and_they_exist(tmp_path):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "dam_compile.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dam_compile.cli.main", *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd)
 
 
@@ -157,7 +157,7 @@ def test_calibrate_command_writes_a_profile_from_a_samples_file(tmp_path, capsys
     out = tmp_path / "profile.safetensors"
     assert cli.main(["calibrate", "tiny-llama", "--samples", str(tmp_path / "samples.txt"), "--pcl", "32",
                      "--out", str(out), "--device", "cpu"]) == 0
-    profile = dam_compile.DAMProfile.load(out)
+    profile = dam_compile.load_profile(out)
     assert profile.pcl == 32 and sorted(profile.modules) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert "2 attention modules" in capsys.readouterr().out
 

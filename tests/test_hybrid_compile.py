@@ -6,13 +6,15 @@ import pytest
 import torch
 
 import dam_compile
-from dam_compile import cli, calibrate
+from dam_compile.cli import main as cli
+from dam_compile import calibrate
 from dam_compile.config import DAMConfig
-from dam_compile.kernels import BlockSparsePlan, block_sparse_attention_reference, token_mask
-from dam_compile.kernels.dam_patterns import extended_mask
-from dam_compile.kernels.dynamic_mask import dynamic_block_plan
+from dam_compile.plan.block_plan import BlockSparsePlan
+from dam_compile.plan.reference import block_sparse_attention_reference, token_mask
+from dam_compile.plan.dam_patterns import extended_mask
+from dam_compile.dynamic.dynamic_plan import dynamic_block_plan
 from dam_compile.module_stack import AttentionCallMode
-from dam_compile.passes import rewrite_attention
+from dam_compile.passes.pipeline import rewrite_attention
 from dam_compile.passes.verify import expected_digraph, fx_to_digraph
 from dam_compile.reference_mode import plan_for
 
@@ -20,6 +22,7 @@ from dam_testing import capture_graph, dense_oracle, rel_err
 from hf_models import build, ids_for
 from planted_heads import PlantedModel, needle_samples
 from test_graph_equivalence import isomorphic
+from dam_compile import save_profile
 
 OPTIONS = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager", "density": 0.3,
            "dense_layers": 0}
@@ -155,7 +158,7 @@ def test_generate_with_a_hybrid_profile_equals_its_eager_oracle(llama):
 
 def test_inspect_and_the_dump_show_the_split(planted, tmp_path, capsys):
     _model, profile = planted
-    path = profile.save(tmp_path / "planted.safetensors")
+    path = save_profile(profile, tmp_path / "planted.safetensors")
     options = ["-o", "block_size=16", "-o", "min_seq_len=0", "-o", "kernel=reference", "-o", f"profile={path}"]
     assert cli.main(["inspect", "planted_heads:make", "--seq-len", "96", "--device", "cpu", "--no-measure",
                      "--dump", str(tmp_path / "dump"), *options]) == 0

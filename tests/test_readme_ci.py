@@ -1,4 +1,5 @@
-"""CI must run exactly the README's quick-start commands; the README's benchmark tables match the results."""
+"""CI must run exactly the README's quick-start commands; the benchmark tables (the full ones in
+benchmarks/README.md, the headline in README.md) match the results files."""
 
 import importlib
 import json
@@ -37,12 +38,36 @@ def test_ci_runs_the_readme_commands():
 
 
 def test_readme_benchmark_tables_match_the_results_files():
-    """The README's benchmark tables are generated from benchmarks/results/*.json, never edited by hand."""
+    """The benchmark tables are generated from benchmarks/results/*.json, never edited by hand."""
     if not (BENCHMARKS / "readme_tables.py").exists():
         pytest.skip("not run from a source checkout")
     run = subprocess.run([sys.executable, str(BENCHMARKS / "readme_tables.py"), "--check"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_every_table_has_its_place_and_a_drifted_one_is_caught(tmp_path, monkeypatch):
+    """Each generated table sits in its file (the full ones in benchmarks/README.md, the headline in README.md),
+    is not empty, and a number edited by hand inside any of them makes the check fail until it is regenerated."""
+    (readme_tables,) = bench_modules("readme_tables")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the real table imports bench_real when it renders
+    assert readme_tables.FILES.keys() == {ROOT / "README.md", BENCHMARKS / "README.md"}
+    assert set(readme_tables.FILES[BENCHMARKS / "README.md"]()) == set(readme_tables.TABLES)
+    headline = readme_tables.FILES[ROOT / "README.md"]()
+    assert set(headline) == {"headline"} and headline["headline"].count("\n") > 2
+    for path, sections in readme_tables.FILES.items():
+        text = path.read_text()
+        copy = tmp_path / path.relative_to(ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        for name, body in sections().items():
+            start, end = f"<!-- bench:{name}:start -->\n", f"\n<!-- bench:{name}:end -->"
+            assert f"{start}{body}{end}" in text, f"{name} is not current in {path.name}"
+            number = re.search(r"\d\.\d+", body)
+            drifted = text.replace(f"{start}{body}{end}",
+                                   f"{start}{body[:number.start()]}9{body[number.start():]}{end}")
+            copy.write_text(drifted)
+            (current, updated), = readme_tables.updates({copy: sections}).values()
+            assert current != updated and updated == text, f"a drifted {name} table in {path.name} passed"
 
 
 def test_a_maskgen_run_cut_short_keeps_its_overhead_and_says_what_is_missing():

@@ -60,13 +60,13 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             torch._dynamo.reset()
             torch.manual_seed(0)
             model = shard(llama().eval(), mesh)
-            dam_compile.kernels.reset_runtime_stats()
+            dam_compile.reset_runtime_stats()
             with torch.no_grad():
                 tp = torch.compile(model, backend=backend)(ids).logits
             torch._dynamo.reset()
             result[source] = dict(tp_vs_one=_rel(tp, one), one_vs_full=_rel(one, full),
                                   heads=model.model.layers[0].self_attn.q_proj.weight.to_local().shape[0] // 16,
-                                  paths=dam_compile.kernels.runtime_stats())
+                                  paths=dam_compile.runtime_stats())
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:

@@ -32,11 +32,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
-from dam_compile.plan.structured_plans import dense_plan, fixed_count_plan, random_plan
+from bench_plans import fixed_count_plan, random_plan
+from dam_compile.plan.structured_plans import dense_plan
 from dam_compile.plan.reference import plan_density
 from dam_compile.ops.attention import sparse_attention
 from dam_compile.kernels.block_sparse_launch import triton_block_sparse_attention
-from dam_compile.kernels.block_sparse_launch import _tuned_kernel
+from dam_compile.kernels.block_sparse_launch import tuned_kernel
 from dam_compile.kernels.decode_kernel import triton_sparse_decode
 from dam_compile.kernels.hopper_launch import (
     BLOCK_M,
@@ -180,7 +181,7 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
                 portable_ms = bench_ms(lambda: ours("portable"), flops / 5e14 * 1e3)
                 per_tile_ms = bench_ms(lambda: per_tile_launch(q, k, v, plan), flops / 5e14 * 1e3)
                 log(f"N={n} d={measured:.3f} portable {portable_ms:.3f} ms, one CTA per tile {per_tile_ms:.3f} ms")
-            config = HOPPER_CONFIG if path == "hopper" else str(_tuned_kernel.best_config)
+            config = HOPPER_CONFIG if path == "hopper" else str(tuned_kernel.best_config)
             mask = flex_block_mask(plan, n, h)
             flex_out = flex(q, k, v, block_mask=mask, enable_gqa=True)
             log(f"N={n} d={measured:.3f} FlexAttention compiled and run once")

@@ -33,13 +33,14 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from bench_common import bench_ms, run_metadata, write_result
+from bench_plans import density_matched_streaming_plan
 from dam_compile.plan.block_plan import BlockSparsePlan
 from dam_compile.plan.reference import plan_density
-from dam_compile.plan.structured_plans import density_matched_streaming_plan
 from dam_compile.config import DAMConfig
-from dam_compile.dynamic.dynamic_plan import DEFAULT_ESTIMATOR, ESTIMATORS, dynamic_block_plan
+from dam_compile.dynamic.dynamic_plan import dynamic_block_plan
+from dam_compile.dynamic.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from dam_compile.ops.attention import dynamic_plan_op, pattern_plan_op
-from dam_compile.plan.pattern_plan import _CACHE as PATTERN_PLAN_CACHE
+from dam_compile.plan.pattern_plan import clear_pattern_plan_cache
 from dam_compile.metrics import attention_mass_recall, top_mass_plan
 
 DENSITIES = (0.05, 0.1, 0.15, 0.3)
@@ -99,7 +100,7 @@ def overhead_rows(args, log) -> list[dict]:
             row[f"dynamic_{estimator}_ms"] = bench_ms(op)
         diagonals, columns, corner = synthetic_profile_patterns(h, 128, q.device)
         call = lambda: pattern_plan_op(q, k, diagonals, columns, corner, block, True, 0, "auto")  # noqa: E731
-        PATTERN_PLAN_CACHE.clear()
+        clear_pattern_plan_cache()
         torch.cuda.synchronize()
         start = time.perf_counter()
         call()

@@ -29,9 +29,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_common import bench_ms, int_list, run_metadata, synced_wall_ms, write_result
+from bench_plans import random_plan
 from dam_compile.plan.block_plan import BlockSparsePlan
 from dam_compile.plan.reference import plan_density
-from dam_compile.plan.structured_plans import random_plan
 from dam_compile.ops.attention import sparse_attention
 from dam_compile.dynamic.dynamic_plan import dynamic_block_plan
 from dam_compile.ops.attention import dense_attention
@@ -118,7 +118,7 @@ def density_of(lists, length: int, block_size: int) -> float:
 
 
 def stage_rows(shapes: list[str], lengths: list[int], old: bool) -> list[dict]:
-    from dam_compile.ops.attention import _planner
+    from dam_compile.ops.attention import compiled_planner
 
     options = plan_options()
     rows = []
@@ -132,7 +132,7 @@ def stage_rows(shapes: list[str], lengths: list[int], old: bool) -> list[dict]:
             row["fused"] = dict(kernel_profile(fused), host_us=host_us(fused), wall_ms=wall_ms(fused),
                                 plan_ms=bench_ms(fused), density_random_qk=round(density_of(fused(), n, options["block_size"]), 3))
             if old:
-                compiled = _planner(dynamic_block_plan, q.device)
+                compiled = compiled_planner(dynamic_block_plan, q.device)
                 definition = lambda: compiled(q, k, estimator="sampled", **options)  # noqa: E731
                 definition()  # compile
                 row["compiled_definition"] = dict(kernel_profile(definition), host_us=host_us(definition),

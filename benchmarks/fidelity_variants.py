@@ -26,9 +26,10 @@ from torch import Tensor
 import dam_compile
 from dam_compile.plan.block_plan import BlockSparsePlan, num_blocks
 from dam_compile.dynamic.block_estimates import last_rows_block_mass
-from dam_compile.plan.structured_plans import causal_block_tables, density_matched_streaming_plan, random_plan
+from dam_compile.plan.structured_plans import causal_block_tables
 from dam_compile.metrics import top_mass_plan
 from dam_compile.module_stack import AttentionCallMode
+from bench_plans import density_matched_streaming_plan, random_plan
 
 BASELINES = ("streaming", "oracle", "random")
 

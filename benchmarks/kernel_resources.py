@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from dam_compile.kernels.block_sparse_launch import KernelConfig
-from dam_compile.plan.structured_plans import random_plan  # noqa: E402
+from bench_plans import random_plan  # noqa: E402
 from dam_compile.kernels import block_sparse_launch as launch  # noqa: E402
 from dam_compile.kernels.block_sparse_kernel import block_sparse_attention_fwd  # noqa: E402
 
@@ -155,7 +155,7 @@ def compile_row_lse(shard: bool) -> tuple:
     k = torch.randn(1, 3, 4096 * (2 if shard else 1), 64, dtype=torch.bfloat16)
     blocks = torch.arange(32) * (2 if shard else 1) if shard else None
     launch = last_rows_lse.lse_launch(q, k, 128, True, 0.125, 32 * 16, 16, blocks)
-    kernel = last_rows_lse._rows_block_lse_kernel.warmup(*launch.args, **launch.constants, grid=(1,))
+    kernel = launch.kernel.warmup(*launch.args, **launch.constants, grid=(1,))
     return kernel, launch.constants
 
 

@@ -1,8 +1,8 @@
 """The decode part's ceiling: a kernel that only reads the kept K/V blocks, on the decode kernel's grid.
 
 Each program takes one KV head's blocks at list positions ``split, split + splits, ...`` (the decode kernel's
-split by rank, ``decode_splits`` programs per KV head), reads them in the decode kernel's steps (``_TILE_KEYS``
-keys, ``_STAGES`` in flight, four warps) and sums ``K * V`` so that nothing is optimised away. No lists to
+split by rank, ``decode_splits`` programs per KV head), reads them in the decode kernel's steps (``TILE_KEYS``
+keys, ``STAGES`` in flight, four warps) and sums ``K * V`` so that nothing is optimised away. No lists to
 decode, no scores, no merge: the time a decode step over those blocks could take with this launch shape, which
 the decode rows report beside ours.
 """
@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dam_compile.kernels.decode_kernel import _STAGES, _TILE_KEYS, decode_splits
+from dam_compile.kernels import decode_kernel  # the steps this reads in: its TILE_KEYS and STAGES
+from dam_compile.kernels.decode_kernel import decode_splits
 from dam_compile.kernels.common import interpreting
 
 
@@ -65,6 +66,6 @@ class KeptBlockReader:
         _read_kept_blocks[(self.key.shape[1], self.splits)](
             self.key, self.value, self.table, self.counts, self.out, self.key.stride(1), self.key.stride(2),
             self.splits, RANGE=self.range, PLAN_BLOCK=self.block_size,
-            BLOCK_N=min(self.block_size, _TILE_KEYS), HEAD_DIM=self.key.shape[-1],
-            STAGES=1 if interpreting() else _STAGES, num_warps=1 if interpreting() else 4)
+            BLOCK_N=min(self.block_size, decode_kernel.TILE_KEYS), HEAD_DIM=self.key.shape[-1],
+            STAGES=1 if interpreting() else decode_kernel.STAGES, num_warps=1 if interpreting() else 4)
         return self.out

@@ -33,10 +33,10 @@ from bench_common import bench_ms, synced_wall_ms
 from bench_kernel import flex_block_mask
 from dam_compile.config import DAMConfig
 from dam_compile.ops.attention import dense_attention
-from dam_compile.plan.block_plan import BlockSparsePlan
+from dam_compile.ops.dispatch import call_path
 from dam_compile.plan.reference import plan_density
 from dam_compile.module_stack import AttentionCallMode
-from dam_compile.passes.dense_layers import dense_layer_reason
+from dam_compile.reference_mode import plan_call_for
 from e2e_paths import generate
 from prefill_timing import compiled_forward, prefill_ms
 
@@ -167,22 +167,20 @@ def attention_only(model, ids: torch.Tensor, log) -> dict:
     """Attention alone on the model's own Q/K/V at ``ids``' length, summed over the sparse layers (the first
     ``dense_layers`` run dense in the product and are left out): milliseconds of dense cuDNN SDPA, our plan,
     our kernel on it and FlexAttention on the identical plan, and the plans' mean density."""
-    config = DAMConfig()
-    options = config.mask_options()
+    config = DAMConfig(min_seq_len=0)  # the default plan at every length
     with CaptureQKV(model) as capture:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     flex = torch.compile(flex_attention, dynamic=False)
     totals = {"dense_ms": 0.0, "plan_ms": 0.0, "ours_ms": 0.0, "flex_ms": 0.0}
     densities, layers = [], 0
     for name, a in capture.calls:
-        if dense_layer_reason(name, config.dense_layers) is not None:
-            continue
         q, k, v, scale = a["query"], a["key"], a["value"], a["scale"]
+        if call_path(config, name, q, k, runner="plan")[0] == "dense":
+            continue
         gqa = k.shape[1] != q.shape[1]
-        kwargs = dict(options.dynamic_plan_kwargs(True, scale), min_seq_len=0)
-        make_plan = lambda: torch.ops.dam.dynamic_plan(q, k, **kwargs)  # noqa: E731
-        lists = make_plan()
-        plan = BlockSparsePlan(lists[0], lists[1], options.block_size, lists[2], lists[3])
+        call = plan_call_for(config, q, True, scale)
+        make_plan = lambda: call.run(q, k)  # noqa: E731
+        plan = call.plan(make_plan())
         mask = flex_block_mask(plan, q.shape[-2], q.shape[1])
         totals["dense_ms"] += bench_ms(lambda: dense_attention(q, k, v, None, scale, True, gqa))
         totals["plan_ms"] += bench_ms(make_plan)

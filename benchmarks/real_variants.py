@@ -32,7 +32,7 @@ from dam_compile.plan.block_plan import BlockSparsePlan
 from dam_compile.plan.reference import density_per_head
 from dam_compile.metrics import attention_mass_recall
 from dam_compile.module_stack import AttentionCallMode
-from dam_compile.passes.dense_layers import dense_layer_reason
+from dam_compile.ops.dispatch import call_path
 from dam_compile.reference_mode import plan_for
 from fidelity_variants import BaselineAttention, call_kind
 
@@ -95,14 +95,11 @@ class PlanAttention(AttentionCallMode):
         q, k, v = a["query"], a["key"], a["value"]
         decode = call_kind(name, a) == "decode"
         kind = "decode" if decode else "prefill"
-        if dense_layer_reason(name, self.config.dense_layers) is not None:
+        if call_path(self.config, name, q, k, runner="plan")[0] == "dense":
             self.densities[kind].append(1.0)
             return None
         is_causal = not decode
-        patterns, dynamic = None, None
-        if self.config.source == "calibrated":
-            patterns, dynamic = self.config.profile.patterns_for(name, q.device)
-        plan = plan_for(self.config, q, k, is_causal, a["scale"], patterns=patterns, dynamic_heads=dynamic)
+        plan = plan_for(self.config, q, k, is_causal, a["scale"], module=name)
         enable_gqa = k.shape[1] != q.shape[1]
         density = density_per_head(plan, q.shape[-2], k.shape[-2], is_causal).float().cpu()
         self.densities[kind].append(float(density.mean()))

@@ -36,6 +36,7 @@ ENTRIES = {
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
 @pytest.mark.parametrize("name", list(ALL_MODELS))
+@pytest.mark.slow
 def test_every_compile_path_runs_sparse_under_the_models_own_module_names(name, entry):
     model = build(name)
     modules = dict(model.named_modules())

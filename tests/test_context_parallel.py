@@ -170,7 +170,18 @@ def test_shard_layout_is_context_parallels():
         assert torch.equal(ShardLayout(world, SEQ // world, load_balanced=False).order(), torch.arange(SEQ))
 
 
-@pytest.mark.parametrize("source", ["dense", "streaming"])
+def band_profile(module: str, heads: int = 4, pcl: int = 32):
+    """A profile whose heads attend to the last three tokens and the first one (no dynamic heads)."""
+    from dam_compile.calibration.profile import DAMProfile
+
+    rows, cols = torch.arange(pcl)[:, None], torch.arange(pcl)[None, :]
+    attention = (((rows - cols >= 0) & (rows - cols <= 2)) | ((cols == 0) & (rows >= cols))).float()
+    attention = (attention / attention.sum(-1, keepdim=True)).expand(heads, -1, -1).clone()
+    return DAMProfile.from_mean_attention({module: attention}, {module: True}, box_cox_lambda=0.5, tau=0.3,
+                                          mu=0.8, model_fingerprint="test", samples=1)
+
+
+@pytest.mark.parametrize("source", ["dense", "streaming", "calibrated"])
 def test_rows_of_every_rank_are_the_one_process_plans(source):
     """Sources that need no communication: each rank's rows are the one-process plan's rows of its blocks."""
     from dam_compile.config import DAMConfig
@@ -178,10 +189,13 @@ def test_rows_of_every_rank_are_the_one_process_plans(source):
     from dam_compile.reference_mode import plan_for
 
     options = dict(OPTIONS, mask_source=source)
+    if source == "calibrated":
+        options["profile"] = band_profile("model.layers.1.self_attn")
     config = DAMConfig.from_options(options)
     q, k = torch.randn(1, 4, SEQ, 16), torch.randn(1, 2, SEQ, 16)
-    partial, full = plan_for(config, q, k, True).block_tables(SEQ)
+    partial, full = plan_for(config, q, k, True, module="model.layers.1.self_attn").block_tables(SEQ)
     whole = partial | full
+    assert source == "dense" or whole.float().mean() < 0.4  # sparse: equality means something
     ring = RingAttention(None, config)
     for world in (2, 4):
         layout = ShardLayout(world, SEQ // world, load_balanced=True)

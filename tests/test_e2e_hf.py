@@ -20,6 +20,7 @@ def compiled_graphs() -> int:
     return len(dam_compile.graph_reports())
 
 
+@pytest.mark.slow
 def test_ten_prompt_lengths_compile_at_most_twice():
     model = build("llama")
     compiled = torch.compile(model, backend="dam", options=DYNAMIC)
@@ -33,6 +34,7 @@ def test_ten_prompt_lengths_compile_at_most_twice():
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.slow
 def test_decode_steps_do_not_recompile_per_step(cache):
     model, x = build("llama"), ids_for("llama", n=40)
     model.forward = torch.compile(model.forward, backend="dam", options=STREAMING)
@@ -42,6 +44,7 @@ def test_decode_steps_do_not_recompile_per_step(cache):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.slow
 def test_sparse_generate_equals_its_eager_oracle(name):
     """Streaming masks change the tokens; the compiled model must change them exactly as the eager oracle does."""
     model, x = build(name), ids_for(name, n=48)
@@ -91,6 +94,7 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("source", ["dynamic", "streaming"])
+@pytest.mark.slow
 def test_no_tensor_as_large_as_the_score_matrix(source):
     """Mask generation and the fused kernel never build a [*, N, N] tensor (the interpreter runs the kernel on
     NumPy, so only the graph's and the plan's own tensors are seen)."""
@@ -155,6 +159,7 @@ def test_an_all_ones_attention_mask_runs_plain_causal_attention(case, masked):
     assert len(seen.masked) == LAYERS and all(m is masked for m in seen.masked), seen.masked
 
 
+@pytest.mark.slow
 def test_dense_decode_steps_stay_the_models_sdpa_until_the_cache_grows_past_the_limit():
     """A decode step that would run dense is decided when its graph compiles: the site stays the model's SDPA
     call (no op, no Python of ours per token) for every cache below min_seq_len, and the step that reaches it
@@ -174,6 +179,7 @@ def test_dense_decode_steps_stay_the_models_sdpa_until_the_cache_grows_past_the_
 
 
 @pytest.mark.parametrize("options", [DENSE_ON_CPU, CPU_SPARSE], ids=["dense path", "sparse reference"])
+@pytest.mark.slow
 def test_batched_left_padded_generate_gives_eagers_tokens(options):
     """Batched generate() of two prompts of different lengths (left padding): the prefill's key padding runs as
     key ranges, every decode step reads the padding row; the tokens are eager's."""

@@ -189,6 +189,7 @@ def test_model_function_spec_and_missing_function(tmp_path, monkeypatch, capsys)
     assert exit_.value.code == 2 and "cannot load 'absent'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dump_of_a_calibrated_model_draws_the_profile(tmp_path):
     pytest.importorskip("matplotlib")
     model = build("llama")

@@ -23,6 +23,7 @@ def dam_targets(program):
 
 @pytest.mark.parametrize("source", ["streaming", "dynamic", "dense"])
 @pytest.mark.parametrize("decompose", [False, True])
+@pytest.mark.slow
 def test_exported_program_computes_what_the_backend_computes(source, decompose):
     model = build("llama")
     options = {**OPTIONS, "mask_source": source}
@@ -80,6 +81,7 @@ def test_mlir_arguments_are_checked():
 
 
 @pytest.mark.parametrize("decompose", [False, True])
+@pytest.mark.slow
 def test_exported_program_with_a_padded_attention_mask(decompose):
     """A left-padded batch with its attention_mask: the key padding is read once (dam.key_padding) and the
     program equals the eager oracle on every valid position, with our ops or decomposed to ATen."""

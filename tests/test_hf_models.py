@@ -56,6 +56,7 @@ def test_padded_batch(name):
 
 @pytest.mark.parametrize("name", CAUSAL_LMS)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.slow
 def test_generate_with_kv_cache(name, cache):
     """Greedy generate() through the compiled forward equals eager: the prefill and every decode step run the
     sparse path (the all-blocks plan), decode steps with their one-row plan."""

@@ -21,7 +21,7 @@ from .config import DAMConfig
 from .plan.reference import block_sparse_attention_reference
 from .module_stack import AttentionCallMode
 from .ops.attention import sparse_attention
-from .passes.dense_layers import dense_layer_reason
+from .ops.dispatch import call_path
 from .calibration.profile import DAMProfile
 from .reference_mode import plan_for
 
@@ -50,12 +50,12 @@ class ProfileAttention(AttentionCallMode):
         self.config = config
 
     def on_attention(self, name: str, a: dict[str, Any]) -> Tensor | None:
-        q, k, profile = a["query"], a["key"], self.config.profile
-        entry = profile.find_module(name)
-        if entry is None or dense_layer_reason(name, self.config.dense_layers) is not None or q.shape[-2] == 1:
+        q, k = a["query"], a["key"]
+        if q.shape[-2] == 1 or self.config.profile.find_module(name) is None:
+            return None  # prefill calls of the profile's modules only
+        if call_path(self.config, name, q, k, runner="plan")[0] == "dense":
             return None
-        plan = plan_for(self.config, q, k, a["is_causal"], a["scale"], a["attn_mask"],
-                        profile.patterns_on(entry, q.device), profile.modules[entry].dynamic_heads.to(q.device))
+        plan = plan_for(self.config, q, k, a["is_causal"], a["scale"], a["attn_mask"], module=name)
         if q.is_cuda:
             return sparse_attention(q, k, a["value"], plan, attn_mask=a["attn_mask"], scale=a["scale"],
                                     is_causal=a["is_causal"], enable_gqa=a["enable_gqa"])

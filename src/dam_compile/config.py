@@ -8,7 +8,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .ops.dispatch import KERNELS
-from .dynamic.dynamic_plan import DEFAULT_ESTIMATOR, DEFAULT_MASS_TARGET, DENSITY_DEFAULTS, ESTIMATORS
+from .dynamic.dynamic_plan import DEFAULT_MASS_TARGET
+from .dynamic.estimators import DEFAULT_ESTIMATOR, ESTIMATOR_SPECS, ESTIMATORS
+from .plan.defaults import (DEFAULT_BLOCK_SIZE, DEFAULT_BOX_COX_LAMBDA, DEFAULT_LOCAL_BLOCKS, DEFAULT_MU,
+                            DEFAULT_SINK_BLOCKS, DEFAULT_TAU)
 from .plan.mask_options import MASK_SOURCES, MaskOptions
 from .calibration.profile_file import as_profile
 
@@ -40,7 +43,7 @@ class DAMConfig:
             the threshold (dynamic mode).
         density: dynamic mode's cap: beyond the always-kept sink and local blocks, a head keeps at most this
             share of its other visible key blocks; a decode step keeps at least this share of its blocks beyond
-            sink and local. ``None`` (default): the estimator's own (``DENSITY_DEFAULTS``): no cap for
+            sink and local. ``None`` (default): the estimator's own (``dynamic/estimators.py``): no cap for
             ``"sampled"``, whose budgets follow the mass alone (a decode step keeps the blocks holding 0.99 of
             its exact attention), 0.075 for the others.
         mass_target: dynamic mode keeps, per query block, the blocks holding this share of the row's estimated
@@ -69,18 +72,18 @@ class DAMConfig:
         strict: raise when the pass fails instead of compiling the unmodified graph with a warning.
     """
 
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     min_seq_len: int = 8192
     mask_source: str | None = None
     profile: Any = None
-    tau: float = 0.3
-    box_cox_lambda: float = 0.5
-    mu: float = 0.8
+    tau: float = DEFAULT_TAU
+    box_cox_lambda: float = DEFAULT_BOX_COX_LAMBDA
+    mu: float = DEFAULT_MU
     density: float | None = None
     mass_target: float = DEFAULT_MASS_TARGET
     estimator: str = DEFAULT_ESTIMATOR
-    sink_blocks: int = 1
-    local_blocks: int = 2
+    sink_blocks: int = DEFAULT_SINK_BLOCKS
+    local_blocks: int = DEFAULT_LOCAL_BLOCKS
     dense_layers: int = 1
     kernel: str = "auto"
     inner_backend: str = "inductor"
@@ -152,8 +155,8 @@ class DAMConfig:
 
     def mask_options(self) -> MaskOptions:
         """The plain values the graph pass builds each site's plan and op from (the profile itself goes to the
-        pass separately); an unset ``density`` becomes the estimator's ``DENSITY_DEFAULTS``."""
-        defaults = DENSITY_DEFAULTS[self.estimator]
+        pass separately); an unset ``density`` becomes the estimator's ``density`` defaults (its registry entry)."""
+        defaults = ESTIMATOR_SPECS[self.estimator].density
         return MaskOptions(
             source=self.source, block_size=self.block_size, min_seq_len=self.min_seq_len, kernel=self.kernel,
             tau=self.tau, box_cox_lambda=self.box_cox_lambda, mu=self.mu,

@@ -11,7 +11,7 @@ head-tail load balancing for causal attention included) and every ``scaled_dot_p
 model reaches :class:`RingAttention` with the rank's query shard. Each call runs a ring (PyTorch's rotation of
 the key/value shards, as ``_templated_ring_attention`` has it, and a log-sum-exp merge that leaves a row which
 kept nothing so far unchanged), each step as ``dam::sparse_attention_lse`` on the received shard with the
-rank's plan rows cut to the step (``kernels/ring_step.py``); a step that keeps no block computes nothing. The
+rank's plan rows cut to the step (``ops/ring_step.py``); a step that keeps no block computes nothing. The
 plan rows are those one process would build for the whole sequence:
 
 - ``dense`` and ``streaming`` (and the first ``dense_layers`` layers, and sequences under ``min_seq_len``):
@@ -20,10 +20,10 @@ plan rows are those one process would build for the whole sequence:
   rank scores its own sampled query rows against them (the kernel's ``block_map``: its blocks at their places
   in the sequence), the rank holding the prompt's last block makes it exact, and the plan's few sums and
   minima over all rows (the Box-Cox shift, the pattern counts, the budgets) are all-reduced
-  (``kernels/dynamic_mask.QueryShard``): each rank pays ``1 / world_size`` of the plan. Other estimators
+  (``dynamic/dynamic_plan.QueryShard``): each rank pays ``1 / world_size`` of the plan. Other estimators
   gather the queries too and compute the whole plan on every rank;
 - ``calibrated``: the profile's patterns give the whole plan from global positions, no communication; each call
-  of a step gets the token pattern moved to its keys' start (``kernels/ring_step.RankRows``). A hybrid profile's
+  of a step gets the token pattern moved to its keys' start (``ops/ring_step.RankRows``). A hybrid profile's
   dynamic heads take the dynamic source's rows and the pass-through token pattern, as in one process.
 
 Shards must be whole plan blocks: the sequence length a multiple of ``2 * world_size * block_size`` with load
@@ -41,16 +41,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import DAMConfig
-from .ops.dispatch import choose_path
+from .ops.dispatch import call_path
 from .dynamic.dynamic_plan import QueryShard, dynamic_block_plan
-from .ops.hybrid_plan import hybrid_token_pattern
-from .plan.block_plan import BlockSparsePlan, num_blocks
 from .plan.pattern_plan import pattern_block_tables
 from .ops.ring_step import RankRows, StepOptions, blocks_of, merge, position_runs
-from .plan.structured_plans import causal_block_tables
+from .plan.structured_plans import causal_block_tables, streaming_window
 from .module_stack import AttentionCallMode
-from .passes.dense_layers import dense_layer_reason
-from .reference_mode import plan_for
+from .passes.plan_call import DENSE_PLAN, DYNAMIC_PLAN, STREAMING_PLAN, PlanCall
+from .reference_mode import plan_call_for
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -120,74 +118,76 @@ class RingAttention(AttentionCallMode):
 
     def plan_rows(self, module_name: str, q: Tensor, k: Tensor, layout: ShardLayout, rank: int,
                   group: dist.ProcessGroup, scale: float | None) -> RankRows:
-        """The rank's rows of the one-process plan of the whole sequence (:class:`RankRows`)."""
-        config, block = self.config, self.config.block_size
+        """The rank's rows of the one-process plan of the whole sequence (:class:`RankRows`): the plan call the
+        pass would insert (:func:`plan_call_for`), where the ring runs sparse (:func:`call_path`)."""
+        block = self.config.block_size
         seq_len = layout.world * layout.local_len
         if seq_len % (block * layout.world * (2 if layout.load_balanced else 1)):
             raise ValueError(f"{module_name}: a context-parallel shard must be whole blocks of block_size={block}: "
                              f"sequence length {seq_len} over {layout.world} ranks"
                              + (" with load balancing (two chunks each)" if layout.load_balanced else ""))
         positions = layout.positions(rank).to(q.device)
-        q_blocks = blocks_of(positions, block)
-        nk = num_blocks(seq_len, block)
-        source = config.source
-        dense_reason = dense_layer_reason(module_name, config.dense_layers)
-        if dense_reason is None and seq_len < config.min_seq_len:
-            dense_reason = f"sequence shorter than min_seq_len={config.min_seq_len}"
-        if dense_reason is None and choose_path(q, k, 0, config.kernel)[0] == "dense":
-            dense_reason = choose_path(q, k, 0, config.kernel)[1]  # no sparse kernel here: the steps run dense
-        if dense_reason is not None:
-            self.dense_reasons[module_name] = dense_reason
-        if dense_reason is not None or source == "dense":
-            visible, _ = causal_block_tables(seq_len, seq_len, block, True, q.device)
-            return _block_rows(visible[q_blocks][None, None], q_blocks, positions, block)
-        if source == "streaming":
-            m, n = q_blocks[:, None], torch.arange(nk, device=q.device)[None, :]
-            kept = (n <= m) & ((n < config.sink_blocks) | (m - n < config.local_blocks))
-            return _block_rows(kept[None, None], q_blocks, positions, block)
-        if source == "dynamic":
-            return self._dynamic_rows(q, k, layout, positions, group, scale)
-        # calibrated: the whole plan from the profile's patterns over global positions, no communication; a
-        # hybrid profile's dynamic heads take the dynamic rows and the pass-through token pattern
-        patterns, dynamic = config.profile.patterns_for(module_name, q.device)
+        path, reason = call_path(self.config, module_name, q, k, runner="ring", key_len=seq_len)
+        if path == "dense":  # the dense ring: every causal block
+            self.dense_reasons[module_name] = reason
+            return _structured_rows(None, positions, seq_len, block)
+        call = plan_call_for(self.config, q, True, scale, module_name)
+        if call.op in (DENSE_PLAN, STREAMING_PLAN):
+            return _structured_rows(call, positions, seq_len, block)
+        if call.op is DYNAMIC_PLAN:
+            return self._dynamic_rows(call, q, k, layout, positions, group)
+        return self._pattern_rows(call, q, k, layout, positions, group)
+
+    def _pattern_rows(self, call: PlanCall, q: Tensor, k: Tensor, layout: ShardLayout, positions: Tensor,
+                      group: dist.ProcessGroup) -> RankRows:
+        """A calibrated call's rows: its token pattern over global positions, no communication; a hybrid call's
+        dynamic heads take the dynamic rows (its token pattern lets their partial blocks through)."""
+        block, seq_len, pattern = call.kwargs["block_size"], layout.world * layout.local_len, call.token_pattern
         # The rank's rows only, run by run of its positions (the whole sequence's tables: gigabytes at 1M tokens).
-        tables = [pattern_block_tables(patterns.diagonals, patterns.columns, patterns.corner, length, seq_len, block,
+        tables = [pattern_block_tables(pattern.diagonals, pattern.columns, pattern.corner, length, seq_len, block,
                                        True, q_offset=start) for _, start, length in position_runs(positions)]
         partial, full = (torch.cat(parts, dim=2) for parts in zip(*tables))
-        if bool(dynamic.any()):
-            rows = self._dynamic_rows(q, k, layout, positions, group, scale)
-            heads = dynamic[None, :, None, None]
+        if call.dynamic_heads:
+            rows = self._dynamic_rows(call.dynamic_call(), q, k, layout, positions, group)
+            heads = call.tensor_kwargs["dynamic_heads"][None, :, None, None]
             partial, full = torch.where(heads, rows.partial, partial), torch.where(heads, rows.full, full)
-            patterns = hybrid_token_pattern(patterns, dynamic, block)
-        return RankRows(partial, full, positions, block, patterns)
+        return RankRows(partial, full, positions, block, pattern)
 
-    def _dynamic_rows(self, q: Tensor, k: Tensor, layout: ShardLayout, positions: Tensor, group: dist.ProcessGroup,
-                      scale: float | None) -> RankRows:
-        """The dynamic source's rows of the rank's tokens at ``positions``: the keys gathered in sequence order;
+    def _dynamic_rows(self, call: PlanCall, q: Tensor, k: Tensor, layout: ShardLayout, positions: Tensor,
+                      group: dist.ProcessGroup) -> RankRows:
+        """The dynamic ``call``'s rows of the rank's tokens at ``positions``: the keys gathered in sequence order;
         with the sampled estimator each rank plans its own rows (the plan's sums and minima all-reduced), with
         another the whole plan everywhere."""
-        config, block = self.config, self.config.block_size
-        seq_len = layout.world * layout.local_len
+        block, seq_len = call.kwargs["block_size"], layout.world * layout.local_len
         q_blocks = blocks_of(positions, block)
         order = layout.order().to(q.device)
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel(), device=q.device)
         whole_k = _gather(k, group).index_select(2, restore)
-        if config.estimator == "sampled":
-            options = config.mask_options()
+        if call.kwargs["estimator"] == "sampled":
             shard = QueryShard(q_blocks, seq_len, lambda t: _all_reduce(t, dist.ReduceOp.SUM, group),
                                lambda t: _all_reduce(t, dist.ReduceOp.MIN, group))
-            counts, indices, full_counts, full_indices = dynamic_block_plan(
-                q, whole_k, block_size=block, is_causal=True, scale=scale, tau=options.tau,
-                box_cox_lambda=options.box_cox_lambda, mu=options.mu, density=options.density,
-                mass_target=options.mass_target, sink_blocks=options.sink_blocks, local_blocks=options.local_blocks,
-                estimator="sampled", shard=shard)
-            partial, full = BlockSparsePlan(counts, indices, block, full_counts, full_indices).block_tables(seq_len)
+            lists = dynamic_block_plan(q, whole_k, **call.planner_kwargs, shard=shard)
+            partial, full = call.plan(lists).block_tables(seq_len)
             return _block_rows(partial | full, q_blocks, positions, block)
         whole_q = _gather(q, group).index_select(2, restore)
-        partial, full = plan_for(config.replace({"mask_source": "dynamic"}), whole_q, whole_k, True,
-                                 scale).block_tables(seq_len)
+        # The planner itself, not the op: the op's min_seq_len and crossover would return an empty plan (its dense
+        # signal) where the ring computes sparse.
+        lists = dynamic_block_plan(whole_q, whole_k, **call.planner_kwargs)
+        partial, full = call.plan(lists).block_tables(seq_len)
         return _block_rows((partial | full)[:, :, q_blocks], q_blocks, positions, block)
+
+
+def _structured_rows(call: PlanCall | None, positions: Tensor, seq_len: int, block: int) -> RankRows:
+    """Rows built from global positions alone: every causal block (the dense plan; ``call`` None: the dense
+    ring), or a streaming call's sinks and window."""
+    q_blocks = blocks_of(positions, block)
+    kept = torch.cat([causal_block_tables(length, seq_len, block, True, positions.device, q_offset=start)[0]
+                      for _, start, length in position_runs(positions)])
+    if call is not None and call.op is STREAMING_PLAN:
+        m, n = q_blocks[:, None], torch.arange(kept.shape[-1], device=positions.device)[None, :]
+        kept = kept & streaming_window(m, n, call.kwargs["sink_blocks"], call.kwargs["local_blocks"], True)
+    return _block_rows(kept[None, None], q_blocks, positions, block)
 
 
 def _block_rows(kept: Tensor, q_blocks: Tensor, positions: Tensor, block: int) -> RankRows:

@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from .plan.arith import softmax_scale
 from .plan.block_plan import BlockSparsePlan, num_blocks
 from .plan.structured_plans import causal_block_tables
 from .plan.reference import (
@@ -55,7 +54,7 @@ def attention_mass_recall(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     check_heads(heads, kv_heads, enable_gqa)
     plan.validate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
     tables = TokenTables.build(plan, q_len, kv_len, is_causal, q_offset, None)
     k_pos = torch.arange(kv_len, device=query.device)
     kept_mass = torch.zeros((batch, heads), dtype=torch.float64, device=query.device)
@@ -97,7 +96,7 @@ def top_mass_plan(query: Tensor, key: Tensor, block_size: int, budget: Tensor) -
     mass = torch.zeros(b, h, nb, nb, dtype=torch.float32, device=query.device)
     k_pos = torch.arange(n, device=query.device)
     rows = rows_per_chunk(b, h, n, block_size, DEFAULT_MAX_CHUNK_ELEMENTS)
-    for start, stop, scores in score_chunks(query, key, 1.0 / math.sqrt(d), rows, torch.float32):
+    for start, stop, scores in score_chunks(query, key, softmax_scale(None, d), rows, torch.float32):
         q_pos = torch.arange(start, stop, device=query.device)
         scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
         probs = torch.nn.functional.pad(torch.softmax(scores, -1), (0, nb * block_size - n))

@@ -13,36 +13,40 @@ from typing import Any, Mapping
 import torch
 
 from .config import DAMConfig
-from .plan.dam_patterns import HeadPatterns
-from .ops.dispatch import choose_path
+from .ops.dispatch import call_path
 from .plan.block_plan import BlockSparsePlan
 from .plan.reference import block_sparse_attention_reference
 from .module_stack import AttentionCallMode
-from .passes.dense_layers import dense_layer_reason
-from .passes.plan_call import plan_call
+from .passes.pipeline import NO_PROFILE_ENTRY
+from .passes.plan_call import PlanCall, plan_call
+
+
+def plan_call_for(config: DAMConfig, query: torch.Tensor, is_causal: bool, scale: float | None = None,
+                  module: str | None = None) -> PlanCall:
+    """The plan call the pass inserts under ``config`` for a call of the module at path ``module`` with this
+    query (:func:`plan_call`). The ``calibrated`` source needs ``module``: its profile entry
+    (``DAMProfile.find_module``) gives the patterns and dynamic heads."""
+    entry = None
+    if config.source == "calibrated":
+        if module is None:
+            raise ValueError("module: the calibrated source plans from the profile's entry for the module; pass "
+                             "its path in the model")
+        entry = config.profile.find_module(module)
+        if entry is None:
+            raise ValueError(f"{NO_PROFILE_ENTRY} {module!r}")
+    return plan_call(config.mask_options(), query, is_causal=is_causal, scale=scale, profile=config.profile,
+                     entry=entry)
 
 
 def plan_for(
     config: DAMConfig, query: torch.Tensor, key: torch.Tensor, is_causal: bool, scale: float | None = None,
-    attn_mask: torch.Tensor | None = None, patterns: HeadPatterns | None = None,
-    dynamic_heads: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None, module: str | None = None,
 ) -> BlockSparsePlan:
-    """The plan that the mask generation the pass inserts for ``config`` computes for these inputs. The
-    ``calibrated`` source needs the module's ``patterns`` (``profile.patterns_on(name, device)``) and may take
-    its ``dynamic_heads`` (bool ``[H]``; default none); its plan carries the token pattern the rewritten op
-    gets. A one-row query gets the decode plan, which also reads ``attn_mask``."""
-    calibrated = config.source == "calibrated"
-    if calibrated and patterns is None:
-        raise ValueError("patterns: the calibrated source plans from a module's patterns; pass "
-                         "profile.patterns_on(module_name, device)")
-    if calibrated and dynamic_heads is None:
-        dynamic_heads = torch.zeros(patterns.diagonals.shape[0], dtype=torch.bool, device=query.device)
-    decode = query.shape[-2] == 1
-    call = plan_call(config.mask_options(), decode=decode, is_causal=is_causal, scale=scale, patterns=patterns,
-                     dynamic=dynamic_heads)
-    lists = call.run(query, key, attn_mask)
-    token = () if decode or not call.patterns else tuple(call.patterns.values())
-    return BlockSparsePlan(*lists[:2], config.block_size, *lists[2:], *token)
+    """The plan that the mask generation the pass inserts for ``config`` computes for these inputs
+    (:func:`plan_call_for`; the ``calibrated`` source's carries the token pattern the rewritten op gets). A
+    one-row query gets the decode plan, which also reads ``attn_mask``."""
+    call = plan_call_for(config, query, is_causal, scale, module)
+    return call.plan(call.run(query, key, attn_mask))
 
 
 class SparseReferenceMode(AttentionCallMode):
@@ -64,9 +68,9 @@ class SparseReferenceMode(AttentionCallMode):
 
     def on_attention(self, module_name: str, a: dict[str, Any]) -> torch.Tensor | None:
         query = a["query"]
-        path, _ = choose_path(query, a["key"], self.config.min_seq_len, self.config.kernel)
-        if (a["dropout_p"] != 0 or path == "dense" or (query.shape[-2] == 1 and a["is_causal"])
-                or dense_layer_reason(module_name, self.config.dense_layers) is not None):
+        if a["dropout_p"] != 0 or (query.shape[-2] == 1 and a["is_causal"]):
+            return None  # calls the pass leaves as SDPA (passes/decide.py)
+        if call_path(self.config, module_name, query, a["key"])[0] == "dense":
             return None
         if self.config.source == "calibrated":
             raise ValueError("SparseReferenceMode runs the dynamic, dense and streaming sources; for a profile use "

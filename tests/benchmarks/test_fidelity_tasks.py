@@ -90,6 +90,7 @@ SMOKE_LABELS = {"full", "dam-default", "dam-pooled@0.3", "dam-last-block@0.3", "
                 "streaming@matched", "streaming@0.3", "oracle@matched", "oracle@0.3", "random@matched", "random@0.3"}
 
 
+@pytest.mark.slow
 def test_fidelity_bench_smoke_scores_through_generate_and_merges_two_seeds(tmp_path, capsys):
     """The pipeline only (tiny models trained for 16 steps on the CPU): no accuracy claim. Every variant is scored
     through generate() with its densities measured on the plans our op ran; the quality check fails and says so;

@@ -82,6 +82,7 @@ def test_decode_kernel_long_cache_with_heads_keeping_different_blocks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_decode_kernel_group_sharing_one_list_and_groups_with_equal_counts(device):
     """A GQA group whose heads keep one list (split by rank in it) and a group whose heads keep as many blocks
     each but different ones (split by block id), over a cache of 1024 blocks."""

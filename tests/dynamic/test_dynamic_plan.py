@@ -1,6 +1,8 @@
 """Dynamic (per-input) DAM plans, and the fidelity metrics they are judged by."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +13,16 @@ from dam_compile.plan.structured_plans import dense_plan, streaming_plan
 from dam_compile.plan.reference import token_mask
 from dam_compile.dynamic.block_estimates import last_rows_mass
 from dam_compile.kernels.last_rows_lse import exact_query_rows
-from dam_compile.dynamic.dynamic_plan import ESTIMATORS, dynamic_block_plan
+from dam_compile.dynamic.dynamic_plan import dynamic_block_plan
+from dam_compile.dynamic.estimators import ESTIMATORS
 from dam_compile.metrics import attention_mass_recall, density_per_head, output_error
 from dam_compile.reference_mode import SparseReferenceMode
 
 from dam_testing import rel_err
 from hf_models import build, ids_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
+from bench_plans import random_plan  # noqa: E402
 
 L, D, BLOCK = 2048, 32, 32
 COLUMN, OFFSET = 40, 100
@@ -309,7 +315,6 @@ def test_mass_recall_and_density_definitions():
 
 
 def test_top_mass_plan_keeps_the_most_mass_for_its_budget():
-    from dam_compile.plan.structured_plans import random_plan
     from dam_compile.metrics import top_mass_plan
 
     g = torch.Generator().manual_seed(3)

@@ -7,11 +7,14 @@ portable kernel, and asking for it anyway names the reason.
 Every launch writes into a NaN-poisoned buffer, so an unwritten element fails ``rel_err``.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from dam_compile.plan.block_plan import BlockSparsePlan
-from dam_compile.plan.structured_plans import dense_plan, random_plan, streaming_plan
+from dam_compile.plan.structured_plans import dense_plan, streaming_plan
 from dam_compile.ops.attention import sparse_attention
 from dam_compile.kernels.block_sparse_launch import triton_block_sparse_attention
 from dam_compile.kernels import hopper_launch
@@ -20,6 +23,9 @@ from dam_compile.kernels.common import CallShape
 
 from dam_testing import rel_err, tolerance
 from test_triton_kernel import inputs, oracle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
+from bench_plans import random_plan  # noqa: E402
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (sm_90)")

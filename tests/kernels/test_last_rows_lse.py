@@ -70,6 +70,7 @@ def test_sampled_rows_kernel_matches_float64_definition(device, dtype, causal, b
 
 @pytest.mark.parametrize("loop", [1, 4])
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_gpu_sized_programs_give_the_same_values(monkeypatch, causal, loop):
     """On a GPU a program takes 64 rows and walks key blocks one at a time: with tiles that cut a block's rows
     apart (some tiles seeing none of a key block), one key block a step, ``loop`` steps a program (past the last

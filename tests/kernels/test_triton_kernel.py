@@ -6,13 +6,15 @@ Every launch writes into a NaN-poisoned buffer, so an unwritten element fails ``
 """
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from dam_compile.plan.block_plan import PATTERN_PAD, BlockSparsePlan, PlanError
 from dam_compile.plan.reference import block_sparse_attention_reference, token_mask
-from dam_compile.plan.structured_plans import dense_plan, random_plan, streaming_plan
+from dam_compile.plan.structured_plans import dense_plan, streaming_plan
 from dam_compile.ops.attention import sparse_attention
 from dam_compile.kernels.block_sparse_launch import triton_block_sparse_attention
 from dam_compile.kernels.block_sparse_launch import _TUNE_CONFIGS, _fits
@@ -20,6 +22,9 @@ from dam_compile.plan.dam_patterns import extended_mask, match_patterns, true_ma
 from dam_compile.plan.pattern_plan import pattern_plan as extend_patterns
 
 from dam_testing import dense_oracle, rel_err, tolerance
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
+from bench_plans import random_plan  # noqa: E402
 
 BLOCK = 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,6 +87,7 @@ def test_dtypes_and_head_dims(dtype, head_dim):
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.slow
 def test_gqa_reads_shared_kv_heads(group):
     q, k, v = inputs(h=8, kvh=8 // group)
     plan = make_plan("0.5", 72, 72, 8, True)
@@ -113,6 +119,7 @@ def test_top_left_alignment_is_sdpa_causal():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.slow
 def test_padded_batch_with_valid_key_ranges(side):
     """Per-sequence valid key ranges need no mask tensor and equal the bool-mask answer."""
     q, k, v = inputs(b=3, q_len=56)

@@ -66,6 +66,21 @@ def test_explicit_choices_bypass_the_crossover():
     assert choose_path(q, k, 4096, "auto")[1].startswith("sequence shorter than min_seq_len")
 
 
+def test_the_ring_runs_sparse_below_the_crossover():
+    """The context-parallel ring's dense path is our kernel on every block, not cuDNN: no crossover there, and
+    ``min_seq_len`` counts the whole sequence's keys, not the shard's."""
+    from types import SimpleNamespace
+
+    from dam_compile.ops.dispatch import call_path
+
+    options = SimpleNamespace(min_seq_len=1024, kernel="auto", dense_layers=0)
+    q, k = qk(9, 3, 2048, 2048, 64)
+    assert call_path(options, "model.layers.3.self_attn", q, k) == ("dense", f"prefill: {CROSSOVER}")
+    assert call_path(options, "model.layers.3.self_attn", q, k, runner="ring", key_len=8192)[0] == "triton"
+    short = call_path(options, "model.layers.3.self_attn", q, k, runner="ring", key_len=512)
+    assert short == ("dense", "sequence shorter than min_seq_len=1024")
+
+
 def test_crossover_is_logged_not_warned(caplog, monkeypatch):
     for name in ("_logged", "_warned"):
         monkeypatch.setattr(dispatch, name, set())

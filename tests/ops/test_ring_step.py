@@ -4,10 +4,12 @@ and merged by log-sum-exp, give the rows of the whole sequence's attention (bloc
 source's token pattern moved to each shard's keys)."""
 
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from dam_compile.plan.structured_plans import random_plan
 from dam_compile.plan.reference import token_mask
 from dam_compile.kernels.block_sparse_launch import interpreting
 from dam_compile.plan.pattern_plan import pattern_plan
@@ -16,6 +18,9 @@ from dam_compile.plan.dam_patterns import HeadPatterns
 from dam_compile.ops.ring_step import RankRows, StepOptions, blocks_of, merge, sparse_attention_lse
 
 from dam_testing import dense_oracle, rel_err
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
+from bench_plans import random_plan  # noqa: E402
 
 KERNELS = ["reference"] + (["triton"] if interpreting() else [])  # CPU tensors: the kernel in the interpreter
 N, BLOCK = 128, 16

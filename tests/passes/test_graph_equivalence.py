@@ -1,10 +1,8 @@
 """The project's main guard: the rewritten graph is the original with each attention node replaced by exactly
 the mask subgraph plus the op, checked as networkx graphs; and the numbers agree."""
 
-import networkx as nx
 import pytest
 import torch
-from networkx.algorithms.isomorphism import DiGraphMatcher
 
 import dam_compile
 from dam_compile.config import DAMConfig
@@ -14,24 +12,10 @@ from dam_compile.passes.verify import expected_digraph
 from dam_compile.cli.tiny_llama import TinyLlama, TinyLlamaConfig
 
 from dam_testing import CPU_SPARSE, capture_graph
+from graph_matching import isomorphic
 from hf_models import build, ids_for
 
 CFG = DAMConfig(**CPU_SPARSE)
-
-
-def _node_match(a, b):
-    consts_match = a["consts"] is None or b["consts"] is None or a["consts"] == b["consts"]
-    return a["op"] == b["op"] and a["target"] == b["target"] and consts_match
-
-
-def _edge_match(a, b):
-    return a["pos"] == b["pos"]
-
-
-def isomorphic(expected: nx.DiGraph, actual: nx.DiGraph) -> bool:
-    """Label-free check: the graphs match as shapes with node/edge attributes, whatever the node names."""
-    matcher = DiGraphMatcher(expected, actual, node_match=_node_match, edge_match=_edge_match)
-    return matcher.is_isomorphic()
 
 
 class NoAttention(torch.nn.Module):

@@ -1,12 +1,18 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dam_compile.plan.block_plan import BlockSparsePlan, PlanError
-from dam_compile.plan.structured_plans import causal_block_tables, dense_plan, fixed_count_plan, streaming_plan
+from dam_compile.plan.structured_plans import causal_block_tables, dense_plan, streaming_plan
 from dam_compile.plan.reference import token_mask
 from dam_compile.plan.reference import plan_density
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
+from bench_plans import fixed_count_plan  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,12 +1,17 @@
 """The plan-density recorder: what ``dam::sparse_attention`` ran, prefill and decode apart, nothing when off."""
 
+import sys
+from pathlib import Path
+
 import torch
 
 import dam_compile
 from dam_compile.plan.block_plan import BlockSparsePlan
 from dam_compile.plan.reference import plan_density
-from dam_compile.plan.structured_plans import random_plan
 from dam_compile.plan.plan_stats import PlanStats, recording
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
+from bench_plans import random_plan  # noqa: E402
 
 
 def qkv(q_len, kv_len, heads=4, kv_heads=2):

@@ -10,7 +10,6 @@ positions; ``A_bar = sum / (count + 1e-10)``. Padded sequences (left or right) a
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -18,6 +17,8 @@ from torch import Tensor
 
 from .holdout import HoldoutRecall, dynamic_split, split_holdout
 from dam_compile.module_stack import AttentionCallMode
+from dam_compile.plan.arith import softmax_scale
+from dam_compile.plan.defaults import DEFAULT_BOX_COX_LAMBDA, DEFAULT_MU, DEFAULT_PCL, DEFAULT_TAU
 from .profile import DAMProfile, model_fingerprint
 
 _COUNT_EPS = 1e-10
@@ -73,7 +74,7 @@ def _probabilities(query: Tensor, key: Tensor, a: dict[str, Any]) -> tuple[Tenso
     heads, kv_heads, length = query.shape[1], key.shape[1], query.shape[-2]
     if kv_heads != heads:
         key = key.repeat_interleave(heads // kv_heads, dim=1)
-    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(query.shape[-1])
+    scale = softmax_scale(a["scale"], query.shape[-1])
     scores = torch.einsum("bhid,bhjd->bhij", query.float(), key.float()) * scale
     allowed = torch.ones((1, 1, length, length), dtype=torch.bool, device=query.device)
     if a["is_causal"]:
@@ -108,10 +109,10 @@ def _truncate(sample: Any, pcl: int | None) -> tuple[tuple, dict]:
 def calibrate(
     model: torch.nn.Module,
     samples: Iterable[Any],
-    pcl: int = 128,
-    box_cox_lambda: float = 0.5,
-    tau: float = 0.3,
-    mu: float = 0.8,
+    pcl: int = DEFAULT_PCL,
+    box_cox_lambda: float = DEFAULT_BOX_COX_LAMBDA,
+    tau: float = DEFAULT_TAU,
+    mu: float = DEFAULT_MU,
     *,
     holdout: float | Iterable[Any] = DEFAULT_HOLDOUT,
     holdout_len: int | None = DEFAULT_HOLDOUT_LEN,

@@ -21,6 +21,7 @@ from dam_compile.plan.dam_patterns import HeadPatterns, match_patterns, true_mas
 from dam_compile.plan.pattern_plan import pattern_block_tables
 from dam_compile.plan.structured_plans import causal_block_tables
 from dam_compile.passes.profile_protocol import ProfileMismatchError
+from dam_compile.plan.defaults import DEFAULT_BLOCK_SIZE
 
 
 # HF config fields that fix the attention layout; anything else (paths, dtypes, generation flags) may differ.
@@ -227,7 +228,7 @@ class DAMProfile:
                 f"{type(model).__name__} has {found} (another architecture or size); calibrate it for this model"
             )
 
-    def block_density(self, length: int, block_size: int = 128) -> dict[str, Tensor]:
+    def block_density(self, length: int, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Tensor]:
         """Per module, float ``[H]``: kept blocks over causal-visible blocks of the extended plan at ``length``
         (of the patterns: a dynamic head's density depends on the input, at most the backend's ``density``)."""
         densities = {}

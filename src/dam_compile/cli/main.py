@@ -12,6 +12,7 @@ from typing import Any
 
 from dam_compile.calibration.calibrate import DEFAULT_HOLDOUT_LEN, DEFAULT_MIN_RECALL
 from dam_compile.config import INNER_BACKENDS, KERNELS, MASK_SOURCES
+from dam_compile.plan.defaults import DEFAULT_PCL
 
 BENCHMARKS = ("kernel", "maskgen", "e2e", "fidelity")
 
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--samples", type=Path, required=True,
                            help="token ids: a .txt file (one sample per line, ids separated by spaces), or a "
                            ".pt / .safetensors file holding an int tensor 'input_ids' [S, L]")
-    calibrate.add_argument("--pcl", type=_positive, default=128, help="pattern capture length (tokens)")
+    calibrate.add_argument("--pcl", type=_positive, default=DEFAULT_PCL, help="pattern capture length (tokens)")
     calibrate.add_argument("--min-recall", type=_recall, default=DEFAULT_MIN_RECALL, metavar="R",
                            help="heads whose extended pattern keeps less than this share of their attention on the "
                            f"held-out samples run dynamic ('none' keeps the paper's method; default "

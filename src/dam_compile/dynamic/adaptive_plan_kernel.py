@@ -28,7 +28,6 @@ another order) and the order of exact ties (broken here by block index).
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import torch
@@ -36,23 +35,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_estimates import EXACT_ROW_MASS, QUERY_AWARE_JS_DISTANCE, block_sums
-from dam_compile.kernels.common import next_power_of_2
+from .block_estimates import ALWAYS_PRIORITY, DAM_PRIORITY, EXACT_ROW_MASS, QUERY_AWARE_JS_DISTANCE, block_sums
+from dam_compile.kernels.common import cdiv, next_power_of_2, softmax_scale
 from dam_compile.plan.dam_patterns import EPS
-from .dynamic_plan import _ALWAYS, _DAM
 from dam_compile.kernels.last_rows_lse import exact_query_rows, kernel_runs, launch_last_rows_block_lse
 
 _EPS = tl.constexpr(EPS)
 _INF_BITS = tl.constexpr(0x7F800000)  # +inf as int32 bits: every non-negative float's bits lie below
-_PRIORITY_ALWAYS = tl.constexpr(_ALWAYS)
-_PRIORITY_DAM = tl.constexpr(_DAM)
+_PRIORITY_ALWAYS = tl.constexpr(ALWAYS_PRIORITY)
+_PRIORITY_DAM = tl.constexpr(DAM_PRIORITY)
 TILE_ELEMENTS = 4096  # rows per program x padded key blocks: what a program's registers hold
 
 
 # ---- shared row helpers -------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile(m0, mq, nk, IS_CAUSAL: tl.constexpr, BM: tl.constexpr, NKP: tl.constexpr):
+def row_tile(m0, mq, nk, IS_CAUSAL: tl.constexpr, BM: tl.constexpr, NKP: tl.constexpr):
     """Rows ``m [BM]``, columns ``n [NKP]``, and the visible block pairs ``[BM, NKP]`` (causal: ``n <= m``)."""
     m = m0 + tl.arange(0, BM)
     n = tl.arange(0, NKP)
@@ -75,7 +73,7 @@ def _box_cox(x, lam, LAM: tl.constexpr):
 
 
 @triton.jit
-def _low(RowMin, bh, mq, lam, LAM: tl.constexpr, KNOWN_LOW: tl.constexpr, MQP: tl.constexpr):
+def box_cox_low(RowMin, bh, mq, lam, LAM: tl.constexpr, KNOWN_LOW: tl.constexpr, MQP: tl.constexpr):
     """The shift of ``shifted_box_cox``: Box-Cox of the head map's minimum (Box-Cox is increasing), at most 0.
     ``KNOWN_LOW``: the map has invisible (zero) blocks (causal, several key blocks), so the minimum is 0."""
     if KNOWN_LOW:
@@ -96,7 +94,7 @@ def _seen_log(m, n, nk, kv_len, block_size, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _count_threshold(est, visible, m, n, Counts, bh, mq, nk, low, lam, tau, LAM: tl.constexpr):
+def count_threshold(est, visible, m, n, Counts, bh, mq, nk, low, lam, tau, LAM: tl.constexpr):
     """DAM's threshold on the shifted Box-Cox map, counted per block diagonal and per column (integer atomics:
     the counts do not depend on the order)."""
     hit = ((_box_cox(est, lam, LAM) - low) >= tau) & visible
@@ -129,10 +127,10 @@ def _row_order(Est, RowMin, Counts, Known, bh, m0, mq, nk, exact, sink_blocks, l
     """A tile's rows as the definition orders them: ``(m, n, visible, est, priority, forced, always)``, where
     ``priority`` is 4 + mass for always-kept blocks, 2 + mass for DAM-kept ones (threshold, whole diagonals
     and columns, blocks the exact rows need), the mass otherwise; ``forced`` marks the first two kinds."""
-    m, n, visible = _tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
+    m, n, visible = row_tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
     cell = bh * mq * nk + m[:, None] * nk + n[None, :]
     est = tl.load(Est + cell, mask=visible, other=0.0)
-    low = _low(RowMin, bh, mq, lam, LAM, KNOWN_LOW, MQP)
+    low = box_cox_low(RowMin, bh, mq, lam, LAM, KNOWN_LOW, MQP)
     dam = ((_box_cox(est, lam, LAM) - low) >= tau) & visible
     # Whole block diagonals and columns with at least mu of their visible blocks above the threshold.
     offset = m[:, None] - n[None, :]
@@ -228,7 +226,7 @@ def _estimate_kernel(
     ``js_limit``), else the column's vertical-slash lines. With ``KNOWN_LOW`` it also counts DAM's threshold;
     otherwise it stores each row's minimum for :func:`_threshold_kernel`."""
     bh, m0 = tl.program_id(1), tl.program_id(0) * BM
-    m, n, visible = _tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
+    m, n, visible = row_tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
     column = tl.load(Column + bh * nk + n, mask=n < nk, other=0.0)
     # FlexPrefill's test on the last row: pooled softmax against the exact column mass.
     last_row = tl.zeros([1], tl.int32) + mq - 1
@@ -265,8 +263,8 @@ def _estimate_kernel(
     row_ok = m < mq
     tl.store(Est + bh * mq * nk + cell, est, mask=row_ok[:, None] & (n[None, :] < nk))
     if KNOWN_LOW:
-        _count_threshold(est, visible, m, n, Counts, bh, mq, nk, _low(RowMin, bh, mq, lam, LAM, True, MQP), lam,
-                         tau, LAM)
+        count_threshold(est, visible, m, n, Counts, bh, mq, nk, box_cox_low(RowMin, bh, mq, lam, LAM, True, MQP),
+                        lam, tau, LAM)
     else:
         tl.store(RowMin + bh * mq + m, tl.min(tl.where(n[None, :] < nk, est, float("inf")), axis=1), mask=row_ok)
 
@@ -276,12 +274,12 @@ def _threshold_kernel(
     Est, RowMin, Counts, mq, nk, lam, tau,
     IS_CAUSAL: tl.constexpr, LAM: tl.constexpr, BM: tl.constexpr, NKP: tl.constexpr, MQP: tl.constexpr,
 ):
-    """:func:`_count_threshold` once the head's minimum is known (maps without invisible blocks)."""
+    """:func:`count_threshold` once the head's minimum is known (maps without invisible blocks)."""
     bh, m0 = tl.program_id(1), tl.program_id(0) * BM
-    m, n, visible = _tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
+    m, n, visible = row_tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
     est = tl.load(Est + bh * mq * nk + m[:, None] * nk + n[None, :], mask=visible, other=0.0)
-    _count_threshold(est, visible, m, n, Counts, bh, mq, nk, _low(RowMin, bh, mq, lam, LAM, False, MQP), lam,
-                     tau, LAM)
+    count_threshold(est, visible, m, n, Counts, bh, mq, nk, box_cox_low(RowMin, bh, mq, lam, LAM, False, MQP), lam,
+                    tau, LAM)
 
 
 @triton.jit
@@ -411,7 +409,7 @@ def _pooled_logits(query: Tensor, key: Tensor, block_size: int) -> Tensor:
     return torch.matmul(grouped, k_mean.transpose(-1, -2)).reshape(batch * heads, mq, nk)
 
 
-class _Layout(NamedTuple):
+class PlanLayout(NamedTuple):
     """What the launches need besides the tensors, computed once per shape (host time counts)."""
 
     mq: int
@@ -427,19 +425,20 @@ class _Layout(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(batch: int, heads: int, q_len: int, kv_len: int, block_size: int, is_causal: bool,
-            box_cox_lambda: float) -> _Layout:
-    mq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+def plan_layout(batch: int, heads: int, q_len: int, kv_len: int, block_size: int, is_causal: bool,
+                box_cox_lambda: float) -> PlanLayout:
+    """The launch layout of a fused plan for these sizes (cached: the same for every layer of a forward)."""
+    mq, nk = cdiv(q_len, block_size), cdiv(kv_len, block_size)
     rows = exact_query_rows(q_len, block_size)
     last_len = q_len - (mq - 1) * block_size
     nkp, mqp = max(16, next_power_of_2(nk)), max(16, next_power_of_2(mq))
     bm = max(1, min(16, TILE_ELEMENTS // nkp))
     known_low = is_causal and nk > 1
     lam = "log" if box_cox_lambda == 0 else "sqrt" if box_cox_lambda == 0.5 else "pow"
-    return _Layout(mq, nk, rows, last_len, 2 if rows > last_len else 1, (-(-mq // bm), batch * heads),
-                   (batch * heads, -(-rows // bm)), bm, known_low,
-                   dict(IS_CAUSAL=is_causal, LAM=lam, KNOWN_LOW=known_low, BM=bm, NKP=nkp, MQP=mqp,
-                        num_warps=4 if nkp <= 1024 else 8))
+    return PlanLayout(mq, nk, rows, last_len, 2 if rows > last_len else 1, (cdiv(mq, bm), batch * heads),
+                      (batch * heads, cdiv(rows, bm)), bm, known_low,
+                      dict(IS_CAUSAL=is_causal, LAM=lam, KNOWN_LOW=known_low, BM=bm, NKP=nkp, MQP=mqp,
+                           num_warps=4 if nkp <= 1024 else 8))
 
 
 def adaptive_block_plan(
@@ -451,8 +450,8 @@ def adaptive_block_plan(
     full_kv_indices)``, int32."""
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[-2]
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    lay = _layout(batch, heads, q_len, kv_len, block_size, is_causal, box_cox_lambda)
+    scale = softmax_scale(scale, dim)
+    lay = plan_layout(batch, heads, q_len, kv_len, block_size, is_causal, box_cox_lambda)
     mq, nk, bh, dam = lay.mq, lay.nk, batch * heads, lay.constexprs
     ints, floats = dict(device=query.device, dtype=torch.int32), dict(device=query.device, dtype=torch.float32)
     column, group_mass, known = exact_rows(query, key, lay, block_size, is_causal, scale)
@@ -465,7 +464,7 @@ def adaptive_block_plan(
                                BudgetRule(tau, box_cox_lambda, mu, density, mass_target, sink_blocks, local_blocks))
 
 
-def exact_rows(query: Tensor, key: Tensor, lay: "_Layout", block_size: int, is_causal: bool,
+def exact_rows(query: Tensor, key: Tensor, lay: "PlanLayout", block_size: int, is_causal: bool,
                scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The exact last queries (``exact_query_rows``) of every head, reduced: ``(column [BH, Nk]``, the mean
     block mass of all of them; ``group_mass [BH, 2, Nk]``, each exact query block's mean (the one before the
@@ -507,7 +506,7 @@ class BudgetRule(NamedTuple):
     local_blocks: int
 
 
-def lists_from_estimate(maps: EstimateMaps, lay: "_Layout", batch: int, heads: int,
+def lists_from_estimate(maps: EstimateMaps, lay: "PlanLayout", batch: int, heads: int,
                         rule: BudgetRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The plan lists of an estimate (DAM's threshold and patterns, the mass budgets, ascending lists):
     ``(kv_num_blocks [B, H, Mq], kv_indices [B, H, Mq, Nk], full_kv_num_blocks, full_kv_indices)``, int32.

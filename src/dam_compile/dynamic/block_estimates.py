@@ -18,7 +18,7 @@ op where it runs), no host sync, no data-dependent shapes.
   question see what they really attend to, even when one query of the block asks it (a mean over the block's
   128 queries dilutes one query's needle below 1%).
 
-Each returns a :class:`BlockEstimate`.
+Each returns a :class:`BlockEstimate`; ``estimators.py`` registers them by name.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dam_compile.plan.block_plan import num_blocks
 from dam_compile.plan.dam_patterns import EPS
 from dam_compile.kernels.last_rows_lse import exact_query_rows, last_rows_block_lse, sampled_rows_block_lse
 
@@ -41,9 +42,10 @@ SAMPLED_ROW_STRIDE = 8
 # Share of its own attention mass that each query with an exact estimate keeps (the adaptive estimator's last
 # query block or two, a decode row): its mass is known, so a high target costs a row or two only.
 EXACT_ROW_MASS = 0.99
-# The fixed share of a row's other visible blocks that the estimators without mass budgets keep (and their
-# dynamic decode steps at least), unless the config sets ``density``.
-FIXED_DENSITY = 0.075
+# Where a plan ranks a block, above any mass estimate (which lies in [0, 1]): always-kept blocks (sink, local)
+# first, then DAM-kept ones, then the rest by mass. Read by the definition (``dynamic_plan``) and the fused
+# plan kernels alike, so both order rows the same way.
+ALWAYS_PRIORITY, DAM_PRIORITY = 4.0, 2.0
 
 
 class BlockEstimate(NamedTuple):
@@ -59,7 +61,7 @@ class BlockEstimate(NamedTuple):
 def block_sums(x: Tensor, block_size: int) -> Tensor:
     """``[..., L, D]`` -> float32 ``[..., ceil(L / block), D]`` sums over each block's rows."""
     length = x.shape[-2]
-    blocks = (length + block_size - 1) // block_size
+    blocks = num_blocks(length, block_size)
     # A view when the length is whole blocks: padding by nothing would still copy x (all of Q, for the plan).
     padded = x if length == blocks * block_size else F.pad(x, (0, 0, 0, blocks * block_size - length))
     return padded.unflatten(-2, (blocks, block_size)).sum(-2, dtype=torch.float32)
@@ -139,7 +141,7 @@ def pooled_block_estimate(query: Tensor, key: Tensor, block_size: int, is_causal
 
 def last_block_estimate(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float) -> BlockEstimate:
     """MInference-style estimate ``[B, H, Mq, Nk]``: the last query block's exact mass as vertical + slash."""
-    mq = (query.shape[-2] + block_size - 1) // block_size
+    mq = num_blocks(query.shape[-2], block_size)
     return BlockEstimate(vertical_slash(last_rows_block_mass(query, key, block_size, is_causal, scale), mq,
                                         is_causal))
 
@@ -221,7 +223,3 @@ def sampled_shard_estimate(query: Tensor, key: Tensor, block_size: int, scale: f
         estimate[..., row, :] = rows.mean(-2)
         needed[..., row, :] = blocks_each_row_needs(rows, EXACT_ROW_MASS)
     return BlockEstimate(estimate, needed, exact)
-
-
-ESTIMATES = {"sampled": sampled_estimate, "adaptive": adaptive_estimate, "pooled": pooled_block_estimate,
-             "last_block": last_block_estimate}

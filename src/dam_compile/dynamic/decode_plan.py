@@ -24,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .block_estimates import EXACT_ROW_MASS, FIXED_DENSITY, blocks_each_row_needs
+from .block_estimates import EXACT_ROW_MASS, blocks_each_row_needs
+from .estimators import FIXED_DENSITY
+from dam_compile.plan.arith import cdiv, softmax_scale
 from dam_compile.plan.block_plan import PATTERN_PAD, num_blocks
+from dam_compile.plan.defaults import DEFAULT_LOCAL_BLOCKS, DEFAULT_SINK_BLOCKS
 
 DECODE_SOURCES = ("dense", "streaming", "dynamic", "calibrated")
 
@@ -39,8 +42,8 @@ def decode_block_plan(
     *,
     source: str,
     block_size: int,
-    sink_blocks: int = 1,
-    local_blocks: int = 2,
+    sink_blocks: int = DEFAULT_SINK_BLOCKS,
+    local_blocks: int = DEFAULT_LOCAL_BLOCKS,
     density: float = FIXED_DENSITY,
     scale: float | None = None,
     corner_len: int = 0,
@@ -117,14 +120,14 @@ def _top_blocks(
     kv_heads, kv_len = key.shape[1], key.shape[-2]
     nk = visible.shape[-1]
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(q, key.transpose(-1, -2)).to(torch.float32) * (dim**-0.5 if scale is None else scale)
+    scores = torch.matmul(q, key.transpose(-1, -2)).to(torch.float32) * softmax_scale(scale, dim)
     positions = torch.arange(kv_len, device=query.device)
     outside = (positions < first[:, None]) | (positions > row[:, None])  # [B, Lk]
     scores = scores.masked_fill(outside[:, None, None], float("-inf"))
     scores = F.pad(scores, (0, nk * block_size - kv_len), value=float("-inf"))
     logits = torch.logsumexp(scores.unflatten(-1, (nk, block_size)), dim=-1).reshape(batch, heads, nk)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    width = torch.sym_min(nk, -(-nk * math.ceil(density * 1000) // 1000))  # ceil(density * nk), symbolic-safe
+    width = torch.sym_min(nk, cdiv(nk * math.ceil(density * 1000), 1000))  # ceil(density * nk), symbolic-safe
     top = logits.topk(width, dim=-1)
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top.indices, top.values > float("-inf"))
     return keep | blocks_each_row_needs(torch.softmax(logits, dim=-1)[..., None, :], EXACT_ROW_MASS)

@@ -16,10 +16,11 @@ the attention):
 4. **Always kept**: ``sink_blocks`` leading key blocks and ``local_blocks`` blocks up to the diagonal.
 5. **Budget**: each row takes blocks in order (always-kept, then DAM-kept, then by estimated mass) until their
    estimated mass reaches ``mass_target``. Beyond the always-kept blocks a head keeps at most ``density`` of its
-   other visible blocks (``DENSITY_DEFAULTS``: no cap for ``"sampled"``). ``"sampled"`` and ``"adaptive"``:
-   the budget follows the mass: a row keeps what it needs (the exact last rows first, with every block any of
-   their queries needs; under a cap, rows needing more than is left are cut by one common factor).
-   ``"pooled"``/``"last_block"``: each row gets a fixed share of that budget, by row length.
+   other visible blocks (the estimator's ``density`` defaults: no cap for ``"sampled"``). ``"sampled"`` and
+   ``"adaptive"`` (``mass_budget`` in ``estimators.py``): the budget follows the mass: a row keeps what it needs
+   (the exact last rows first, with every block any of their queries needs; under a cap, rows needing more than
+   is left are cut by one common factor). ``"pooled"``/``"last_block"``: each row gets a fixed share of that
+   budget, by row length.
 
 Written in plain PyTorch with no data-dependent shapes or host syncs, so inside a compiled graph Inductor
 traces and fuses it. This is the definition: on CUDA, ``dam::dynamic_plan`` computes the sampled and adaptive
@@ -32,41 +33,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .block_estimates import ESTIMATES, FIXED_DENSITY, sampled_shard_estimate, visible_blocks
+from .block_estimates import ALWAYS_PRIORITY, DAM_PRIORITY, visible_blocks
+from .estimators import DEFAULT_ESTIMATOR, ESTIMATOR_SPECS, estimator_spec
 from dam_compile.plan.dam_patterns import shifted_box_cox
+from dam_compile.plan.arith import cdiv, softmax_scale
 from dam_compile.plan.block_plan import lists_from_table, num_blocks
+from dam_compile.plan.defaults import (DEFAULT_BOX_COX_LAMBDA, DEFAULT_LOCAL_BLOCKS, DEFAULT_MU, DEFAULT_SINK_BLOCKS,
+                                       DEFAULT_TAU)
 
-ESTIMATORS = ("sampled", "adaptive", "pooled", "last_block")
-DEFAULT_ESTIMATOR = "sampled"
 # Share of each query block's estimated attention mass its plan keeps: on SmolLM2-135M, 8K tokens of news prose
 # (float32, CPU), 0.99 keeps the perplexity within 0.1% of full attention, 0.98 within 0.4%, 0.95 within 1.3%
 # (benchmarks/notes_real.md).
 DEFAULT_MASS_TARGET = 0.99
-# Estimators whose budgets follow the estimated mass (every block may be needed: a full sort, cheaper than topk of
-# every element); the others give each row a fixed share of ``density``.
-MASS_BUDGETS = ("sampled", "adaptive")
-
-
-class DensityDefaults(NamedTuple):
-    """What an estimator takes when the config leaves ``density`` unset: ``prefill_cap``, the share of a head's
-    other visible blocks it may keep beyond sink and local (1.0: no cap), and ``decode_floor``, the share a
-    decode step keeps at least (beside every block holding ``EXACT_ROW_MASS`` of its exact attention)."""
-
-    prefill_cap: float
-    decode_floor: float
-
-
-# sampled: budgets follow the mass alone (a cap cuts the diffuse heads of a real model's early layers; on
-# SmolLM2-135M at 8K its layers 1-10 keep 62-75% of their blocks for 0.99 of their mass:
-# benchmarks/results/real_cpu.json). The others keep their earlier fixed default.
-DENSITY_DEFAULTS = {"sampled": DensityDefaults(1.0, 0.0),
-                    **{e: DensityDefaults(FIXED_DENSITY, FIXED_DENSITY) for e in ("adaptive", "pooled", "last_block")}}
-_ALWAYS, _DAM = 4.0, 2.0  # selection priorities above any mass estimate (which lies in [0, 1])
 
 
 def _same(x: Tensor) -> Tensor:
@@ -119,13 +102,13 @@ def dynamic_block_plan(
     block_size: int,
     is_causal: bool,
     scale: float | None = None,
-    tau: float = 0.3,
-    box_cox_lambda: float = 0.5,
-    mu: float = 0.8,
+    tau: float = DEFAULT_TAU,
+    box_cox_lambda: float = DEFAULT_BOX_COX_LAMBDA,
+    mu: float = DEFAULT_MU,
     density: float | None = None,
     mass_target: float = DEFAULT_MASS_TARGET,
-    sink_blocks: int = 1,
-    local_blocks: int = 2,
+    sink_blocks: int = DEFAULT_SINK_BLOCKS,
+    local_blocks: int = DEFAULT_LOCAL_BLOCKS,
     estimator: str = DEFAULT_ESTIMATOR,
     shard: QueryShard | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -133,23 +116,23 @@ def dynamic_block_plan(
 
     ``shard``: the query is a context-parallel rank's blocks of a longer sequence (the ``sampled`` estimator,
     causal): the plan's rows are those the whole sequence's plan has for them. ``density``: ``None`` takes the
-    estimator's own cap (``DENSITY_DEFAULTS``).
+    estimator's own cap (its ``density.prefill_cap`` in ``estimators.py``).
 
     Returns ``(kv_num_blocks [B, H, Mq], kv_indices [B, H, Mq, K], full_kv_num_blocks, full_kv_indices)``
     (int32, :class:`BlockSparsePlan` layout; partial blocks are those the causal diagonal cuts), with ``K`` from
     :func:`dynamic_plan_width`."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if shard is not None and (estimator != "sampled" or not is_causal):
-        raise ValueError(f"shard: a context-parallel plan takes the sampled estimator and causal attention, got "
+    spec = estimator_spec(estimator)
+    if shard is not None and (spec.shard_estimate is None or not is_causal):
+        sharded = " or ".join(name for name, s in ESTIMATOR_SPECS.items() if s.shard_estimate is not None)
+        raise ValueError(f"shard: a context-parallel plan takes the {sharded} estimator and causal attention, got "
                          f"estimator={estimator!r}, is_causal={is_causal}")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    density = DENSITY_DEFAULTS[estimator].prefill_cap if density is None else density
+    scale = softmax_scale(scale, query.shape[-1])
+    density = spec.density.prefill_cap if density is None else density
     if shard is None:
-        estimate, known, exact = ESTIMATES[estimator](query, key, block_size, is_causal, scale)
+        estimate, known, exact = spec.estimate(query, key, block_size, is_causal, scale)
         all_sum, all_min = _same, _same
     else:
-        estimate, known, exact = sampled_shard_estimate(query, key, block_size, scale, shard.blocks, shard.q_len)
+        estimate, known, exact = spec.shard_estimate(query, key, block_size, scale, shard.blocks, shard.q_len)
         all_sum, all_min = shard.all_sum, shard.all_min
     mq, nk = estimate.shape[-2:]
     device = query.device
@@ -167,10 +150,10 @@ def dynamic_block_plan(
     always_of = lambda vis, off: vis & ((torch.arange(nk, device=device) < sink_blocks)[None, :]  # noqa: E731
                                         | (((off >= 0) & (off < local_blocks)) if is_causal else off.abs() < local_blocks))
     always = always_of(visible, offset)
-    priority = torch.where(always, _ALWAYS, torch.where(dam, _DAM, 0.0)) + estimate
+    priority = torch.where(always, ALWAYS_PRIORITY, torch.where(dam, DAM_PRIORITY, 0.0)) + estimate
 
     width = dynamic_plan_width(nk, density, sink_blocks, local_blocks, estimator)
-    if estimator in MASS_BUDGETS:
+    if spec.mass_budget:  # every block may be needed: a full sort, cheaper than a topk of every element
         top_priority, top_index = priority.sort(dim=-1, descending=True)
     else:
         top_priority, top_index = priority.topk(width, dim=-1)
@@ -179,8 +162,8 @@ def dynamic_block_plan(
     # Sorted by priority, the blocks a row needs (always-kept, DAM-kept, then by mass until the target) are a
     # prefix of its list.
     mass_before = top_mass.cumsum(-1) - top_mass
-    needed = ((top_priority >= _DAM) | (mass_before < mass_target)) & top_visible
-    if estimator in MASS_BUDGETS:
+    needed = ((top_priority >= DAM_PRIORITY) | (mass_before < mass_target)) & top_visible
+    if spec.mass_budget:
         whole_always = always if rows is None else always_of(whole_visible, whole_offset)
         optional = whole_visible.sum() - whole_always.sum()
         budget = _mass_budgets(needed.sum(-1), always.sum(-1), optional, density, exact, all_sum)
@@ -201,9 +184,9 @@ def dynamic_plan_width(nk: int, density: float, sink_blocks: int, local_blocks: 
     """Width ``K`` of the dynamic plan's index lists for ``nk`` key blocks (works on symbolic sizes too): every
     block for the estimators whose budgets follow the mass (a row may need many), else the fixed per-row share plus
     sink and local."""
-    if estimator in MASS_BUDGETS:
+    if estimator_spec(estimator).mass_budget:
         return nk
-    return torch.sym_min(nk, (nk * math.ceil(density * 1000) + 999) // 1000 + sink_blocks + local_blocks)
+    return torch.sym_min(nk, cdiv(nk * math.ceil(density * 1000), 1000) + sink_blocks + local_blocks)
 
 
 def _mass_budgets(need: Tensor, forced: Tensor, optional: Tensor, density: float, exact: Tensor,

@@ -18,8 +18,6 @@ the definition up to float rounding at a threshold's edge and the order of exact
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -28,14 +26,15 @@ from torch import Tensor
 from .adaptive_plan_kernel import (
     BudgetRule,
     EstimateMaps,
-    _count_threshold,
-    _layout,
-    _low,
-    _tile,
+    box_cox_low,
+    count_threshold,
     exact_rows,
     lists_from_estimate,
+    plan_layout,
+    row_tile,
 )
 from .block_estimates import sampled_per_block
+from dam_compile.kernels.common import softmax_scale
 from dam_compile.kernels.last_rows_lse import launch_sampled_rows_block_lse
 
 
@@ -49,7 +48,7 @@ def _sampled_estimate_kernel(
     block mass (its row of ``Lse [BH, Mq, per_block, Nk]`` normalised), summed in sample order; the exact
     rows their group's mean mass. With ``KNOWN_LOW`` it counts DAM's threshold, else stores each row's minimum."""
     bh, m0 = tl.program_id(1), tl.program_id(0) * BM
-    m, n, visible = _tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
+    m, n, visible = row_tile(m0, mq, nk, IS_CAUSAL, BM, NKP)
     row_ok = m < mq
     ok = row_ok[:, None] & (n[None, :] < nk)
     total = tl.zeros([BM, NKP], tl.float32)
@@ -68,8 +67,8 @@ def _sampled_estimate_kernel(
     est = tl.where(is_exact[:, None], exact_mass, est)
     tl.store(Est + (bh * mq + m[:, None]) * nk + n[None, :], est, mask=ok)
     if KNOWN_LOW:
-        _count_threshold(est, visible, m, n, Counts, bh, mq, nk, _low(RowMin, bh, mq, lam, LAM, True, MQP), lam,
-                         tau, LAM)
+        count_threshold(est, visible, m, n, Counts, bh, mq, nk, box_cox_low(RowMin, bh, mq, lam, LAM, True, MQP),
+                        lam, tau, LAM)
     else:
         tl.store(RowMin + bh * mq + m, tl.min(tl.where(n[None, :] < nk, est, float("inf")), axis=1), mask=row_ok)
 
@@ -83,8 +82,8 @@ def sampled_block_plan(
     full_kv_indices)``, int32."""
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[-2]
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    lay = _layout(batch, heads, q_len, kv_len, block_size, is_causal, box_cox_lambda)
+    scale = softmax_scale(scale, dim)
+    lay = plan_layout(batch, heads, q_len, kv_len, block_size, is_causal, box_cox_lambda)
     mq, nk, bh = lay.mq, lay.nk, batch * heads
     per_block = sampled_per_block(block_size)
     sampled = launch_sampled_rows_block_lse(query, key, block_size, per_block, is_causal, scale)  # [BH, Mq, P, Nk]

@@ -29,6 +29,7 @@ from .common import (
     CallShape,
     capability,
     cdiv,
+    dot_options,
     interpreting,
     next_power_of_2,
     plan_lists,
@@ -103,20 +104,12 @@ def _as_kernel_config(config: triton.Config) -> KernelConfig:
     return KernelConfig(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
-_tuned_kernel = triton.autotune(
+tuned_kernel = triton.autotune(
     configs=[c.as_triton() for c in _TUNE_CONFIGS],
     key=["HEAD_DIM", "PLAN_BLOCK", "IS_CAUSAL", "HAS_FULL", "HAS_PATTERN", "HAS_MASK", "HAS_KV_RANGE", "EVEN_N",
          "tune_len"],
     prune_configs_by={"early_config_prune": _prune},
 )(block_sparse_attention_fwd)
-
-
-def dot_options(dtype: torch.dtype) -> dict[str, object]:
-    """The ``DOT_PRECISION`` and ``UPCAST`` constexprs of a kernel whose inputs are ``dtype``: exact float32
-    dots for float32, and under the CPU interpreter (whose ``tl.dot`` mishandles bfloat16) bfloat16 upcast to
-    float32."""
-    upcast = interpreting() and dtype == torch.bfloat16
-    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
 
 
 def interpreter_config(plan_block: int) -> KernelConfig:
@@ -250,7 +243,7 @@ def kernel_args(
         mask=_mask_operand(attn_mask, query, shape), pattern=_pattern_operand(plan, shape, q_offset, query),
         KvRange=query if kv_range is None else kv_range, DescK=desc_k, DescV=desc_v,
         heads=shape.heads, group=shape.heads // shape.kv_heads, q_len=shape.q_len, kv_len=shape.kv_len,
-        q_offset=q_offset, sm_scale=softmax_scale(scale, shape.head_dim),
+        q_offset=q_offset, sm_scale=float(softmax_scale(scale, shape.head_dim)),  # float: Triton types an int i32
         tune_len=next_power_of_2(max(shape.q_len, shape.kv_len, 1024)),
     )
 
@@ -278,7 +271,7 @@ def _launch(
         config = interpreter_config(plan_block)
     if config is None:
         grid = lambda meta: (shape.batch * shape.heads, cdiv(shape.q_len, meta["BLOCK_M"]))  # noqa: E731
-        _tuned_kernel[grid](**args, **constants)
+        tuned_kernel[grid](**args, **constants)
         return
     if plan_block % config.block_m or plan_block % config.block_n:
         raise ValueError(f"config tiles {config[:2]} must divide the plan block_size {plan_block}")

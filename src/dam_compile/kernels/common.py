@@ -1,5 +1,6 @@
 """Host-side helpers every kernel launcher shares: the interpreter flag, the device's capability, integer
-helpers, a call's sizes and the plan's list operands.
+helpers (``cdiv`` and ``softmax_scale`` are ``plan.arith``'s, re-exported: the plan layer needs them too), the
+dot constexprs, a call's sizes and the plan's list operands.
 
 Host time per call matters (hundreds of attention calls per forward): plain-Python helpers instead of Triton's
 jit-wrapped ``next_power_of_2`` / ``cdiv``, and the capability looked up once per device.
@@ -8,12 +9,13 @@ jit-wrapped ``next_power_of_2`` / ``cdiv``, and the capability looked up once pe
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+from dam_compile.plan.arith import cdiv, softmax_scale
 
 if TYPE_CHECKING:
     from dam_compile.plan.block_plan import BlockSparsePlan
@@ -31,8 +33,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def dot_options(dtype: torch.dtype) -> dict[str, object]:
+    """The ``DOT_PRECISION`` and ``UPCAST`` constexprs of a kernel whose inputs are ``dtype``: exact float32
+    dots for float32, and under the CPU interpreter (whose ``tl.dot`` mishandles bfloat16) bfloat16 upcast to
+    float32."""
+    upcast = interpreting() and dtype == torch.bfloat16
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +88,5 @@ def _list_operand(counts: Tensor, indices: Tensor, shape: CallShape) -> tuple:
     return counts, counts.stride(), indices, indices.stride()[:3]
 
 
-def softmax_scale(scale: float | None, head_dim: int) -> float:
-    """The score scale a kernel gets: ``scale``, or SDPA's ``1 / sqrt(head_dim)`` when ``None``."""
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+__all__ = ["CallShape", "capability", "cdiv", "dot_options", "interpreting", "next_power_of_2", "plan_lists",
+           "sm_count", "softmax_scale", "tma_aligned"]

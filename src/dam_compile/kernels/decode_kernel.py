@@ -21,9 +21,8 @@ from torch import Tensor
 from triton.runtime import driver
 
 from .constants import LOG2E
-from .block_sparse_launch import dot_options
 from .launch_cache import CachedLaunch, LaunchCache, tensors_key
-from .common import cdiv, interpreting, next_power_of_2, sm_count, softmax_scale
+from .common import cdiv, dot_options, interpreting, next_power_of_2, sm_count, softmax_scale
 from dam_compile.plan.reference import check_heads
 from .stream_buffers import COUNTERS
 
@@ -282,22 +281,22 @@ def triton_sparse_decode(
     _DECODES.launch(cache_key, (rows, splits), dict(
         Q=query, K=key, V=value, Counts=counts, Indices=indices, Mask=mask, Partials=partials, Out=out,
         Arrivals=buffers.arrivals(query), **strides, heads=heads, kv_heads=kv_heads, group=group, kv_len=kv_len,
-        list_len=indices.shape[-1], splits=splits, scale=softmax_scale(scale, head_dim),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PLAN_BLOCK=block_size, BLOCK_N=min(block_size, _TILE_KEYS),
+        list_len=indices.shape[-1], splits=splits, scale=float(softmax_scale(scale, head_dim)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PLAN_BLOCK=block_size, BLOCK_N=min(block_size, TILE_KEYS),
         GROUP_PAD=max(16, group_list), GROUP_LIST=group_list,
         LIST_CHUNK=min(next_power_of_2(indices.shape[-1]), max(16, _LIST_TILE // group_list)),
         RANGE=next_power_of_2(cdiv(num_blocks, splits)),
         SPLIT_CHUNK=max(1, min(next_power_of_2(splits), _MERGE_TILE // (group_list * block_d))),
         HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask_is_bool,
-        num_warps=1 if interpreting() else 4, num_stages=1 if interpreting() else _STAGES, **dot_options(query.dtype),
+        num_warps=1 if interpreting() else 4, num_stages=1 if interpreting() else STAGES, **dot_options(query.dtype),
     ), extra=buffers)
     return out
 
 
 _LIST_TILE = 2048  # list entries a program loads at once (16 registers a thread at 4 warps)
 _MERGE_TILE = 16384  # partial accumulator values the merging program reads at once (one chunk at 32 splits)
-_TILE_KEYS = 64  # keys per loop step
-_STAGES = 3  # loop steps in flight
+TILE_KEYS = 64  # keys per loop step
+STAGES = 3  # loop steps in flight
 _STRIDE_NAMES = ("stride_qb", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_kn", "stride_kd",
                  "stride_vb", "stride_vh", "stride_vn", "stride_vd", "stride_cb", "stride_ch", "stride_ib",
                  "stride_ih", "stride_ik", "stride_mb", "stride_mh", "stride_mn")

@@ -80,7 +80,7 @@ def hopper_args(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Ten
         Out=out, o_strides=out.stride(), Lse=lse, partial_lists=partial, full_lists=full,
         KvRange=query if kv_range is None else kv_range, heads=shape.heads, group=shape.heads // shape.kv_heads,
         q_len=shape.q_len, kv_len=shape.kv_len, q_offset=q_offset,
-        sm_scale=softmax_scale(scale, shape.head_dim),
+        sm_scale=float(softmax_scale(scale, shape.head_dim)),  # float: Triton types an int i32
         n_bh=shape.batch * shape.heads, n_tiles=cdiv(shape.q_len, CONSUMERS * BLOCK_M),
         Sched=_scheduler(query.device),
     )

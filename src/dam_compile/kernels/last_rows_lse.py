@@ -14,15 +14,14 @@ kernel.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_sparse_launch import dot_options
-from .common import interpreting, next_power_of_2
+from .common import cdiv, dot_options, interpreting, next_power_of_2
 from .constants import LN2, LOG2E, MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .lean_op import lean_op
 
@@ -231,7 +230,7 @@ def launch_sampled_rows_block_lse(query: Tensor, key: Tensor, block_size: int, p
 def _sampled_rows(q_len: int, block_size: int, per_block: int) -> int:
     if per_block < 1 or block_size % per_block:
         raise ValueError(f"per_block must divide block_size={block_size}, got {per_block}")
-    return -(-q_len // block_size) * per_block
+    return cdiv(q_len, block_size) * per_block
 
 
 def key_blocks_per_program(nk: int, rows_per_program: int, block_size: int) -> int:
@@ -256,18 +255,20 @@ def loop_blocks_per_program(nk: int, row_tiles: int) -> int:
     if interpreting():
         return 1
     loop = MAX_LOOP_BLOCKS
-    while loop > 1 and -(-nk // loop) * row_tiles < MIN_PROGRAMS:
+    while loop > 1 and cdiv(nk, loop) * row_tiles < MIN_PROGRAMS:
         loop //= 2
     return loop
 
 
 class LseLaunch(NamedTuple):
-    """One launch of the row-LSE kernel: its grid, arguments, constants and the output it writes."""
+    """One launch of the row-LSE kernel: its grid, arguments, constants and the output it writes; ``kernel``,
+    the Triton kernel itself (``benchmarks/kernel_resources.py`` compiles it from the launch)."""
 
     grid: tuple[int, int, int]
     args: tuple
     constants: dict
     out: Tensor
+    kernel: Any = _rows_block_lse_kernel
 
 
 def lse_launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float, rows: int,
@@ -279,13 +280,13 @@ def lse_launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, sca
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[-2]
     group = heads // kv_heads
-    nk = (kv_len + block_size - 1) // block_size
+    nk = cdiv(kv_len, block_size)
     out = torch.empty((batch, kv_heads, group * rows, nk), device=query.device, dtype=torch.float32)
     per_program = INTERPRETER_ROWS_PER_PROGRAM if interpreting() else ROWS_PER_PROGRAM
     key_blocks = key_blocks_per_program(nk, per_program, block_size)
-    row_tiles = -(-group * rows // per_program)
+    row_tiles = cdiv(group * rows, per_program)
     loop = loop_blocks_per_program(nk, row_tiles * batch * kv_heads)
-    grid = (-(-nk // (key_blocks * loop)), row_tiles, batch * kv_heads)
+    grid = (cdiv(nk, key_blocks * loop), row_tiles, batch * kv_heads)
     block_map = None if block_map is None else block_map.to(device=query.device, dtype=torch.int32)
     args = (query, key, out, out if block_map is None else block_map,
             query.stride(0), query.stride(1), query.stride(2),
@@ -302,14 +303,14 @@ def lse_launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, sca
 def _launch(query: Tensor, key: Tensor, block_size: int, is_causal: bool, scale: float, rows: int,
             per_block: int, block_map: Tensor | None = None) -> Tensor:
     launch = lse_launch(query, key, block_size, is_causal, scale, rows, per_block, block_map)
-    _rows_block_lse_kernel[launch.grid](*launch.args, **launch.constants)
+    launch.kernel[launch.grid](*launch.args, **launch.constants)
     return launch.out
 
 
 def _fake_lse(query: Tensor, key: Tensor, block_size: int, rows: int) -> Tensor:
     batch, heads = query.shape[:2]
     kv_heads, kv_len = key.shape[1], key.shape[-2]
-    return query.new_empty((batch, kv_heads, heads // kv_heads * rows, (kv_len + block_size - 1) // block_size),
+    return query.new_empty((batch, kv_heads, heads // kv_heads * rows, cdiv(kv_len, block_size)),
                            dtype=torch.float32)
 
 

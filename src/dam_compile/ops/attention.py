@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dam_compile.plan import plan_stats
-from dam_compile.dynamic.adaptive_plan_kernel import adaptive_block_plan, fused_plan_runs
-from dam_compile.dynamic.sampled_plan_kernel import sampled_block_plan
+from dam_compile.dynamic.adaptive_plan_kernel import fused_plan_runs
+from dam_compile.dynamic.estimators import estimator_spec
 from dam_compile.kernels.block_sparse_launch import triton_block_sparse_attention
 from dam_compile.kernels.decode_kernel import triton_sparse_decode
 from dam_compile.dynamic.decode_plan import decode_block_plan
@@ -38,6 +38,7 @@ from .key_padding import padding_inputs, range_mask
 from dam_compile.kernels.common import interpreting
 from dam_compile.kernels.lean_op import lean_op
 from dam_compile.plan.block_plan import BlockSparsePlan, num_blocks
+from dam_compile.plan.defaults import DEFAULT_BLOCK_SIZE
 from dam_compile.plan.reference import block_sparse_attention_reference
 from dam_compile.plan.pattern_plan import cached_pattern_plan
 from dam_compile.plan.structured_plans import dense_plan, streaming_plan
@@ -116,7 +117,7 @@ def sparse_attention_op(
 
 def dense_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: Optional[float], is_causal: bool,
-    enable_gqa: bool, kv_range: Optional[Tensor] = None, block_size: int = 128,
+    enable_gqa: bool, kv_range: Optional[Tensor] = None, block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Tensor:
     """SDPA, contiguous. With a mask and grouped K/V heads the heads are repeated first, as the model would have
     done before the pass read its K/V before ``repeat_kv``: SDPA's fast kernels take GQA only without a mask. A
@@ -265,13 +266,10 @@ def _(query, key, diagonals, columns, corner, block_size, *args) -> PlanTensors:
     return _pattern_plan_buffers(query, key, diagonals, block_size)
 
 
-# Estimators whose plan has Triton kernels (the same lists as the definition, no compile step, no host sync):
-# taken on CUDA where ``fused_plan_runs``; the others run the definition compiled once (``_planner``).
-FUSED_PLANS = {"adaptive": adaptive_block_plan, "sampled": sampled_block_plan}
 _compiled: dict[Callable, Callable] = {}
 
 
-def _planner(fn: Callable, device: torch.device) -> Callable:
+def compiled_planner(fn: Callable, device: torch.device) -> Callable:
     """``fn`` compiled once with dynamic shapes on CUDA (a handful of fused kernels instead of dozens of
     launches); eager elsewhere (CPU tests), and while a CUDA graph is being captured (``mode="reduce-overhead"``):
     a capture does not survive a nested compiled call, and in a graph the eager launches cost no host time."""
@@ -289,22 +287,20 @@ def dynamic_plan_op(
     sink_blocks: int, local_blocks: int, estimator: str,
 ) -> PlanTensors:
     """The dynamic DAM plan (:func:`dynamic_block_plan`) of a ``[B, H, Lq, E]`` query, lists ``[B, H, Mq, K]``;
-    when the attention will run dense, a plan that keeps nothing (nothing is computed)."""
+    when the attention will run dense, a plan that keeps nothing (nothing is computed). An estimator with a fused
+    plan (Triton kernels: the same lists as the definition, no compile step, no host sync) takes it on CUDA where
+    ``fused_plan_runs``; the others run the definition compiled once (:func:`compiled_planner`)."""
     path = choose_path(query, key, min_seq_len, kernel)[0]
     if path == "dense":
         return _keep_nothing(_dynamic_plan_buffers(query, key, block_size, density, sink_blocks, local_blocks,
                                                    estimator))
-    if estimator in FUSED_PLANS and path != "reference" and fused_plan_runs(query, block_size):
-        return FUSED_PLANS[estimator](
-            query, key, block_size=block_size, is_causal=is_causal, scale=scale, tau=tau,
-            box_cox_lambda=box_cox_lambda, mu=mu, density=density, mass_target=mass_target,
-            sink_blocks=sink_blocks, local_blocks=local_blocks,
-        )
-    return _planner(dynamic_block_plan, query.device)(
-        query, key, block_size=block_size, is_causal=is_causal, scale=scale, tau=tau,
-        box_cox_lambda=box_cox_lambda, mu=mu, density=density, mass_target=mass_target, sink_blocks=sink_blocks,
-        local_blocks=local_blocks, estimator=estimator,
-    )
+    options = dict(block_size=block_size, is_causal=is_causal, scale=scale, tau=tau, box_cox_lambda=box_cox_lambda,
+                   mu=mu, density=density, mass_target=mass_target, sink_blocks=sink_blocks,
+                   local_blocks=local_blocks)
+    fused = estimator_spec(estimator).fused_plan
+    if fused is not None and path != "reference" and fused_plan_runs(query, block_size):
+        return fused(query, key, **options)
+    return compiled_planner(dynamic_block_plan, query.device)(query, key, **options, estimator=estimator)
 
 
 def _dynamic_plan_buffers(query: Tensor, key: Tensor, block_size: int, density: float, sink_blocks: int,
@@ -335,7 +331,7 @@ def decode_plan_op(
     if choose_path(query, key, min_seq_len, kernel)[0] == "dense":
         counts, indices = _decode_plan_buffers(query, key, block_size)
         return torch.zeros_like(counts), indices
-    return _planner(decode_block_plan, query.device)(
+    return compiled_planner(decode_block_plan, query.device)(
         query, key, attn_mask, diagonals, columns, source=source, block_size=block_size, sink_blocks=sink_blocks,
         local_blocks=local_blocks, density=density, scale=scale, corner_len=corner_len, dynamic_heads=dynamic_heads,
     )

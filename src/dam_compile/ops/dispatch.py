@@ -1,7 +1,9 @@
 """Run-time choice between the sparse and the dense path of ``dam::sparse_attention``.
 
 The choice is made on every call from the actual tensors, so one compiled graph serves short and long prompts,
-prefill and decode, without a recompile. Each distinct choice is logged once and counted.
+prefill and decode, without a recompile. Each distinct choice is logged once and counted. :func:`call_path` is
+the one per-call policy built on it: the graph pass, the eager oracles, the reports and the context-parallel ring
+ask it which path a module's call takes.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
 from dam_compile.kernels.common import interpreting
 from dam_compile.kernels.constants import ALWAYS_DENSE
+from .dense_layers import dense_layer_reason
 
 log = logging.getLogger("dam_compile")
 
@@ -56,7 +59,8 @@ def warn_dense_once(what: str, reasons: list[str]) -> None:
     warnings.warn(message, DenseAttentionWarning, stacklevel=3)
 
 
-def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str) -> tuple[Path, str]:
+def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str, *, key_len: int | None = None,
+                crossover: bool = True) -> tuple[Path, str]:
     """Pick the path for a ``[B, H, Lq, E]`` query against ``[B, KVH, Lk, E]`` keys and say why.
 
     Attention over fewer than ``min_seq_len`` keys runs dense (prefill of a short prompt, a decode step on a
@@ -65,14 +69,15 @@ def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str) -> tu
     for a plan to pay off (:func:`below_crossover`; ``min_seq_len=0`` turns that off too: every call sparse);
     ``'triton'`` forces them (any float dtype; on
     the CPU only under ``TRITON_INTERPRET=1``, for tests); ``'reference'`` runs the PyTorch block-sparse
-    reference on any device (slow: for tests and fidelity checks).
+    reference on any device (slow: for tests and fidelity checks). ``key_len``: the keys the attention spans
+    when ``key`` holds only some of them (a context-parallel shard); ``crossover=False`` leaves the crossover out.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     decode = query.shape[-2] == 1
     if min_seq_len >= ALWAYS_DENSE:
         return "dense", "the site's layer is kept dense (dense_layers)"
-    if key.shape[-2] < min_seq_len:
+    if (key.shape[-2] if key_len is None else key_len) < min_seq_len:
         what = "decode step: KV cache" if decode else "sequence"
         return "dense", f"{what} shorter than min_seq_len={min_seq_len}"
     if kernel == "reference":
@@ -86,9 +91,49 @@ def choose_path(query: Tensor, key: Tensor, min_seq_len: int, kernel: str) -> tu
         return "dense", "CPU tensors: the fused sparse kernel needs CUDA (kernel='reference' runs the PyTorch one)"
     if query.dtype not in FUSED_DTYPES:
         return "dense", f"{query.dtype} inputs: the fused kernel runs float16 and bfloat16"
-    if min_seq_len > 0 and below_crossover(query, key):
+    if crossover and min_seq_len > 0 and below_crossover(query, key):
         return "dense", f"{'decode step' if decode else 'prefill'}: {CROSSOVER}"
     return "triton", fused
+
+
+class PathOptions(Protocol):
+    """What the per-call policy reads: ``DAMConfig`` and ``MaskOptions`` both have it."""
+
+    @property
+    def min_seq_len(self) -> int: ...
+
+    @property
+    def kernel(self) -> str: ...
+
+    @property
+    def dense_layers(self) -> int: ...
+
+
+# Who runs the call, and so which of the op's rules apply (see call_path).
+Runner = Literal["op", "ring", "plan"]
+PLANNED = "planned at any length and on any device (the caller runs the plan)"
+
+
+def call_path(options: PathOptions, module_path: str, query: Tensor, key: Tensor, *, runner: Runner = "op",
+              key_len: int | None = None) -> tuple[Path, str]:
+    """The path one attention call of the module at ``module_path`` takes under ``options``, and why: dense in
+    the model's first ``dense_layers`` layers at every length (the pass gives their op
+    ``min_seq_len=ALWAYS_DENSE``), otherwise as ``runner`` decides:
+
+    - ``"op"``: ``dam::sparse_attention``'s run-time rule (:func:`choose_path`): the backend, its eager oracle,
+      the reports;
+    - ``"ring"``: the context-parallel ring's: ``min_seq_len`` against ``key_len`` (the whole sequence; ``key``
+      is one shard), and no crossover (its dense path is our kernel on every block, not cuDNN);
+    - ``"plan"``: a caller that plans every call and runs it itself (measurements, the answer check): only the
+      dense layers run dense; the others report ``"reference"``, what they compute.
+    """
+    kept = dense_layer_reason(module_path, options.dense_layers)
+    if kept is not None:
+        return "dense", kept
+    if runner == "plan":
+        return "reference", PLANNED
+    return choose_path(query, key, options.min_seq_len, options.kernel, key_len=key_len,
+                       crossover=runner == "op")
 
 
 def below_crossover(query: Tensor, key: Tensor) -> bool:

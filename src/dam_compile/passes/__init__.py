@@ -6,7 +6,6 @@
 
 from .causal_mask import read_causal_mask
 from .decide import Decision, decide
-from .dense_layers import dense_layer_reason, layer_index
 from .find_sdpa import SDPASite, find_sdpa_sites, is_sdpa, module_path, normalize_module_path
 from .insert_mask import insert_mask_generation
 from .pipeline import RewriteResult, SiteReport, copy_graph_module, rewrite_attention
@@ -29,12 +28,10 @@ __all__ = [
     "check_rewrite",
     "copy_graph_module",
     "decide",
-    "dense_layer_reason",
     "find_sdpa_sites",
     "fx_to_digraph",
     "insert_mask_generation",
     "is_sdpa",
-    "layer_index",
     "module_path",
     "normalize_module_path",
     "plan_call",

@@ -46,7 +46,7 @@ def is_sdpa(node: Node) -> bool:
 
 def find_sdpa_sites(graph: Graph) -> list[SDPASite]:
     """Every SDPA call in ``graph``, in graph order."""
-    return [_read_site(node) for node in graph.nodes if is_sdpa(node)]
+    return [read_site(node) for node in graph.nodes if is_sdpa(node)]
 
 
 def bind_sdpa_args(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def bind_sdpa_args(args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
-def _read_site(node: Node) -> SDPASite:
+def read_site(node: Node) -> SDPASite:
     bound = bind_sdpa_args(node.args, node.kwargs)
     return SDPASite(
         node=node,

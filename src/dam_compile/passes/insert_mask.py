@@ -24,7 +24,6 @@ import operator
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 from torch._dynamo.source import ConstantSource
 from torch.fx import GraphModule, Node
@@ -32,7 +31,7 @@ from torch.fx import GraphModule, Node
 from dam_compile.plan.mask_options import MaskOptions
 from .decide import example_value, op_scale
 from .find_sdpa import SDPASite
-from .plan_call import plan_call
+from .plan_call import one_row, plan_call
 from .profile_protocol import SiteProfile
 
 PLAN_TENSORS = 4  # kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices
@@ -59,8 +58,7 @@ class MaskSubgraph:
 
 def is_decode(site: SDPASite) -> bool:
     """A query of (statically) one row: a decode step."""
-    length = example_value(site.query).shape[-2]
-    return isinstance(length, int) and length == 1
+    return one_row(example_value(site.query))
 
 
 def _buffer_nodes(gm: GraphModule, stem: str, values: dict[str, Tensor]) -> tuple[Node, ...]:
@@ -83,25 +81,18 @@ def insert_mask_generation(
 ) -> MaskSubgraph:
     """Insert the plan computation for ``site`` just before it; returns the new nodes. ``profile`` and
     ``entry`` (the profile's module name for the site): the calibrated source's."""
-    decode, patterns, dynamic, stem = is_decode(site), None, None, ""
-    if options.source == "calibrated":
-        if profile is None or entry is None:
-            raise ValueError("the calibrated source needs the profile and the site's entry in it")
-        device = example_value(site.query).device
-        patterns = profile.patterns_on(entry, device)
-        dynamic = profile.modules[entry].dynamic_heads.to(device=device, dtype=torch.bool)
-        stem = "_dam_" + re.sub(r"\W", "_", entry)
-    call = plan_call(options, decode=decode, is_causal=site.is_causal, scale=op_scale(site), patterns=patterns,
-                     dynamic=dynamic)
+    call = plan_call(options, example_value(site.query), is_causal=site.is_causal, scale=op_scale(site),
+                     profile=profile, entry=entry)
+    stem = "" if entry is None else "_dam_" + re.sub(r"\W", "_", entry)  # buffer names of the module's tensors
     graph = gm.graph
     with graph.inserting_before(site.node):
         pattern_nodes = _buffer_nodes(gm, stem + call.tag, call.patterns)
         extra = _buffer_nodes(gm, stem, call.tensor_kwargs)
         plan = graph.call_function(call.op, call.args(site.query, site.key, site.attn_mask, pattern_nodes),
                                    {**call.kwargs, **dict(zip(call.tensor_kwargs, extra))})
-        count = DECODE_PLAN_TENSORS if decode else PLAN_TENSORS
+        count = DECODE_PLAN_TENSORS if call.decode else PLAN_TENSORS
         outputs = tuple(graph.call_function(operator.getitem, (plan, i)) for i in range(count))
     for node in (*pattern_nodes, *extra, plan, *outputs):
         node.meta["stack_trace"] = site.node.meta.get("stack_trace")
         node.meta["nn_module_stack"] = site.node.meta.get("nn_module_stack")
-    return MaskSubgraph(plan, outputs, pattern_nodes, decode, extra, call.dynamic_heads)
+    return MaskSubgraph(plan, outputs, pattern_nodes, call.decode, extra, call.dynamic_heads)

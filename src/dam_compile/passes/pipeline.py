@@ -10,11 +10,11 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from dam_compile.kernels.constants import ALWAYS_DENSE
+from dam_compile.ops.dense_layers import dense_layer_reason
 from dam_compile.plan.mask_options import MaskOptions
 from .causal_mask import SIZES_ONLY, causal_reading
 from .decide import Decision, decide, example_value
 from .decode_path import dense_decode_reason
-from .dense_layers import dense_layer_reason
 from .find_sdpa import SDPASite, find_sdpa_sites
 from .gqa import read_before_repeat
 from .insert_mask import insert_mask_generation
@@ -114,7 +114,7 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
             site_options = replace(options, min_seq_len=ALWAYS_DENSE)
             reports[-1].decision, reports[-1].reason, reports[-1].mask_source = "dense", kept_dense, None
             reports[-1].reaches_min_seq_len = False
-        decode_dense = dense_decode_reason(read_before_repeat(site), site_options.min_seq_len, site_options.kernel)
+        decode_dense = dense_decode_reason(read_before_repeat(site), options)
         if decode_dense is not None:
             reports[-1].decision, reports[-1].reason, reports[-1].mask_source = "dense", decode_dense, None
             # Its size guard may bound the keys below min_seq_len: then nothing is missed (no dense warning).

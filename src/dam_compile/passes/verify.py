@@ -15,7 +15,7 @@ import networkx as nx
 from torch.fx import Graph, Node
 from torch.fx.node import _get_qualified_name
 
-from .find_sdpa import _read_site
+from .find_sdpa import read_site
 from .insert_mask import PLAN_OP_ARGS
 from .key_padding import KEY_PADDING, KeyPaddingNodes
 from .rewrite import SPARSE_ATTENTION
@@ -99,7 +99,7 @@ def expected_digraph(original: Graph, rewritten: list[RewrittenSite]) -> nx.DiGr
     g = fx_to_digraph(original)
     by_name = {node.name: node for node in original.nodes}
     for site in rewritten:
-        sdpa = _read_site(by_name[site.name])
+        sdpa = read_site(by_name[site.name])
         plan, attn = f"{site.name}/plan", f"{site.name}/attn"
         users = [(dst, g.edges[site.name, dst]["pos"]) for dst in g.successors(site.name)]
         g.remove_node(site.name)

@@ -1,7 +1,8 @@
 """The block-sparse plan and everything computed from it in plain PyTorch: the format (``block_plan``), the fixed
 plans (``structured_plans``), DAM's pattern math (``dam_patterns``) and its extension to any length
-(``pattern_plan``, ``token_pattern``), the reference attention a kernel is tested against (``reference``), and
-the plain values a site's plan is built from (``mask_options``). The lowest layer: no Triton, no ops.
+(``pattern_plan``, ``token_pattern``), the reference attention a kernel is tested against (``reference``),
+the plain values a site's plan is built from (``mask_options``) and their defaults (``defaults``), and the
+scalar helpers every layer shares (``arith``: ``cdiv``, ``softmax_scale``). The lowest layer: no Triton, no ops.
 """
 
 from .block_plan import PATTERN_PAD, BlockSparsePlan, PlanError, num_blocks

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .arith import cdiv
+
 
 class PlanError(ValueError):
     """A block-sparse plan that does not fit its inputs or breaks the format's rules."""
@@ -46,7 +48,7 @@ PATTERN_PAD = -(2**31)  # fills the unused slots of token_diagonals / token_colu
 
 def num_blocks(length: int, block_size: int) -> int:
     """Number of blocks of ``block_size`` covering ``length`` positions (the last one may be ragged)."""
-    return (length + block_size - 1) // block_size
+    return cdiv(length, block_size)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ class MaskOptions:
 
     ``density``: the dynamic prefill plan's cap (1.0: none); ``decode_density``: the share of its blocks a
     dynamic decode step keeps at least (``DAMConfig.mask_options`` resolves both from ``density`` and the
-    estimator's ``DENSITY_DEFAULTS``). ``dense_layers``: sites of the model's first this many layers run dense
+    estimator's registered ``density``). ``dense_layers``: sites of the model's first this many layers run dense
     at every length (the pass gives them ``min_seq_len=ALWAYS_DENSE``). ``corner_len``: the calibrated source's
     pattern capture length (its decode plan keeps every key before the row while the row is inside it); 0 for
     the other sources. ``scale`` arguments below are the site's SDPA scale: ``None``, a float, or an FX node of

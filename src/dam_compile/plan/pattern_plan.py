@@ -148,3 +148,8 @@ def cached_pattern_plan(
     else:
         _CACHE.move_to_end(key)
     return plan
+
+
+def clear_pattern_plan_cache() -> None:
+    """Forget every cached plan (a benchmark timing the first build of a length)."""
+    _CACHE.clear()

@@ -12,13 +12,13 @@ fully masked rows), never NaN.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from .arith import softmax_scale
 from .block_plan import BlockSparsePlan, num_blocks
 from .structured_plans import causal_block_tables
 from .token_pattern import pattern_bitmaps
@@ -78,7 +78,7 @@ def block_sparse_attention_reference(
     group = heads // kv_heads
     block = plan.block_size
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
 
     out = torch.full((batch, heads, q_len, value.shape[-1]), float("nan"), dtype=query.dtype, device=query.device)
     lse = torch.full((batch, heads, q_len), float("nan"), dtype=compute, device=query.device) if return_lse else None

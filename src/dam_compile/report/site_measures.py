@@ -14,13 +14,11 @@ import torch
 from torch import Tensor
 
 from dam_compile.config import DAMConfig
-from dam_compile.ops.dispatch import choose_path
-from dam_compile.plan.block_plan import BlockSparsePlan
+from dam_compile.ops.dispatch import call_path
 from dam_compile.plan.reference import density_per_head
 from dam_compile.plan.structured_plans import dense_plan
 from dam_compile.metrics import attention_mass_recall
 from dam_compile.module_stack import AttentionCallMode
-from dam_compile.passes.dense_layers import dense_layer_reason
 from dam_compile.reference_mode import plan_for
 
 
@@ -54,11 +52,10 @@ class PlanMeasure(AttentionCallMode):
         if query.shape[-2] == 1 or a["dropout_p"] or query.dim() != 4:
             return None  # decode steps and training calls are not measured
         is_causal, mask = bool(a["is_causal"]), a["attn_mask"]
-        kept_dense = dense_layer_reason(name, self.config.dense_layers)
-        if kept_dense is not None:  # the op runs dense: every visible block
+        if call_path(self._planning, name, query, key, runner="plan")[0] == "dense":  # a dense layer: every block
             plan = dense_plan(query.shape[-2], key.shape[-2], self.config.block_size, is_causal, query.device)
         else:
-            plan = self._plan(name, query, key, is_causal, a["scale"], mask)
+            plan = plan_for(self._planning, query, key, is_causal, a["scale"], mask, module=name)
         q_len, kv_len = query.shape[-2], key.shape[-2]
         gqa = key.shape[1] != query.shape[1]
         density = density_per_head(plan, q_len, kv_len, is_causal).mean(0)
@@ -66,8 +63,7 @@ class PlanMeasure(AttentionCallMode):
         if mask is None:
             recall = attention_mass_recall(query, key, plan, is_causal=is_causal, scale=a["scale"],
                                            enable_gqa=gqa).mean(0).tolist()
-        path, reason = ("dense", kept_dense) if kept_dense is not None else choose_path(
-            query, key, self.config.min_seq_len, self.config.kernel)
+        path, reason = call_path(self.config, name, query, key)
         partial, full = plan.block_tables(kv_len)
         blocks = (partial[0].to(torch.int8) + 2 * full[0].to(torch.int8)).cpu()
         heads = query.shape[1]
@@ -77,9 +73,3 @@ class PlanMeasure(AttentionCallMode):
         if self.progress is not None:
             self.progress.update(1)
         return None
-
-    def _plan(self, name: str, query: Tensor, key: Tensor, is_causal: bool, scale, mask) -> BlockSparsePlan:
-        config, patterns, dynamic = self._planning, None, None
-        if config.source == "calibrated":
-            patterns, dynamic = config.profile.patterns_for(name, query.device)
-        return plan_for(config, query, key, is_causal, scale, mask, patterns, dynamic)

@@ -17,6 +17,8 @@ import torch
 
 from dam_compile.plan.dam_patterns import extended_mask, shifted_box_cox
 from dam_compile.plan.pattern_plan import pattern_block_tables
+from dam_compile.plan.arith import cdiv
+from dam_compile.plan.defaults import DEFAULT_BLOCK_SIZE
 
 if TYPE_CHECKING:
     from dam_compile.calibration.profile import DAMProfile
@@ -41,7 +43,7 @@ def _file_name(module: str) -> str:
 
 
 def plot_profile(profile: "DAMProfile", directory: str | os.PathLike, *, length: int | None = None,
-                 block_size: int = 128) -> list[Path]:
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> list[Path]:
     """PNG heatmaps of a calibrated profile (needs the ``viz`` extra): per module ``<module>.png`` with the Box-Cox
     map, true mask and extended mask of every head, and ``density.png`` (modules x heads) at ``length`` (default
     ``16 * pcl``). Returns the paths written."""
@@ -111,7 +113,7 @@ def plot_site_blocks(measures: dict[str, "SiteMeasure"], directory: Path, max_he
     for name, m in measures.items():
         heads = min(len(m.density), max_heads)
         cols = min(8, heads)
-        rows = -(-heads // cols)
+        rows = cdiv(heads, cols)
         fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
         for h, ax in enumerate(axes.flat):
             ax.axis("off")

@@ -13,7 +13,7 @@ from dam_compile.ops.dispatch import DenseAttentionWarning, choose_path
 from dam_compile.ops.attention import sparse_attention
 from dam_compile.plan.plan_stats import PlanStats
 from dam_compile.plan.structured_plans import streaming_plan
-from dam_compile.passes.dense_layers import dense_layer_reason, layer_index
+from dam_compile.ops.dense_layers import dense_layer_reason, layer_index
 from dam_compile.reference_mode import SparseReferenceMode
 
 from dam_testing import CPU_SPARSE, rel_err
@@ -84,6 +84,7 @@ def test_first_layer_dense_the_others_sparse_as_the_oracle_says(name):
     assert "layer 0" in sites[0].reason and "dense_layers=1" in sites[0].reason
 
 
+@pytest.mark.slow
 def test_dense_layer_calls_count_as_full_density_through_generate():
     """The op still runs for the dense layer's prefill (its SDPA path), so a benchmark's measured density counts
     it at 1.0; its decode steps are decided when compiled and stay the model's SDPA call: only the sparse

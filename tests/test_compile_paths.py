@@ -79,23 +79,6 @@ def test_a_symbolic_scale_goes_to_the_op_as_it_is():
     assert dam_compile.runtime_stats() == {"reference: kernel='reference'": 3 * LAYERS}
 
 
-def test_one_loud_warning_when_every_site_of_a_long_graph_stays_dense():
-    """Training (grad) keeps every site dense: compiled for 64 tokens with min_seq_len=32, the user is told once,
-    with the reason."""
-    model = build("llama").train()
-    options = {**CPU_SPARSE, "min_seq_len": 32}
-    run = torch.compile(model, backend="dam", options=options)
-    with pytest.warns(dam_compile.DenseAttentionWarning, match="every attention site.*require grad") as caught:
-        run(ids_for("llama", n=64)).logits.sum().backward()
-    assert len([w for w in caught if issubclass(w.category, dam_compile.DenseAttentionWarning)]) == 1
-
-
-def test_no_warning_below_min_seq_len(recwarn):
-    model = build("llama").train()
-    torch.compile(model, backend="dam", options={**CPU_SPARSE, "min_seq_len": 128})(ids_for("llama", n=64))
-    assert not [w for w in recwarn if issubclass(w.category, dam_compile.DenseAttentionWarning)]
-
-
 def test_one_loud_warning_when_a_long_input_runs_dense_at_run_time():
     """kernel='auto' has no sparse kernel for CPU tensors: the rewritten sites run dense, and the user is told
     once, however many sites and calls."""

@@ -1,18 +1,14 @@
-"""``dam_compile.explain``, the dump's HTML index and the ``inspect`` / ``calibrate`` / ``bench`` commands."""
+"""``dam_compile.explain`` (explain.py) and the dump's HTML index. The ``inspect`` / ``calibrate`` / ``bench``
+commands that print it: tests/cli/test_main.py."""
 
 import json
-import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dam_compile
-from dam_compile.cli import main as cli
 
 from dam_testing import sdpa
 from hf_models import build, ids_for
@@ -120,75 +116,6 @@ def test_dump_index_links_every_file_and_they_exist(tmp_path):
     assert report.dump_dirs == [str(tmp_path / "graph_000")]
 
 
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "dam_compile.cli.main", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
-@pytest.mark.slow
-def test_inspect_command_prints_the_sites_and_writes_the_dump(tmp_path):
-    pytest.importorskip("matplotlib")
-    run = run_cli("inspect", "tiny-llama", "--seq-len", "96", "--dump", "out", "--device", "cpu",
-                  "-o", "block_size=16", "-o", "mask_source=streaming", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert re.search(r"model\.layers\.1\.self_attn\s+sparse", run.stdout)
-    assert "random weights" in run.stdout and (tmp_path / "out" / "index.html").is_file()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["inspect", "no-such-model", "--seq-len", "8"], "is not a built-in name"),
-    (["inspect", "tiny-llama", "--seq-len", "0"], "expected a positive integer"),
-    (["inspect", "tiny-llama", "--seq-len", "8", "-o", "novalue"], "expected KEY=VALUE"),
-    (["inspect", "tiny-llama", "--seq-len", "8", "-o", "blocksize=16", "--no-measure"], "unknown dam option"),
-    (["calibrate", "tiny-llama", "--samples", "missing.txt", "--out", "p.safetensors"], "does not exist"),
-    (["bench", "nonsense"], "invalid choice"),
-])
-def test_bad_arguments_exit_2_with_a_message(args, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(args)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_calibrate_command_writes_a_profile_from_a_samples_file(tmp_path, capsys):
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(map(str, torch.randint(1, 500, (40,), generator=g).tolist())) for _ in range(3)]
-    (tmp_path / "samples.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "profile.safetensors"
-    assert cli.main(["calibrate", "tiny-llama", "--samples", str(tmp_path / "samples.txt"), "--pcl", "32",
-                     "--out", str(out), "--device", "cpu"]) == 0
-    profile = dam_compile.load_profile(out)
-    assert profile.pcl == 32 and sorted(profile.modules) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    assert "2 attention modules" in capsys.readouterr().out
-
-
-def test_bench_command_runs_the_script_with_quick(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
-    assert cli.main(["bench", "kernel", "--quick", "--", "--out", "x.json"]) == 0
-    (cmd, cwd), = calls
-    assert cmd[1].endswith("bench_kernel.py") and cmd[2:] == ["--quick", "--out", "x.json"]
-    assert Path(cwd).name == "benchmarks"
-
-
-def test_model_function_spec_and_missing_function(tmp_path, monkeypatch, capsys):
-    (tmp_path / "my_models.py").write_text(
-        "import torch\n"
-        "from dam_testing import sdpa\n"
-        "class M(torch.nn.Module):\n"
-        "    def forward(self, x):\n"
-        "        return sdpa(x, x, x, is_causal=True)\n"
-        "def make():\n"
-        "    return M(), {'x': torch.randn(1, 2, 48, 8)}\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert cli.main(["inspect", "my_models:make", "--seq-len", "48", "--device", "cpu", "-o", "block_size=16"]) == 0
-    assert "1 rewritten" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["inspect", "my_models:absent", "--seq-len", "8"])
-    assert exit_.value.code == 2 and "cannot load 'absent'" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_dump_of_a_calibrated_model_draws_the_profile(tmp_path):
     pytest.importorskip("matplotlib")
@@ -199,31 +126,3 @@ def test_dump_of_a_calibrated_model_draws_the_profile(tmp_path):
     links = resolved_links(tmp_path / "index.html")
     drawn = {p.relative_to(tmp_path).as_posix() for p in links}
     assert "masks/profile/model.layers.0.self_attn.png" in drawn and all(p.is_file() for p in links)
-
-
-def test_calibrate_command_warns_when_the_profile_changes_the_answers(tmp_path, capsys, monkeypatch):
-    from dam_compile import answer_check
-
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(map(str, torch.randint(1, 500, (96,), generator=g).tolist())) for _ in range(3)]
-    (tmp_path / "samples.txt").write_text("\n".join(lines) + "\n")
-    args = ["calibrate", "tiny-llama", "--samples", str(tmp_path / "samples.txt"), "--pcl", "16", "--min-recall",
-            "none", "--out", str(tmp_path / "p.safetensors"), "--device", "cpu"]
-    monkeypatch.setattr(answer_check, "MAX_KL", -1.0)  # any change at all counts: the warning must appear
-    assert cli.main(args) == 0
-    out = capsys.readouterr().out
-    assert "answer check on the last sample (96 tokens, 48 positions scored)" in out and "WARNING" in out
-
-
-def test_answer_check_of_a_profile_that_keeps_every_key_is_full_attention():
-    from dam_compile.answer_check import answer_check
-
-    model = build("llama")
-    ids = ids_for("llama", n=256)
-    profile = dam_compile.calibrate(model, [ids], pcl=16, min_recall=None, progress=False)
-    check = answer_check(model, profile, ids, dense_layers=len(profile.modules))  # every layer dense: exact
-    assert check.kl == pytest.approx(0.0, abs=1e-6) and check.top1 == 1.0 and not check.loses_answers
-    sparse = answer_check(model, profile, ids, dense_layers=0)  # PCL 16 patterns over 256 tokens drop keys
-    assert sparse.kl > 1e-6 and sparse.positions == 128
-    with pytest.raises(ValueError, match="input_ids"):
-        answer_check(model, profile, ids[0])

@@ -20,7 +20,6 @@ from torch import Tensor
 from .config import DAMConfig
 from .plan.reference import block_sparse_attention_reference
 from .module_stack import AttentionCallMode
-from .ops.attention import sparse_attention
 from .ops.dispatch import call_path
 from .calibration.profile import DAMProfile
 from .reference_mode import plan_for
@@ -41,9 +40,9 @@ class AnswerCheck:
 
 
 class ProfileAttention(AttentionCallMode):
-    """Every prefill attention call of ``model`` on its profile plan (the op on CUDA, the PyTorch reference on
-    the CPU); calls of the first ``config.dense_layers`` layers and calls the profile has no entry for stay
-    dense."""
+    """Every prefill attention call of ``model`` on its profile plan, through the PyTorch reference on any device
+    (the op's fused kernels take a dense path on CPU tensors and float32: the check must see the profile's
+    mask); calls of the first ``config.dense_layers`` layers and calls the profile has no entry for stay dense."""
 
     def __init__(self, model: torch.nn.Module, config: DAMConfig) -> None:
         super().__init__(model)
@@ -56,9 +55,6 @@ class ProfileAttention(AttentionCallMode):
         if call_path(self.config, name, q, k, runner="plan")[0] == "dense":
             return None
         plan = plan_for(self.config, q, k, a["is_causal"], a["scale"], a["attn_mask"], module=name)
-        if q.is_cuda:
-            return sparse_attention(q, k, a["value"], plan, attn_mask=a["attn_mask"], scale=a["scale"],
-                                    is_causal=a["is_causal"], enable_gqa=a["enable_gqa"])
         return block_sparse_attention_reference(q, k, a["value"], plan, attn_mask=a["attn_mask"], scale=a["scale"],
                                                 is_causal=a["is_causal"], enable_gqa=a["enable_gqa"])
 
@@ -70,7 +66,9 @@ def answer_check(model: torch.nn.Module, profile: DAMProfile, input_ids: Tensor,
     attention's (the model must return ``.logits`` ``[1, L, V]``; it is run eagerly, not modified)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 4:
         raise ValueError(f"input_ids must be one sequence [1, L] of at least 4 tokens, got {tuple(input_ids.shape)}")
-    options = {"profile": profile, "min_seq_len": 0}
+    # kernel="reference": the plan op then always plans (its dense signal, a plan that keeps nothing, is for
+    # calls the op itself would run dense).
+    options = {"profile": profile, "min_seq_len": 0, "kernel": "reference"}
     if dense_layers is not None:
         options["dense_layers"] = dense_layers
     config = DAMConfig.from_options(options)

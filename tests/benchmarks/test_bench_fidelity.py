@@ -15,9 +15,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 pytest.importorskip("transformers")
 
 import bench_fidelity as bf  # noqa: E402
+import fidelity_eval as fe  # noqa: E402
 import fidelity_variants as fv  # noqa: E402
 import fidelity_weights as fw  # noqa: E402
 import readme_tables  # noqa: E402
+from fidelity_summary import summarize, unresolved_errors  # noqa: E402
 from dam_compile.plan.plan_stats import PlanStats  # noqa: E402
 
 
@@ -48,7 +50,7 @@ PASSED = {"passed": True, "by_seed": {}}
 
 
 def test_summary_takes_the_worst_seed_and_compares_with_streaming_at_the_matched_density():
-    summary = bf.summarize(two_seed_rows(), PASSED)
+    summary = summarize(two_seed_rows(), PASSED)
     assert summary["max_gap_to_full_default"] == 25.0  # seed 1 at 32K
     assert summary["min_margin_over_streamingllm_default"] == 25.0  # seed 0 at 16K: 100 - 75 (not streaming@0.15)
     assert summary["mean_density_default_16k"] == pytest.approx(0.14)
@@ -69,7 +71,7 @@ def test_summary_takes_the_worst_seed_and_compares_with_streaming_at_the_matched
 def test_missing_fields_are_null_with_why_and_an_under_trained_model_is_named():
     rows = [r for r in two_seed_rows() if r["variant"] in ("full", "streaming")]
     failed = {"threshold": 95.0, "passed": False, "accuracy": {"passkey": {"32768": 50.0, "16384": 100.0}}}
-    summary = bf.summarize(rows, {"passed": False, "by_seed": {"1": failed}})
+    summary = summarize(rows, {"passed": False, "by_seed": {"1": failed}})
     for field in ("max_gap_to_full_default", "mean_density_default_16k", "min_margin_over_streamingllm_default",
                   "max_gap_calibrated_hybrid", "max_gap_to_full_at_15pct"):
         assert summary[field] is None and summary["notes"][field]
@@ -83,13 +85,13 @@ def test_a_failing_variant_is_recorded_and_the_others_still_run(monkeypatch, cap
             raise RuntimeError("the pass failed")
         return [row(0, variant.name, 16384, "passkey", 100.0, nominal=variant.density)]
 
-    monkeypatch.setattr(bf, "evaluate_variant", evaluate_variant)
-    run = bf.Run(None, bf.parse_args(["--variants", "full,dam-default,dam-pooled", "--densities", "0.1"]), "cpu", {})
-    bf.evaluate(run, lambda: None)
+    monkeypatch.setattr(fe, "evaluate_variant", evaluate_variant)
+    run = fe.Run(None, bf.parse_args(["--variants", "full,dam-default,dam-pooled", "--densities", "0.1"]), "cpu", {})
+    fe.evaluate(run, lambda: None)
     assert [r["variant"] for r in run.rows] == ["full", "dam-pooled"]
     assert run.errors == [dict(seed=0, variant="dam-default", error="RuntimeError: the pass failed")]
     assert "dam-default FAILED" in capsys.readouterr().err
-    notes = bf.summarize(run.rows, PASSED, run.errors)["notes"]
+    notes = summarize(run.rows, PASSED, run.errors)["notes"]
     assert "the pass failed" in notes["errors"] and "failed" in notes["max_gap_to_full_default"]
 
 
@@ -120,7 +122,7 @@ def test_merge_joins_seeds_of_one_recipe_and_refuses_other_recipes(tmp_path):
 def test_merge_drops_an_error_that_a_later_part_measured():
     rows = [dict(seed=0, variant="dam-pooled", matched=False, nominal_density=0.1)]
     failed = [dict(seed=0, variant="dam-pooled@0.1", error="crash"), dict(seed=1, variant="dam-pooled@0.1", error="x")]
-    assert bf.unresolved_errors([{"errors": failed}], rows) == failed[1:]
+    assert unresolved_errors([{"errors": failed}], rows) == failed[1:]
 
 
 def test_weights_go_to_small_safe_shards_and_load_back_only_when_whole(tmp_path):
@@ -214,7 +216,7 @@ def test_readme_renders_generate_scores_with_the_teacher_forced_ones_and_skips_o
                   command="python bench_fidelity.py --out /x/f.json", training=training,
                   config={"model": {"num_hidden_layers": 6, "hidden_size": 512, "num_attention_heads": 8,
                                     "num_key_value_heads": 2}, "samples_per_task": 4, "block_size": 128},
-                  quality_check={"passed": True, "by_seed": {}}, rows=rows, summary=bf.summarize(rows, PASSED))
+                  quality_check={"passed": True, "by_seed": {}}, rows=rows, summary=summarize(rows, PASSED))
     text = readme_tables.fidelity_table(result)
     # One table per seed: variants are compared within one stand-in, never averaged across seeds.
     seed0, seed1 = text.split("**Seed 1.**")

@@ -99,13 +99,14 @@ def test_fidelity_bench_smoke_scores_through_generate_and_merges_two_seeds(tmp_p
     import json
 
     import bench_fidelity
+    from fidelity_lineup import row_label
     from fidelity_weights import SAFE_NAME, SHARD_LIMIT
 
     common = ["--smoke", "--weights-dir", str(tmp_path / "w")]
     first = bench_fidelity.main([*common, "--out", str(tmp_path / "s0.json")])
     assert first["training"]["0"]["loaded"] is False and (tmp_path / "s0.png").is_file()
     rows = first["rows"]
-    assert first["errors"] == [] and {bench_fidelity.row_label(r) for r in rows} == SMOKE_LABELS
+    assert first["errors"] == [] and {row_label(r) for r in rows} == SMOKE_LABELS
     for r in rows:
         assert r["seed"] == 0 and r["samples"] == 1 and r["length"] in (256, 512) and r["task"] in ft.TASKS
         assert 0.0 <= r["accuracy"] <= 100.0 and 0.0 <= r["accuracy_teacher_forced"] <= 100.0

@@ -6,10 +6,6 @@ import torch
 
 from dam_compile import calibrate
 from dam_compile.calibration.holdout import split_holdout
-from dam_compile.plan.block_plan import PATTERN_PAD
-from dam_compile.plan.dam_patterns import HeadPatterns
-from dam_compile.plan.pattern_plan import pattern_plan
-from dam_compile.metrics import attention_mass_recall
 
 from planted_heads import RETRIEVAL_HEAD, PlantedModel, needle_samples
 
@@ -82,24 +78,3 @@ def test_split_holdout(count, share, captured, held):
 def test_bad_holdout_arguments_raise_naming_them(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         calibrate(model, needle_samples(2, 64, after=40), pcl=PCL, progress=False, **kwargs)
-
-
-def test_recall_ignores_padding_rows():
-    """A held-out row of padding (its mask lets it see nothing) does not count: with 8 left-padded positions the
-    recall is that of the 32 real rows alone."""
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g)
-    patterns = HeadPatterns(torch.zeros(2, 1, dtype=torch.int32), torch.full((2, 1), PATTERN_PAD, dtype=torch.int32),
-                            torch.eye(8, dtype=torch.bool).expand(2, 8, 8))  # diagonal 0 only
-    alone = attention_mass_recall(q[:, :, 8:], k[:, :, 8:], diagonal_plan(patterns, 32), is_causal=True)
-    valid = torch.arange(40) >= 8
-    mask = torch.ones(40, 40, dtype=torch.bool).tril() & valid[None, :]
-    padded = attention_mass_recall(q, k, diagonal_plan(patterns, 40), is_causal=False, attn_mask=mask)
-    assert torch.allclose(padded, alone, atol=1e-6)
-    additive = torch.zeros(40, 40).masked_fill(~mask, torch.finfo(torch.float32).min)  # HF's float mask
-    assert torch.allclose(attention_mass_recall(q, k, diagonal_plan(patterns, 40), is_causal=False,
-                                                attn_mask=additive), alone, atol=1e-6)
-
-
-def diagonal_plan(patterns, n):
-    return pattern_plan(patterns.diagonals, patterns.columns, patterns.corner, n, n, 16, True)

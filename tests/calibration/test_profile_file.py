@@ -1,5 +1,5 @@
-"""The profile file (version 2: dynamic heads; version 1 still loads), the dynamic-head split's API, and profiles
-that do not fit the model."""
+"""The profile file (calibration/profile_file.py): version 2 keeps the dynamic-head split, version 1 still loads, a
+damaged file names what is wrong. The profile itself: test_profile.py."""
 
 import json
 
@@ -7,12 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import dam_compile
-from dam_compile import DAMProfile, ProfileMismatchError
-from dam_compile.passes.profile_protocol import ProfileMismatchError as PassesProfileMismatchError
+from dam_compile import DAMProfile
 from dam_compile.calibration.profile_file import FORMAT, VERSION
 
-from planted_heads import PlantedModel, needle_samples
 from dam_compile import load_profile, save_profile
 
 PCL = 8
@@ -89,38 +86,3 @@ def test_a_damaged_file_names_what_is_wrong(tmp_path):
     save_file(tensors, str(tmp_path / "heads.safetensors"), metadata={**meta, "modules": json.dumps(listed)})
     with pytest.raises(ValueError, match="lists 5 heads"):
         load_profile(tmp_path / "heads.safetensors")
-
-
-def test_rethreshold_keeps_the_split():
-    original = profile(dynamic={"layers.0.attn": [2]})
-    other = original.rethreshold(tau=0.1)
-    assert other.tau == 0.1 and other.min_recall == 0.5
-    assert other.modules["layers.0.attn"].dynamic_heads.tolist() == [False, False, True, False]
-    assert torch.equal(other.modules["layers.0.attn"].holdout_recall, torch.linspace(0.1, 0.9, 4))
-
-
-@pytest.mark.parametrize(
-    "dynamic, match",
-    [({"nope": [0]}, "lacks: nope"), ({"layers.0.attn": [4]}, "lie in \\[0, 4\\)"),
-     ({"layers.0.attn": torch.ones(3, dtype=torch.bool)}, "4 entries"),
-     ({"layers.0.attn": torch.ones(4, dtype=torch.uint8)}, "must be bool")],
-)
-def test_with_dynamic_heads_rejects_bad_arguments(dynamic, match):
-    with pytest.raises(ValueError, match=match):
-        profile().with_dynamic_heads(dynamic)
-
-
-def test_profile_mismatch_error_lives_below_the_face():
-    assert dam_compile.ProfileMismatchError is ProfileMismatchError is PassesProfileMismatchError
-
-
-def test_a_profile_with_other_head_counts_raises_at_compile():
-    model = PlantedModel().eval()
-    g = torch.Generator().manual_seed(0)
-    wrong = DAMProfile.from_mean_attention({"attn": torch.rand(2, PCL, PCL, generator=g).tril()}, {"attn": True},
-                                           box_cox_lambda=0.5, tau=0.3, mu=0.8, model_fingerprint="x", samples=1)
-    options = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager",
-               "profile": wrong}
-    # Dynamo wraps the error; its text names it.
-    with torch.no_grad(), pytest.raises(Exception, match="ProfileMismatchError: .* has 2 query heads"):
-        torch.compile(model, backend="dam", options=options)(needle_samples(1, 40, after=8)[0])

@@ -11,8 +11,6 @@ import dam_compile
 from dam_compile.plan.block_plan import BlockSparsePlan
 from dam_compile.plan.structured_plans import dense_plan, streaming_plan
 from dam_compile.plan.reference import token_mask
-from dam_compile.dynamic.block_estimates import last_rows_mass
-from dam_compile.kernels.last_rows_lse import exact_query_rows
 from dam_compile.dynamic.dynamic_plan import dynamic_block_plan
 from dam_compile.dynamic.estimators import ESTIMATORS
 from dam_compile.metrics import attention_mass_recall, density_per_head, output_error
@@ -156,27 +154,6 @@ def test_adaptive_keeps_a_needle_asked_from_the_block_before_a_ragged_last_block
     assert kept[asks, 700]
     probs = torch.softmax((q[0, 0, asks] @ k[0, 0, :asks + 1].T) / math.sqrt(D), -1)
     assert probs[700] > 0.05
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("q_len, kv_len, heads, kv_heads", [(200, 200, 4, 2), (70, 300, 2, 2), (64, 64, 4, 1)])
-def test_last_rows_mass_is_the_exact_block_mass_of_each_query(causal, q_len, kv_len, heads, kv_heads):
-    """Per-block log-sum-exp of the last block's queries gives each query's exact attention mass per key block
-    (ragged last block, grouped heads, causal rows that see part of the last block)."""
-    g = torch.Generator().manual_seed(q_len + kv_len)
-    q, k = 2 * torch.randn(1, heads, q_len, D, generator=g), 2 * torch.randn(1, kv_heads, kv_len, D, generator=g)
-    got = last_rows_mass(q, k, BLOCK, causal, D**-0.5)
-    rows = exact_query_rows(q_len, BLOCK)  # the last query block, and the one before when it is ragged
-    assert rows == (BLOCK + q_len % BLOCK if q_len % BLOCK and q_len > BLOCK else min(BLOCK, q_len))
-    scores = (q[:, :, -rows:].double() @ k.double().repeat_interleave(heads // kv_heads, 1).transpose(-1, -2))
-    if causal:  # SDPA's is_causal: query i sees keys up to i (top-left aligned)
-        pos = torch.arange(q_len - rows, q_len)[:, None]
-        scores = scores.masked_fill(torch.arange(kv_len)[None] > pos, -math.inf)
-    probs = torch.softmax(scores * D**-0.5, -1)
-    nk = -(-kv_len // BLOCK)
-    want = torch.nn.functional.pad(probs, (0, nk * BLOCK - kv_len)).unflatten(-1, (nk, BLOCK)).sum(-1)
-    assert got.shape == (1, heads, rows, nk)
-    assert rel_err(got, want) < 1e-5
 
 
 def test_adaptive_budgets_follow_the_mass():
@@ -331,8 +308,9 @@ def test_top_mass_plan_keeps_the_most_mass_for_its_budget():
 
 @pytest.mark.slow  # traces the plan with dynamic shapes, twice
 def test_plan_traces_with_dynamic_shapes_at_aligned_and_ragged_lengths():
-    """On CUDA the op compiles the plan once with dynamic shapes (kernels/ops.py); the trace (fake tensors, the
-    last-rows kernel op's fake, the ragged-block branch) must give the eager plan at every length."""
+    """On CUDA the op compiles the plan once with dynamic shapes (``ops/attention.py``'s ``compiled_planner``);
+    the trace (fake tensors, the last-rows kernel op's fake, the ragged-block branch) must give the eager plan at
+    every length."""
     compiled = torch.compile(dynamic_block_plan, dynamic=True, fullgraph=True, backend="aot_eager")
     for n in (264, 256):
         q, k = torch.randn(1, 4, n, D), torch.randn(1, 2, n, D)
@@ -343,7 +321,7 @@ def test_plan_traces_with_dynamic_shapes_at_aligned_and_ragged_lengths():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_a_query_shard_plans_the_rows_the_whole_sequence_plans(world):
-    """Context parallelism's plan (kernels.dynamic_mask.QueryShard), in one process: each rank's blocks in
+    """Context parallelism's plan (dynamic.dynamic_plan.QueryShard), in one process: each rank's blocks in
     head-tail order against all keys, the sums and minima over all rows taken over every rank's (recorded in a
     first pass, added, handed back in a second), give the whole sequence's plan rows, a cap binding included."""
     from dam_compile.dynamic.dynamic_plan import QueryShard

@@ -3,7 +3,7 @@ call's own per-call values in their slots, straight to the compiled launcher unl
 entries are per key and the oldest goes first.
 
 A stand-in kernel records what the binder and the compiled launcher receive (no GPU needed); the Hopper path's
-use of it is tested on the GPU in ``test_hopper_kernel.py``.
+use of it is tested on the GPU in ``test_hopper_launch.py``.
 """
 
 import inspect

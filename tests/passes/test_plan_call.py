@@ -2,7 +2,6 @@
 arguments, by source, by the profile's dynamic heads and by the query's length (one row: decode)."""
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from dam_compile.ops.hybrid_plan import hybrid_token_pattern
 from dam_compile.passes.plan_call import (
     DECODE_PLAN, DENSE_PLAN, DYNAMIC_PLAN, HYBRID_PLAN, PATH_ARGS, PATTERN_PLAN, STREAMING_PLAN, one_row, plan_call,
 )
-from dam_compile.plan.dam_patterns import match_patterns
+
+from dam_testing import one_module_profile
 
 HEADS, PCL, BLOCK = 4, 16, 16
 ENTRY = "model.layers.1.self_attn"
@@ -24,16 +24,8 @@ def options(source: str = "dynamic"):
 
 
 def profile(dynamic: list[int]):
-    """A profile of one module whose heads keep the diagonals 0 and 1 and column 0; ``dynamic`` heads run the
-    dynamic plan. Only what the pass reads (``SiteProfile``)."""
-    rows, cols = torch.arange(PCL)[:, None], torch.arange(PCL)[None, :]
-    mask = ((rows - cols >= 0) & (rows - cols <= 1)) | ((cols == 0) & (rows >= cols))
-    patterns = match_patterns(mask.expand(HEADS, -1, -1).clone(), mu=0.5)
-    heads = torch.zeros(HEADS, dtype=torch.bool)
-    heads[dynamic] = True
-    module = SimpleNamespace(heads=HEADS, dynamic_heads=heads)
-    return SimpleNamespace(modules={ENTRY: module}, pcl=PCL, find_module=lambda path: ENTRY,
-                           patterns_on=lambda name, device: patterns.to(device)), patterns
+    """A profile of one module whose ``dynamic`` heads run the dynamic plan, and its patterns."""
+    return one_module_profile(dynamic, HEADS, PCL, ENTRY)
 
 
 def qk(q_len: int, kv_len: int = 64):

@@ -1,12 +1,11 @@
-"""DAM's Stage 1 math (Box-Cox, true mask, pattern matching, extension) and the calibrated plan built from it."""
+"""DAM's Stage 1 math (Box-Cox, true mask, pattern matching, extension); the calibrated plan built from it is
+``test_pattern_plan.py``'s."""
 
 import itertools
 
 import pytest
 import torch
 
-from dam_compile.plan.block_plan import PATTERN_PAD
-from dam_compile.plan.reference import token_mask
 from dam_compile.plan.dam_patterns import (
     HeadPatterns,
     box_cox,
@@ -15,11 +14,8 @@ from dam_compile.plan.dam_patterns import (
     shifted_box_cox,
     true_mask,
 )
-from dam_compile.plan.pattern_plan import cached_pattern_plan, pattern_plan
 
-
-def listed(row: torch.Tensor) -> list[int]:
-    return [int(x) for x in row if x != PATTERN_PAD]
+from pattern_inputs import listed, random_patterns
 
 
 def test_hand_computed_six_by_six():
@@ -67,38 +63,8 @@ def by_definition(p: HeadPatterns, h: int, q_len: int, kv_len: int, causal: bool
     return out
 
 
-def random_patterns(heads, pcl, causal, seed):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.rand(heads, pcl, pcl, generator=g) ** 4
-    return match_patterns(true_mask(a.tril() if causal else a, 0.5, 0.3), 0.5, causal)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_extension_equals_the_union_definition(causal):
     p = random_patterns(2, 6, causal, seed=3)
     for h in range(2):
         assert torch.equal(extended_mask(p, 23, 23, causal)[h], by_definition(p, h, 23, 23, causal))
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("q_len, kv_len, pcl", [(50, 50, 8), (64, 64, 16), (37, 53, 8), (70, 70, 24), (40, 40, 40)])
-def test_calibrated_plan_is_the_extended_mask(causal, q_len, kv_len, pcl):
-    """Token-exact: the plan's token mask (partial blocks with the pattern, full blocks whole) is the extended
-    DAM mask; blocks listed full are covered entirely."""
-    p = random_patterns(3, pcl, causal, seed=q_len + pcl)
-    plan = pattern_plan(p.diagonals, p.columns, p.corner, q_len, kv_len, 16, causal)
-    plan.validate(batch=1, heads=3, q_len=q_len, kv_len=kv_len)
-    expected = extended_mask(p, q_len, kv_len, causal)
-    assert torch.equal(token_mask(plan, q_len, kv_len, causal)[0], expected)
-    _, full = plan.block_tables(kv_len)
-    for h, m, n in full[0].nonzero().tolist():
-        assert expected[h, m * 16:(m + 1) * 16, n * 16:(n + 1) * 16].all()
-
-
-def test_cached_plan_serves_its_length_bucket_exactly():
-    p = random_patterns(2, 8, True, seed=0)
-    for length in (33, 40, 48):  # one bucket of 16-blocks: 3 blocks
-        plan = cached_pattern_plan(p.diagonals, p.columns, p.corner, length, length, 16, True)
-        assert torch.equal(token_mask(plan, length, length, True)[0], extended_mask(p, length, length, True))
-    first = cached_pattern_plan(p.diagonals, p.columns, p.corner, 33, 33, 16, True)
-    assert cached_pattern_plan(p.diagonals, p.columns, p.corner, 48, 48, 16, True) is first

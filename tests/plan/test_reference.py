@@ -11,6 +11,7 @@ from dam_compile.plan.structured_plans import dense_plan, streaming_plan
 from dam_compile.plan.reference import rows_per_chunk
 
 from dam_testing import dense_oracle, rel_err, tolerance
+from kernel_inputs import listed_pattern_plan
 
 BLOCK = 16
 
@@ -51,6 +52,7 @@ def check(q, k, v, plan, *, is_causal, attn_mask=None, scale=None, enable_gqa=Fa
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_reference_matches_float64_oracle(dtype, is_causal, kv_heads):
     b, h, q_len, kv_len, d = 2, 4, 70, 70, 32
+    torch.manual_seed(kv_heads * 2 + is_causal)  # fresh inputs per case, the same whatever ran before (xdist)
     q = torch.randn(b, h, q_len, d, dtype=dtype)
     k, v = (torch.randn(b, kv_heads, kv_len, d, dtype=dtype) for _ in range(2))
     plan = random_plan(b, h, q_len, kv_len, is_causal, 0.6, seed=kv_heads)
@@ -106,3 +108,13 @@ def test_plan_is_validated_against_inputs():
         block_sparse_attention_reference(q, q, q, dense_plan(32, 64, BLOCK, True), is_causal=True)
     with pytest.raises(ValueError, match="enable_gqa"):
         block_sparse_attention_reference(q, q[:, :1], q[:, :1], dense_plan(64, 64, BLOCK, True))
+
+
+def test_token_mask_follows_pattern_lists():
+    """The token mask the oracle uses, checked by hand: i sees j (j <= i) iff i - j or j is listed."""
+    plan = listed_pattern_plan(2, 40, 40, "cpu")
+    mask = token_mask(plan, 40, 40, True)
+    for h, (offsets, cols) in enumerate([({0, 1, 17}, {0, 5}), ({0, 2, 20}, {0, 6})]):
+        for i in range(40):
+            for j in range(40):
+                assert bool(mask[0, h, i, j]) == (j <= i and (i - j in offsets or j in cols)), (h, i, j)

@@ -1,11 +1,9 @@
-"""Dumps and logs: what a user reads to see what the pass did."""
+"""Dumps (report/dump.py): what a user reads to see what the pass did. The backend's log lines:
+tests/test_compile_backend.py."""
 
 import json
-import logging
 
 import torch
-
-import dam_compile.compile_backend as dam_backend_module
 
 from dam_testing import CPU_SPARSE, sdpa
 
@@ -47,15 +45,3 @@ def test_dump_dir_from_environment_and_no_overwrite(tmp_path, monkeypatch):
     torch._dynamo.reset()
     torch.compile(sdpa, backend="dam", options=CPU_SPARSE)(q, k, v)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_000", "graph_001"]
-
-
-def test_one_info_line_per_graph_and_dense_reason_once(caplog, monkeypatch):
-    monkeypatch.setattr(dam_backend_module, "_logged_reasons", set())  # forget what earlier tests logged
-    caplog.set_level(logging.INFO, logger="dam_compile")
-    model = TwoAttentions()
-    for n in (40, 48):  # two compiles, same dense reason
-        torch._dynamo.reset()
-        torch.compile(model, backend="dam", options=CPU_SPARSE)(*[torch.randn(1, 2, n, 16) for _ in range(3)])
-    messages = [r.getMessage() for r in caplog.records if r.name == "dam_compile"]
-    assert sum("2 attention site(s), 1 rewritten, 1 dense" in m for m in messages) == 2
-    assert sum("stays dense: dropout_p=0.25" in m for m in messages) == 1

@@ -15,7 +15,7 @@ from dam_compile.plan.mask_options import MaskOptions
 from .causal_mask import SIZES_ONLY, causal_reading
 from .decide import Decision, decide, example_value
 from .decode_path import dense_decode_reason
-from .find_sdpa import SDPASite, find_sdpa_sites
+from .find_sdpa import SDPASite, find_sdpa_sites, read_site
 from .gqa import read_before_repeat
 from .insert_mask import insert_mask_generation
 from .key_padding import KeyPaddingNodes, insert_key_padding
@@ -98,7 +98,10 @@ def rewrite_attention(gm: GraphModule, options: MaskOptions, profile: SiteProfil
     original = {copy: orig for orig, copy in val_map.items()}
     reports, done = [], []
     masks = _MaskReadings()
-    for site in find_sdpa_sites(graph):
+    for node in [site.node for site in find_sdpa_sites(graph)]:
+        # Read each site when its turn comes: an earlier rewrite may have replaced one of its inputs (an
+        # attention whose output feeds the next one directly).
+        site = read_site(node)
         decision = decide(site)
         entry = None
         if decision.rewrite and options.source == "calibrated":

@@ -10,6 +10,7 @@ from dam_compile.plan.reference import block_sparse_attention_reference
 from dam_compile.plan.structured_plans import dense_plan, streaming_plan
 from dam_compile.ops.attention import sparse_attention
 
+import kernel_inputs
 from dam_testing import rel_err
 
 BLOCK = 16
@@ -87,6 +88,15 @@ def test_output_is_contiguous_for_transposed_inputs():
         out = run(q, k, v, dense_plan(48, 48, BLOCK, True), kernel=kernel)
         assert out.is_contiguous()
         assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)) < 1e-5
+
+
+def test_op_runs_the_kernel_and_passes_opcheck():
+    q, k, v = kernel_inputs.inputs(q_len=48, dtype=torch.float16)
+    plan = kernel_inputs.make_plan("0.5", 48, 48, 4, True)
+    out = sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True, kernel="triton")
+    kernel_inputs.check(out, kernel_inputs.oracle(q, k, v, plan, is_causal=True), q.dtype)
+    args = (q, k, v, *plan.as_op_args(), None, None, True, True, kernel_inputs.BLOCK, 0, "triton")
+    torch.library.opcheck(torch.ops.dam.sparse_attention.default, args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,6 +1,9 @@
-"""The dynamic plans' Triton kernels (``kernels/sampled_plan_kernel.py``, the default estimator's, and
-``kernels/adaptive_plan_kernel.py``) against their PyTorch definition (``dynamic_block_plan``): the same lists,
-block for block, over a shape matrix, with the outputs poisoned before the kernels write them."""
+"""The shape matrix and checks that the dynamic plans' Triton kernels share (``dynamic/adaptive_plan_kernel.py``,
+``dynamic/sampled_plan_kernel.py``): each against its PyTorch definition (``dynamic_block_plan``), the same lists
+block for block, with the outputs poisoned before the kernels write them. Tests:
+``dynamic/test_adaptive_plan_kernel.py``, ``dynamic/test_sampled_plan_kernel.py``."""
+
+from __future__ import annotations
 
 import functools
 from unittest import mock
@@ -8,15 +11,14 @@ from unittest import mock
 import pytest
 import torch
 
-from dam_compile.dynamic import block_estimates as be
-from dam_compile.dynamic.adaptive_plan_kernel import fused_plan_runs
-from dam_compile.kernels.block_sparse_launch import interpreting
 from dam_compile.dynamic.dynamic_plan import dynamic_block_plan
-from dam_compile.dynamic.estimators import DEFAULT_ESTIMATOR, ESTIMATOR_SPECS
+from dam_compile.dynamic.estimators import ESTIMATOR_SPECS
+from dam_compile.kernels.common import interpreting
 
 FUSED_PLANS = {name: spec.fused_plan for name, spec in ESTIMATOR_SPECS.items() if spec.fused_plan is not None}
 DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
 OPTIONS = dict(tau=0.3, box_cox_lambda=0.5, mu=0.8, density=0.2, mass_target=0.95, sink_blocks=1, local_blocks=2)
+CASE_NAMES = "b, h, kvh, q_len, kv_len, d, block, causal, dtype, options, structured"
 
 
 def inputs(b, h, kvh, q_len, kv_len, d, seed, structured, device, dtype):
@@ -57,15 +59,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "estimator, b, h, kvh, q_len, kv_len, d, block, causal, dtype, options, structured",
-    # batch 2 at 300 tokens takes ~10 s a case under the interpreter: those run with the slow tests
-    [pytest.param(estimator, *case, marks=[pytest.mark.slow] if case[0] > 1 else [])
-     for estimators, case in CASES for estimator in estimators],
-)
-def test_kernels_equal_the_definition(estimator, device, b, h, kvh, q_len, kv_len, d, block, causal, dtype, options,
-                                      structured):
+def cases(estimator: str) -> list:
+    """The matrix's cases for ``estimator`` as ``pytest.param``s of :data:`CASE_NAMES`: batch 2 at 300 tokens
+    takes ~10 s a case under the interpreter, so those run with the slow tests."""
+    return [pytest.param(*case, marks=[pytest.mark.slow] if case[0] > 1 else [])
+            for estimators, case in CASES if estimator in estimators]
+
+
+def assert_kernels_equal_the_definition(estimator, device, b, h, kvh, q_len, kv_len, d, block, causal, dtype,
+                                        options, structured):
     q, k = inputs(b, h, kvh, q_len, kv_len, d, q_len * 7 + kv_len, structured, device, dtype)
     kwargs = dict(OPTIONS, **options, block_size=block, is_causal=causal, scale=None)
     want = dynamic_block_plan(q, k, estimator=estimator, **kwargs)
@@ -76,43 +78,7 @@ def test_kernels_equal_the_definition(estimator, device, b, h, kvh, q_len, kv_le
         assert torch.equal(o, w), f"{name}: {(o != w).sum().item()} of {w.numel()} differ"
 
 
-def test_matrix_reaches_every_branch():
-    """The matrix's inputs take both sides of each choice the kernels make: pooled and vertical-slash heads,
-    a density cap that cuts the budget, and one that does not."""
-    choices = set()
-    for structured in (False, True):
-        q, k = inputs(1, 4, 2, 512, 512, 16, 512 * 8, structured, "cpu", torch.float32)
-        column = be.last_rows_mass(q, k, 16, True, 0.25).mean(-2)
-        pooled = be.pooled_estimate(q, k, 16, True, 0.25)
-        choices |= set((be.js_divergence(pooled[..., -1, :], column).sqrt() < be.QUERY_AWARE_JS_DISTANCE)
-                       .flatten().tolist())
-    assert choices == {True, False}
-    kept = {}
-    for density in (0.05, 1.0):
-        q, k = inputs(2, 4, 1, 300, 300, 16, 300 * 8, False, "cpu", torch.float32)
-        plan = dynamic_block_plan(q, k, estimator="adaptive", **dict(OPTIONS, density=density), block_size=16,
-                                  is_causal=True)
-        kept[density] = (plan[0] + plan[2]).sum().item()
-    assert kept[0.05] < kept[1.0]
-
-
-def test_the_default_estimator_has_fused_kernels():
-    """The default's plan never runs the compiled definition on CUDA (about 1.5 ms of host time per call: a
-    real model's compiled prefill was slower than eager at 8K)."""
-    assert DEFAULT_ESTIMATOR in FUSED_PLANS
-
-
-def test_the_op_takes_the_kernels_on_cuda_only():
-    q = torch.zeros(1, 2, 256, 16)
-    assert not fused_plan_runs(q, 16)  # CPU plans stay on the definition (the CPU has no fast path to feed)
-    if torch.cuda.is_available():
-        assert fused_plan_runs(q.cuda().half(), 128)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("estimator", sorted(FUSED_PLANS))
-@pytest.mark.parametrize("length", [4096, 32768 + 100])  # 32 key blocks; 257 (a ragged one, 8-row tiles)
-def test_op_plan_on_cuda_is_the_definition_and_graph_capturable(estimator, length):
+def assert_op_plan_on_cuda_is_the_definition_and_graph_capturable(estimator, length):
     """Through ``dam::dynamic_plan`` on the GPU (bf16, GQA): the definition's lists; and the launches capture
     into a CUDA graph (no host sync), whose replay on new inputs gives their plan."""
     from dam_compile.ops.attention import dynamic_plan_op

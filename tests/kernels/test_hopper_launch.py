@@ -1,14 +1,11 @@
 """The Hopper path (warp-specialised Gluon kernel) against the float64 oracle and against the portable Triton
-kernel, over the shape matrix of ``test_triton_kernel.py`` at its own tile sizes (plan blocks of 128 and 256
+kernel, over the shape matrix of ``test_block_sparse_launch.py`` at its own tile sizes (plan blocks of 128 and 256
 keys): head dims, GQA, ragged lengths, fewer queries than keys, padding ranges, empty rows, LSE, non-contiguous
 inputs. On a CPU (or a GPU other than Hopper) only the routing tests run: what the path cannot take goes to the
 portable kernel, and asking for it anyway names the reason.
 
 Every launch writes into a NaN-poisoned buffer, so an unwritten element fails ``rel_err``.
 """
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +19,7 @@ from dam_compile.kernels.hopper_launch import hopper_args, hopper_constants, hop
 from dam_compile.kernels.common import CallShape
 
 from dam_testing import rel_err, tolerance
-from test_triton_kernel import inputs, oracle
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
-from bench_plans import random_plan  # noqa: E402
+from kernel_inputs import inputs, oracle, random_plan
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (sm_90)")

@@ -1,4 +1,5 @@
-"""calibrate() on tiny HF models, the profile file, and compiling with a profile."""
+"""calibrate() (calibration/calibrate.py) on tiny HF models: the mean maps it captures, its profile through the file,
+and compiling with it. Held-out samples and dynamic heads: test_holdout.py."""
 
 import pytest
 import torch
@@ -6,14 +7,14 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import dam_compile
-from dam_compile import DAMProfile, ProfileMismatchError, calibrate
+from dam_compile import ProfileMismatchError, calibrate
 from dam_compile.plan.reference import block_sparse_attention_reference
 from dam_compile.plan.pattern_plan import pattern_plan
 from dam_compile.passes.find_sdpa import bind_sdpa_args
 
 from dam_testing import rel_err
 from hf_models import VOCAB, build, ids_for
-from dam_compile import load_profile, save_profile, plot_profile
+from dam_compile import load_profile, save_profile
 
 PCL = 16
 OPTIONS = {"kernel": "reference", "min_seq_len": 0, "block_size": 16, "inner_backend": "aot_eager", "dense_layers": 0}
@@ -130,13 +131,3 @@ def test_calibrate_rejects_bad_arguments():
         calibrate(model, [], pcl=PCL, progress=False)
     with pytest.raises(ValueError, match="scaled_dot_product_attention"):
         calibrate(torch.nn.Embedding(VOCAB, 8), samples(), pcl=PCL, progress=False)
-
-
-def test_plot_writes_heatmaps(tmp_path, llama_and_profile):
-    pytest.importorskip("matplotlib")
-    _, profile = llama_and_profile
-    for length in (64, 4096):  # token-level and block-level extended masks
-        files = plot_profile(profile, tmp_path / str(length), length=length, block_size=16)
-        assert [f.name for f in files] == [
-            "model.layers.0.self_attn.png", "model.layers.1.self_attn.png", "density.png"]
-        assert all(f.stat().st_size > 1000 and f.read_bytes()[:4] == b"\x89PNG" for f in files)

@@ -1,71 +1,27 @@
-"""The fused Triton kernel against a float64 dense oracle (same mask expanded to tokens) and against the
-memory-bounded PyTorch reference. On the CPU it runs in Triton's interpreter at small shapes; the GPU class
-repeats the checks at real tile sizes for every tuned config.
+"""The fused Triton kernel through its launcher (``triton_block_sparse_attention``) against a float64 dense oracle
+(same mask expanded to tokens) and against the memory-bounded PyTorch reference. On the CPU it runs in Triton's
+interpreter at small shapes; the GPU class repeats the checks at real tile sizes for every tuned config.
 
 Every launch writes into a NaN-poisoned buffer, so an unwritten element fails ``rel_err``.
 """
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from dam_compile.plan.block_plan import PATTERN_PAD, BlockSparsePlan, PlanError
+from dam_compile.plan.block_plan import BlockSparsePlan, PlanError
 from dam_compile.plan.reference import block_sparse_attention_reference, token_mask
-from dam_compile.plan.structured_plans import dense_plan, streaming_plan
-from dam_compile.ops.attention import sparse_attention
+from dam_compile.plan.structured_plans import dense_plan
 from dam_compile.kernels.block_sparse_launch import triton_block_sparse_attention
 from dam_compile.kernels.block_sparse_launch import _TUNE_CONFIGS, _fits
 from dam_compile.plan.dam_patterns import extended_mask, match_patterns, true_mask
 from dam_compile.plan.pattern_plan import pattern_plan as extend_patterns
 
-from dam_testing import dense_oracle, rel_err, tolerance
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # bench_plans: the random plans
-from bench_plans import random_plan  # noqa: E402
-
-BLOCK = 16
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def inputs(b=1, h=4, kvh=2, q_len=72, kv_len=None, d=64, dtype=torch.bfloat16, device=DEVICE):
-    kv_len = q_len if kv_len is None else kv_len
-    q = torch.randn(b, h, q_len, d, dtype=dtype, device=device)
-    k = torch.randn(b, kvh, kv_len, d, dtype=dtype, device=device)
-    v = torch.randn(b, kvh, kv_len, d, dtype=dtype, device=device)
-    return q, k, v
-
-
-def launch(q, k, v, plan, **kwargs):
-    """The kernel on a poisoned output buffer."""
-    out = torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
-    result = triton_block_sparse_attention(q, k, v, plan, enable_gqa=True, out=out, **kwargs)
-    assert (result[0] if isinstance(result, tuple) else result) is out
-    return result
-
-
-def oracle(q, k, v, plan, *, is_causal, attn_mask=None, scale=None, q_offset=0, kv_range=None):
-    allowed = token_mask(plan, q.shape[-2], k.shape[-2], is_causal, q_offset=q_offset, kv_range=kv_range)
-    return dense_oracle(q.cpu(), k.cpu(), v.cpu(), allowed.cpu(), None if attn_mask is None else attn_mask.cpu(), scale)
-
-
-def make_plan(kind, q_len, kv_len, heads, causal, device=DEVICE, q_offset=0):
-    g = torch.Generator(device=device).manual_seed(1)
-    if kind == "dense":
-        return dense_plan(q_len, kv_len, BLOCK, causal, device, q_offset=q_offset)
-    if kind == "diagonal":
-        assert q_offset == 0
-        return streaming_plan(q_len, kv_len, BLOCK, causal, 0, 1, device)
-    if kind == "sink":
-        assert q_offset == 0
-        return streaming_plan(q_len, kv_len, BLOCK, causal, 1, 0, device)
-    return random_plan(q_len, kv_len, BLOCK, float(kind), heads, causal, device, g, q_offset=q_offset)
-
-
-def check(out, expected, dtype):
-    assert rel_err(out.cpu(), expected) < tolerance(dtype)
+from dam_testing import rel_err, tolerance
+from kernel_inputs import (
+    BLOCK, DEVICE, check, inputs, launch, listed_pattern_plan, make_plan, oracle, random_plan,
+)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -198,25 +154,9 @@ def test_log_sum_exp():
     assert rel_err(lse.cpu(), expected) < 1e-5
 
 
-def pattern_plan(heads, q_len, kv_len, device=DEVICE):
-    """Every visible block partial, with per-head diagonals and columns (the first head broadcast-free)."""
-    table = dense_plan(q_len, kv_len, BLOCK, True, device).block_tables(kv_len)
-    kept = (table[0] | table[1]).expand(1, heads, -1, -1).contiguous()
-    diagonals = torch.full((heads, 4), PATTERN_PAD, dtype=torch.int32)
-    columns = torch.full((heads, 3), PATTERN_PAD, dtype=torch.int32)
-    for h in range(heads):
-        offsets = sorted({0, 1 + h, 17 + 3 * h})
-        diagonals[h, : len(offsets)] = torch.tensor(offsets)
-        cols = sorted({0, 5 + h})
-        columns[h, : len(cols)] = torch.tensor(cols)
-    plan = BlockSparsePlan.from_block_tables(kept, BLOCK)
-    return BlockSparsePlan(plan.kv_num_blocks, plan.kv_indices, BLOCK,
-                           token_diagonals=diagonals.to(device), token_columns=columns.to(device))
-
-
 def test_token_exact_pattern():
     q, k, v = inputs(q_len=72)
-    plan = pattern_plan(4, 72, 72)
+    plan = listed_pattern_plan(4, 72, 72)
     out = launch(q, k, v, plan, is_causal=True)
     expected = oracle(q, k, v, plan, is_causal=True)
     check(out, expected, q.dtype)
@@ -226,7 +166,7 @@ def test_token_exact_pattern():
 
 
 def dam_plan(heads, pcl, q_len, kv_len, block, device=DEVICE, seed=0):
-    """A calibrated-style DAM plan: random true mask at ``pcl``, matched patterns, extended (kernels.pattern_plan)."""
+    """A calibrated-style DAM plan: random true mask at ``pcl``, matched patterns, extended (plan.pattern_plan)."""
     g = torch.Generator().manual_seed(seed)
     attention = (torch.rand(heads, pcl, pcl, generator=g) ** 4).tril()
     patterns = match_patterns(true_mask(attention, 0.5, 0.3), 0.5).to(device)
@@ -246,16 +186,6 @@ def test_calibrated_plan_with_true_mask_corner(pcl):
     without_corner = BlockSparsePlan(*plan.as_op_args()[:2], BLOCK, *plan.as_op_args()[2:6])
     if not torch.equal(token_mask(without_corner, 72, 72, True), token_mask(plan, 72, 72, True)):
         assert rel_err(launch(q, k, v, without_corner, is_causal=True).cpu(), oracle(q, k, v, plan, is_causal=True)) > 1e-2
-
-
-def test_token_mask_follows_pattern_lists():
-    """The token mask the oracle uses, checked by hand: i sees j (j <= i) iff i - j or j is listed."""
-    plan = pattern_plan(2, 40, 40, "cpu")
-    mask = token_mask(plan, 40, 40, True)
-    for h, (offsets, cols) in enumerate([({0, 1, 17}, {0, 5}), ({0, 2, 20}, {0, 6})]):
-        for i in range(40):
-            for j in range(40):
-                assert bool(mask[0, h, i, j]) == (j <= i and (i - j in offsets or j in cols)), (h, i, j)
 
 
 def test_matches_memory_bounded_reference():
@@ -285,15 +215,6 @@ def test_bad_arguments_raise_clear_errors():
     bad = BlockSparsePlan(plan.kv_num_blocks, plan.kv_indices + 5, BLOCK, plan.full_kv_num_blocks, plan.full_kv_indices)
     with pytest.raises(PlanError, match="out of range"):
         triton_block_sparse_attention(q, k, v, bad, enable_gqa=True)
-
-
-def test_op_runs_the_kernel_and_passes_opcheck():
-    q, k, v = inputs(q_len=48, dtype=torch.float16)
-    plan = make_plan("0.5", 48, 48, 4, True)
-    out = sparse_attention(q, k, v, plan, is_causal=True, enable_gqa=True, kernel="triton")
-    check(out, oracle(q, k, v, plan, is_causal=True), q.dtype)
-    args = (q, k, v, *plan.as_op_args(), None, None, True, True, BLOCK, 0, "triton")
-    torch.library.opcheck(torch.ops.dam.sparse_attention.default, args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

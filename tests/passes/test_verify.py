@@ -117,6 +117,22 @@ def test_a_plan_output_the_record_leaves_out_is_caught():
         check_rewrite(original, rewritten, val_map, [dataclasses.replace(record, plan_outputs=record.plan_outputs[:3])])
 
 
+@pytest.mark.parametrize("change, found", [
+    (lambda site: site.op.update_kwarg("is_causal", False), "attn: is_causal=False"),
+    (lambda site: site.plan.update_kwarg("is_causal", False), "plan: is_causal=False"),
+    (lambda site: site.op.update_kwarg("enable_gqa", not site.op.kwargs["enable_gqa"]), "attn: enable_gqa"),
+    (lambda site: setattr(site.op, "args", (*site.op.args[:-1], 123.0)), "attn: scale=123.0"),
+], ids=["op loses is_causal", "plan loses is_causal", "enable_gqa flipped", "another scale"])
+def test_a_constant_the_site_gives_is_compared(change, found):
+    """``is_causal``, ``enable_gqa`` and the scale come from the call, not the config: a rewrite that changes
+    one is caught although the graph's shape is right."""
+    gm, rewritten, val_map, sites = _rewrite_with_record()
+    assert sites[0].op.kwargs["is_causal"] and sites[0].plan.kwargs["is_causal"]  # the block is causal
+    change(sites[0])
+    with pytest.raises(RewriteCheckError, match=found):
+        check_rewrite(gm.graph, rewritten.graph, val_map, sites)
+
+
 def test_the_error_lists_twenty_differences_and_counts_the_rest():
     gm, new_gm, val_map, sites = _rewrite_with_record()
     g = new_gm.graph

@@ -15,6 +15,7 @@ import networkx as nx
 from torch.fx import Graph, Node
 from torch.fx.node import _get_qualified_name
 
+from .decide import op_scale
 from .find_sdpa import read_site
 from .insert_mask import PLAN_OP_ARGS
 from .key_padding import KEY_PADDING, KeyPaddingNodes
@@ -207,10 +208,31 @@ def graph_differences(expected: nx.DiGraph, actual: nx.DiGraph) -> list[str]:
 def check_rewrite(original: Graph, rewritten: Graph, val_map: dict[Node, Node], sites: list[RewrittenSite]) -> None:
     """Raise :class:`RewriteCheckError` listing every difference from the expected rewrite."""
     diffs = graph_differences(expected_digraph(original, sites), actual_digraph(rewritten, val_map, sites))
+    diffs += site_constant_differences(original, sites)
     if diffs:
         shown = "\n  ".join(diffs[:20])
         more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
         raise RewriteCheckError(f"rewritten graph differs from the expected rewrite:\n  {shown}{more}")
+
+
+def site_constant_differences(original: Graph, sites: list[RewrittenSite]) -> list[str]:
+    """The constants each op and plan take from its site rather than from the config, against the original call:
+    ``is_causal`` (True where the pass read the mask as causal), ``enable_gqa`` (True where it reads K/V before
+    ``repeat_kv``) and a constant scale (a symbolic one is an input edge, checked with the graph)."""
+    by_name = {node.name: node for node in original.nodes}
+    diffs = []
+    for site in sites:
+        sdpa = read_site(by_name[site.name])
+        grouped = site.kv_sources is not None and site.kv_sources != (sdpa.key.name, sdpa.value.name)
+        want = {"is_causal": bool(sdpa.is_causal) or site.mask_dropped, "enable_gqa": bool(sdpa.enable_gqa) or grouped}
+        for node, role in ((site.op, "attn"), (site.plan, "plan")):
+            for name, value in want.items():
+                if name in node.kwargs and node.kwargs[name] != value:
+                    diffs.append(f"{site.name}/{role}: {name}={node.kwargs[name]!r}, the call's is {value!r}")
+        scale = op_scale(sdpa)
+        if not isinstance(scale, Node) and site.op.args[-1] != scale:
+            diffs.append(f"{site.name}/attn: scale={site.op.args[-1]!r}, the call's is {scale!r}")
+    return diffs
 
 
 def target_name_of(target: Any) -> str:

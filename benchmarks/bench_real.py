@@ -462,6 +462,9 @@ def summarize(rows: list[dict], speed: list[dict], rope: dict | None = None,
     put("real_attention_speedup_32k", attention.get("speedup_kernel"), why)
     put("real_attention_with_plan_speedup_32k", attention.get("speedup_with_plan"), why)
     put("real_attention_vs_flex_32k", attention.get("vs_flex"), why)
+    # No route to time yet: attn_implementation="dam" (issue 45) is not built.
+    put("real_hf_route_prefill_ratio_32k", None,
+        'attn_implementation="dam" (issue 45) is not built yet: there is no HuggingFace-route prefill to time')
     got = (retrieval or {}).get("rows", [])
     accuracy = {(r["task"], r["length"], r["variant"]): r["accuracy"] for r in got}
     gaps = [accuracy[(t, n, "full")] - a for (t, n, v), a in accuracy.items() if v == "dam-default"]

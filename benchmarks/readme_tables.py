@@ -466,6 +466,7 @@ REAL_TARGETS = {  # ../shared/RESULTS.md, section real; issue 39: KL and top-1 g
     "real_attention_speedup_32k": ">= 2.0 (issue 38)",
     "real_attention_with_plan_speedup_32k": "reported",
     "real_attention_vs_flex_32k": "reported",
+    "real_hf_route_prefill_ratio_32k": "<= 1.05 (attn_implementation='dam' / backend='dam')",
     "real_retrieval_max_gap": "<= 1.0",
     "real_retrieval_min_full": ">= 95 (full attention first)",
     "real_calibrated_ppl_ratio_8k": "<= 1.03",
